@@ -1,0 +1,292 @@
+"""
+Data: benchmark files -> edit requests -> token ids with teacher-forcing labels (IBKE.md §1, §4).
+
+    python data.py --data counterfact --data-dir ../shared/data   # counts per split + one example
+    python data.py --data zsre        # MEND's zsRE; downloads into data/ if missing
+    python data.py --data mquake      # MQuAKE-hard (also: mquake-cf3k, mquake-t)
+    python data.py --data uniedit     # UniEdit, from the Hugging Face hub
+
+Every record becomes one EditRequest: the edit prompt q_e and new answer o_e, generality prompts
+(q_g, o_g) and locality prompts (q_l, their answer), and the old answer where the data has one.
+A MQuAKE case becomes one request per requested rewrite, all sharing the case's id and its
+multi-hop questions, so that evaluation applies them as one batch.
+
+zsRE split: the full MEND files (zsre_mend_train.json, zsre_mend_eval.json) are used when present.
+With only a train file (e.g. the 1k subset), a seeded split holds out 20% as eval:
+random.Random(0).shuffle of the record indices, the first len // 5 go to eval.
+"""
+import argparse
+import hashlib
+import json
+import os
+import random
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+
+import torch
+from tqdm import tqdm
+
+# path under --data-dir -> (public URL, sha256 of the file we tested with; None: the size is checked)
+FILES = {
+    "counterfact/counterfact-train.json": (
+        "https://raw.githubusercontent.com/qizhou000/RECIPE/main/data/meta-train/cf/counterfact-train.json",
+        "bb40e12c7b740d6859e521674cf438f063c7c3e444bc1b449e74cdd0900772d0"),
+    "counterfact/counterfact-edit.json": (
+        "https://raw.githubusercontent.com/qizhou000/RECIPE/main/data/evaluation/cf/counterfact-edit.json",
+        "c31a07f7eb3d37e4acdaa284f0926a40d5a9340ca115141e0d026c79425bea56"),
+    "zsre/zsre_mend_train-1k.json": (
+        "https://raw.githubusercontent.com/Jometeorie/KnowledgeSpread/51d7402617c2e52bde0dc11b76e400c3725a181a/data/zsre/zsre_mend_train-1k.json",
+        "e62596101d8ed551889c26c0d2a5277f92eaef3b14416d8eaee39b04a244ab60"),
+    "zsre/zsre_mend_eval.json": ("https://rome.baulab.info/data/dsets/zsre_mend_eval.json", None),
+    "mquake/MQuAKE-hard.json": (
+        "https://raw.githubusercontent.com/Alanzxd/memit_for_mquake/main/data/MQuAKE-hard.json",
+        "fc78dc7bec4625d3ce6e2923acae7f1920691b0b23e663182bf799f2856f2a11"),
+    "mquake/MQuAKE-CF-3k.json": ("https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets/MQuAKE-CF-3k.json", None),
+    "mquake/MQuAKE-T.json": ("https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets/MQuAKE-T.json", None),
+}
+UNIEDIT_REPO = "qizhou/UniEdit"  # a Hugging Face dataset: uniedit/{train,test}/<discipline>.json
+DATASETS = ["counterfact", "zsre", "mquake", "mquake-cf3k", "mquake-t", "uniedit"]
+
+
+class DataError(ValueError):
+    """A missing, undownloadable or malformed data file; the message names the file and the fix."""
+
+
+@dataclass
+class EditRequest:
+    prompt: str                                                      # q_e
+    target: str                                                      # o_e, the new answer
+    generality: list[tuple[str, str]] = field(default_factory=list)  # (q_g, o_g): rephrases
+    locality: list[tuple[str, str]] = field(default_factory=list)    # (q_l, answer): unrelated
+    old_target: str | None = None                                    # answer before the edit
+    case_id: str = ""                                                # MQuAKE: edits of one case
+    questions: list[str] = field(default_factory=list)               # MQuAKE: multi-hop questions
+    answers: list[str] = field(default_factory=list)                 # MQuAKE: new answer + aliases
+
+
+# -----------------------------------------------------------------------------
+# files: find, download, read
+
+def download(url: str, dest: str, sha256: str | None = None) -> None:
+    """Fetch url to dest with a progress bar; check the sha256 (or the size); atomic."""
+    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
+    part, digest, got = dest + ".part", hashlib.sha256(), 0
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
+            size = int(response.headers.get("Content-Length") or 0)
+            with tqdm(total=size or None, unit="B", unit_scale=True, desc=f"download {os.path.basename(dest)}") as bar:
+                while chunk := response.read(1 << 20):
+                    f.write(chunk)
+                    digest.update(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+    except (urllib.error.URLError, OSError) as err:
+        if os.path.exists(part):
+            os.remove(part)
+        raise DataError(f"could not download {os.path.basename(dest)} from {url} ({err}).\n"
+                        f"Download it by hand and save it as {dest}, or point --data-dir at a folder that has it.") from None
+    problem = (f"{got} bytes arrived, {size} were announced" if size and got != size else
+               f"sha256 {digest.hexdigest()} is not the expected {sha256}" if sha256 and digest.hexdigest() != sha256 else None)
+    if problem:
+        os.remove(part)
+        raise DataError(f"download of {url} failed its check: {problem}. Nothing was saved at {dest}.")
+    os.replace(part, dest)
+
+
+def ensure(data_dir: str, *relpaths: str) -> list[str]:
+    """Full paths of the files, downloading each missing one from FILES."""
+    paths = []
+    for rel in relpaths:
+        path = os.path.join(data_dir, rel)
+        if not os.path.exists(path):
+            url, sha256 = FILES[rel]
+            print(f"{path} is missing; downloading it from {url}")
+            download(url, path, sha256)
+        paths.append(path)
+    return paths
+
+
+def read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err}); delete it and run again to re-download it.") from None
+
+
+def need(record, key: str, where: str):
+    """record[key], or a DataError naming the file, the record index and the missing field."""
+    if not isinstance(record, dict) or key not in record:
+        raise DataError(f"{where}: malformed record, missing field '{key}'")
+    return record[key]
+
+
+# -----------------------------------------------------------------------------
+# one loader per benchmark: file -> list[EditRequest]
+
+def read_counterfact(path: str) -> list[EditRequest]:
+    out = []
+    for i, r in enumerate(read_json(path)):
+        w = f"{path} record {i}"
+        target = need(r, "target_new", w)
+        out.append(EditRequest(need(r, "prompt", w), target, [(need(r, "rephrase_prompt", w), target)],
+                               [(need(r, "locality_prompt", w), need(r, "locality_ground_truth", w))],
+                               old_target=r.get("ground_truth"), case_id=str(r.get("case_id", i))))
+    return out
+
+
+def read_zsre(path: str) -> list[EditRequest]:
+    out = []
+    for i, r in enumerate(read_json(path)):
+        w = f"{path} record {i}"
+        target, answers = need(r, "alt", w), need(r, "answers", w)
+        out.append(EditRequest(need(r, "src", w), target, [(need(r, "rephrase", w), target)],
+                               [(need(r, "loc", w), need(r, "loc_ans", w))],
+                               old_target=answers[0] if answers else None, case_id=str(i)))
+    return out
+
+
+def read_mquake(path: str) -> list[EditRequest]:
+    out = []
+    for i, case in enumerate(read_json(path)):
+        w = f"{path} record {i}"
+        case_id = str(case.get("case_id", i))
+        questions = need(case, "questions", w)
+        answers = [need(case, "new_answer", w)] + list(case.get("new_answer_alias", []))
+        for j, rw in enumerate(need(case, "requested_rewrite", w)):
+            wj = f"{w} requested_rewrite[{j}]"
+            target = need(need(rw, "target_new", wj), "str", wj + ".target_new")
+            prompt = need(rw, "prompt", wj).format(need(rw, "subject", wj))
+            generality = [(rw["question"], target)] if rw.get("question") else []
+            out.append(EditRequest(prompt, target, generality, [], need(rw, "target_true", wj).get("str"),
+                                   case_id, questions, answers))
+    return out
+
+
+def read_uniedit(folder: str) -> list[EditRequest]:
+    """One folder of UniEdit (train/ or test/): {discipline}.json, each {id: {edit, generality, locality}}."""
+    out = []
+    for name in sorted(f for f in os.listdir(folder) if f.endswith(".json")):
+        path = os.path.join(folder, name)
+        for i, (key, r) in enumerate(read_json(path).items()):
+            w = f"{path} record {i} ('{key}')"
+            edit = need(r, "edit", w)
+            pairs = {part: [(need(g, "prompt", f"{w} {part}"), need(g, "target", f"{w} {part}"))
+                            for g in need(r, part, w).values()] for part in ("generality", "locality")}
+            out.append(EditRequest(need(edit, "prompt", w + " edit"), need(edit, "target", w + " edit"),
+                                   pairs["generality"], pairs["locality"], case_id=f"{name[:-5]}-{key}"))
+    return out
+
+
+def load_uniedit(data_dir: str) -> dict[str, list[EditRequest]]:
+    root = os.path.join(data_dir, "uniedit")
+    if not os.path.isdir(os.path.join(root, "test")):
+        print(f"{root} is missing; downloading {UNIEDIT_REPO} from the Hugging Face hub")
+        try:
+            from huggingface_hub import snapshot_download
+            snapshot_download(repo_id=UNIEDIT_REPO, repo_type="dataset", local_dir=root, allow_patterns=["*.json"])
+        except Exception as err:  # the hub client raises many kinds; all mean the same to a user
+            raise DataError(f"could not download UniEdit ({type(err).__name__}: {str(err).splitlines()[0]}).\n"
+                            f"Get https://huggingface.co/datasets/{UNIEDIT_REPO} and put its train/ and test/ "
+                            f"folders in {root}/.") from None
+    return {"train": read_uniedit(os.path.join(root, "train")), "eval": read_uniedit(os.path.join(root, "test"))}
+
+
+def load_zsre(data_dir: str) -> dict[str, list[EditRequest]]:
+    full, subset, official_eval = (os.path.join(data_dir, "zsre", f) for f in
+                                   ("zsre_mend_train.json", "zsre_mend_train-1k.json", "zsre_mend_eval.json"))
+    if not (os.path.exists(full) or os.path.exists(subset)):
+        ensure(data_dir, "zsre/zsre_mend_train-1k.json", "zsre/zsre_mend_eval.json")
+    train = read_zsre(full if os.path.exists(full) else subset)
+    if os.path.exists(official_eval):
+        return {"train": train, "eval": read_zsre(official_eval)}
+    order = list(range(len(train)))
+    random.Random(0).shuffle(order)  # the documented seeded split: 20% held out
+    n_eval = len(train) // 5
+    return {"train": [train[i] for i in sorted(order[n_eval:])], "eval": [train[i] for i in sorted(order[:n_eval])]}
+
+
+def load(name: str, data_dir: str = "data") -> dict[str, list[EditRequest]]:
+    """{split: [EditRequest]} for one benchmark; splits are 'train' and 'eval' (MQuAKE: 'eval' only)."""
+    if name == "counterfact":
+        train, edit = ensure(data_dir, "counterfact/counterfact-train.json", "counterfact/counterfact-edit.json")
+        return {"train": read_counterfact(train), "eval": read_counterfact(edit)}
+    if name == "zsre":
+        return load_zsre(data_dir)
+    if name.startswith("mquake"):
+        file = {"mquake": "MQuAKE-hard", "mquake-cf3k": "MQuAKE-CF-3k", "mquake-t": "MQuAKE-T"}.get(name)
+        if file:
+            return {"eval": read_mquake(ensure(data_dir, f"mquake/{file}.json")[0])}
+    if name == "uniedit":
+        return load_uniedit(data_dir)
+    raise DataError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
+
+
+# -----------------------------------------------------------------------------
+# tokenisation for teacher forcing
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer itself puts BOS in front (Llama-2/3 do; GPT-2, SmolLM2 and Qwen do not)."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def encode(tokenizer, prompts: list[str], targets: list[str], bos: bool | None = None,
+           max_len: int = 128) -> dict[str, torch.Tensor]:
+    """Token ids of prompt + " " + target, right-padded; labels are the target ids, -100 elsewhere.
+
+    bos: put the BOS token first (None: as the tokenizer does by default). The same code serves
+    GPT-2 and Llama tokenizers: the prompt is tokenised alone, the answer is what the whole text
+    adds after it (or " " + target tokenised alone where the boundary merges). An empty target
+    gives a prompt-only row (for generation). Over-long prompts lose their left end.
+    """
+    bos = adds_bos(tokenizer) if bos is None else bos
+    head = [tokenizer.bos_token_id] if bos else []
+    wholes = [p + " " + t if t else p for p, t in zip(prompts, targets)]
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    whole_ids = tokenizer(wholes, add_special_tokens=False)["input_ids"]
+    rows = []
+    for p, w, t in zip(prompt_ids, whole_ids, targets):
+        answer = w[len(p):] if w[:len(p)] == p else tokenizer(" " + t, add_special_tokens=False)["input_ids"]
+        p = (head + p)[-(max_len - len(answer)):]
+        rows.append((p + answer, len(p)))
+    T = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), T), tokenizer.pad_token_id)        # (B, T)
+    labels = torch.full((len(rows), T), -100)                             # (B, T)
+    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)        # (B, T)
+    for b, (ids, n_prompt) in enumerate(rows):
+        input_ids[b, :len(ids)] = torch.tensor(ids)
+        labels[b, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:], dtype=torch.long)
+        attention_mask[b, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default="counterfact", choices=DATASETS, help="benchmark to load")
+    parser.add_argument("--data-dir", default="data", help="folder holding (or receiving) the benchmark files")
+    parser.add_argument("--model", default="smollm2-135m", help="whose tokenizer shows the example")
+    parser.add_argument("--index", type=int, default=0, help="which record of the first split to show")
+    args = parser.parse_args()
+    from model import ModelError, load_tokenizer
+    try:
+        splits = load(args.data, args.data_dir)
+        tokenizer = load_tokenizer(args.model)
+    except (DataError, ModelError) as err:
+        raise SystemExit(f"error: {err}")
+    for split, records in splits.items():
+        cases = len({r.case_id for r in records})
+        print(f"{args.data} {split}: {len(records)} edit requests" + (f" in {cases} cases" if cases != len(records) else ""))
+    r = next(iter(splits.values()))[args.index]
+    print("\nrecord:", r)
+    batch = encode(tokenizer, [r.prompt] + [q for q, _ in r.generality + r.locality],
+                   [r.target] + [a for _, a in r.generality + r.locality])
+    for b, kind in enumerate(["edit"] + ["generality"] * len(r.generality) + ["locality"] * len(r.locality)):
+        n = int(batch["attention_mask"][b].sum())
+        tokens = [tokenizer.decode([t]) for t in batch["input_ids"][b, :n]]
+        print(f"\n{kind}: {n} tokens, labels on {int((batch['labels'][b] != -100).sum())}")
+        print("  " + " ".join(f"{tok!r}" + ("*" if lab != -100 else "") for tok, lab in zip(tokens, batch["labels"][b].tolist())))
+    print("\n(* = a label position: the loss is taken there; -100 elsewhere)")

