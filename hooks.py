@@ -1,0 +1,121 @@
+"""
+Hooks into the frozen base model (IBKE.md §3, hooks.py): read the gradient decomposition of the
+edited FFN matrices, and write an edit into them.
+
+    python -m pytest tests/test_editor.py -k "decomposition or restore or functional"
+
+For a module y = x W (W is d_in × d_out; GPT-2's Conv1D stores W, nn.Linear stores Wᵀ) and the
+edit loss L_E, the weight gradient is a sum over tokens of outer products:
+    ∇_W L_E = Σ_i h_iᵀ u_i,   h_i = the module's input at token i,  u_i = ∂L_E/∂y_i.
+One forward and one backward of the edit batch give every h_i and u_i; the hypernetwork reads them.
+Shapes: B edit sequences (one per edit request, so the row is the token's edit index), T tokens.
+"""
+from contextlib import contextmanager
+from typing import Callable, Iterator
+
+import torch
+import torch.nn as nn
+from transformers.pytorch_utils import Conv1D
+
+from losses import answer_nll, scored
+
+
+@contextmanager
+def capture(model: nn.Module, names: list[str]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
+    """Record h (input) and, after backward, u (output gradient) of each named module.
+
+    The base model has no trainable parameters, so the lowest edited module's output is made a
+    leaf that requires grad: the graph starts there, and backward never runs below it.
+    """
+    store = {name: {} for name in names}
+
+    def hook(name: str):
+        def forward_hook(module, inputs, output):
+            store[name]["h"] = inputs[0].detach()                                  # (B, T, d_in)
+            if not output.requires_grad:
+                output = output.detach().requires_grad_()
+            output.register_hook(lambda grad: store[name].__setitem__("u", grad.detach()))  # (B, T, d_out)
+            return output
+        return forward_hook
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
+    try:
+        yield store
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def grad_decomposition(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor], tokens: str = "all",
+                       forward: Callable[[dict], torch.Tensor] | None = None):
+    """One forward + backward of the edit batch: ({name: (h, u)}, token mask (B, T) bool).
+
+    Loss L_E = Σ_e mean over e's answer tokens of −log p(o_e | q_e)   (IBKE.md §3, hooks.py).
+    tokens: "all" keeps every non-padding token; "answer" only the scored ones (those whose next
+    token is an answer token). h and u are zero outside the mask.
+    forward: batch -> logits (B, T, V); default the full model (train.py passes a faster one).
+    """
+    forward = forward or (lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits)
+    labels = batch["labels"]
+    with capture(model, names) as store, torch.enable_grad():
+        logits, targets, rows = scored(forward(batch), labels)
+        answer_nll(logits, targets, rows, labels.shape[0]).sum().backward()   # L_E
+    if tokens == "all":
+        mask = batch["attention_mask"].bool()
+    elif tokens == "answer":
+        mask = torch.zeros_like(labels, dtype=torch.bool)
+        mask[:, :-1] = labels[:, 1:] != -100
+    else:
+        raise ValueError(f"tokens must be 'all' or 'answer', not {tokens!r}")
+    keep = mask[..., None]
+    return {n: (store[n]["h"] * keep, store[n]["u"] * keep) for n in names}, mask
+
+
+# -----------------------------------------------------------------------------
+# writing an edit: ΔW is always (d_in, d_out), as in y = x W
+
+def _weight_delta(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    return delta if isinstance(module, Conv1D) else delta.T  # nn.Linear stores Wᵀ (IBKE.md §3 step 6)
+
+
+@torch.no_grad()
+def apply_delta(model: nn.Module, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """W ← W + ΔW in place; returns the original weights of the touched modules (not the model)."""
+    originals = {}
+    for name, delta in deltas.items():
+        module = model.get_submodule(name)
+        originals[name] = module.weight.detach().clone()
+        module.weight.add_(_weight_delta(module, delta).to(module.weight.dtype))
+    return originals
+
+
+@torch.no_grad()
+def restore(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
+    """Put the saved weights back, bit for bit (W + ΔW − ΔW would not be exact in floating point)."""
+    for name, weight in originals.items():
+        model.get_submodule(name).weight.copy_(weight)
+
+
+@contextmanager
+def edited(model: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """`with edited(model, deltas): ...` runs the edited model; the exact weights come back after."""
+    originals = apply_delta(model, deltas)
+    try:
+        yield model
+    finally:
+        restore(model, originals)
+
+
+@contextmanager
+def functional_edit(model: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+    """The edit as forward hooks, y = x W + x ΔW, for training: the loss backpropagates into ΔW
+    (and so into the hypernetwork) while W is never written and gets no gradient."""
+    def hook(delta: torch.Tensor):
+        return lambda module, inputs, output: output + inputs[0] @ delta.to(inputs[0].dtype)  # (B, T, d_out)
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(delta)) for name, delta in deltas.items()]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()

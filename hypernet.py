@@ -1,0 +1,177 @@
+"""
+The IBKE hypernetwork (IBKE.md §3, hypernet.py): gradient decomposition (h, u) -> weight update ΔW.
+
+    python hypernet.py                        # parameter counts for the default model
+    python hypernet.py --model gpt2-xl        # ... for gpt2-xl, built on the meta device (no download)
+
+Per edited module m, with weights shared by all modules of the same shape (d_in, d_out):
+  1. normalise   x_i = [(h_i − μ_h)/σ_h ; (u_i − μ_u)/σ_u]    running Welford statistics
+  2. project     t_i = W_in x_i + b_in + emb_m
+  3. encode φ1   A_e = CrossAttn(P, T_e, T_e); z_e = μ_e + σ_e ⊙ ε  (ITM: KL to N(0, I))
+  4. decode φ2   r_i = CrossAttn(t_i, z_e, z_e) + MLP;  [h̃_i; ũ_i] = x_i + W_out r_i;  s_i = σ(w_s·r_i + b_s)
+  5. update      ΔW_m = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i
+Dimension letters: M modules of one shape, E edits, T tokens, D = d_in + d_out, C = d_m,
+L = l_m (latent length), Z = latent dim.
+"""
+import argparse
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from losses import gaussian_kl
+
+
+@dataclass
+class EditorConfig:
+    d_m: int = 1920           # width of the hypernetwork
+    latent_len: int = 10      # l_m, number of learnable queries / latent vectors per edit
+    latent_dim: int = 1920    # Z, width of each latent vector
+    heads: int = 8            # attention heads in encoder and decoder
+    ib: bool = True           # False: deterministic latent z = μ and no KL (--no-ib)
+    token_scale: bool = True  # False: s_i ≡ 1 (--no-scale)
+    eta_init: float = 1e-4    # initial step size η_m of every module
+
+
+class RunningNorm(nn.Module):
+    """Per-module running mean / std of x (Welford, merged batch-wise by Chan's formula).
+    Updated only in training mode; the buffers are saved with the hypernetwork."""
+
+    def __init__(self, n_modules: int, dim: int):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(n_modules, 1, dtype=torch.float64))
+        self.register_buffer("mean", torch.zeros(n_modules, dim, dtype=torch.float64))
+        self.register_buffer("m2", torch.zeros(n_modules, dim, dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor, mask: torch.Tensor) -> None:
+        """x (M, E, T, D), mask (E, T): merge the statistics of the unmasked tokens."""
+        x = x[:, mask].double()                                   # (M, N, D)
+        n = float(x.shape[1])
+        batch_mean = x.mean(1)
+        batch_m2 = ((x - batch_mean[:, None]) ** 2).sum(1)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta ** 2 * self.count * n / total
+        self.count.copy_(total)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        std = (self.m2 / self.count.clamp_min(1)).sqrt()
+        std = torch.where(self.count > 0, std.clamp_min(1e-8), torch.ones_like(std))  # untrained: identity
+        return (x - self.mean[:, None, None].to(x.dtype)) / std[:, None, None].to(x.dtype)
+
+
+class ShapeEditor(nn.Module):
+    """Steps 1-5 for the M modules that share one weight shape (d_in, d_out)."""
+
+    def __init__(self, d_in: int, d_out: int, n_modules: int, cfg: EditorConfig):
+        super().__init__()
+        self.d_in, self.d_out, self.cfg = d_in, d_out, cfg
+        D, C, Z = d_in + d_out, cfg.d_m, cfg.latent_dim
+        self.norm = RunningNorm(n_modules, D)
+        self.proj = nn.Linear(D, C)
+        self.module_emb = nn.Parameter(torch.zeros(n_modules, C))
+        self.queries = nn.Parameter(torch.randn(cfg.latent_len, C) * C ** -0.5)
+        self.enc_norm = nn.LayerNorm(C)
+        self.enc_attn = nn.MultiheadAttention(C, cfg.heads, batch_first=True)
+        self.to_mu = nn.Linear(C, Z)
+        self.to_logvar = nn.Linear(C, Z)
+        self.dec_norm = nn.LayerNorm(C)
+        self.dec_attn = nn.MultiheadAttention(C, cfg.heads, kdim=Z, vdim=Z, batch_first=True)
+        self.mlp = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
+        self.out = nn.Linear(C, D)
+        self.scale = nn.Linear(C, 1)
+        self.log_eta = nn.Parameter(torch.full((n_modules,), math.log(cfg.eta_init)))
+        for layer in (self.out, self.scale, self.to_logvar):  # identity start: h̃ = ĥ, ũ = û, equal s, σ = 1
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def edit_vectors(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor):
+        """Steps 1-4. h (M, E, T, d_in), u (M, E, T, d_out), mask (E, T) bool ->
+        h̃ (M, E, T, d_in), ũ (M, E, T, d_out), token scale s (M, E, T), ITM KL per edit (E,)."""
+        M, E, T, _ = h.shape
+        x = torch.cat([h, u], -1)                                              # (M, E, T, D)
+        if self.training:
+            self.norm.update(x, mask)
+        x = self.norm(x)                                                       # IBKE §3 step 1
+        t = self.proj(x) + self.module_emb[:, None, None]                      # step 2 (M, E, T, C)
+        t = t.flatten(0, 1)                                                    # (M·E, T, C)
+        padding = ~mask.repeat(M, 1)                                           # (M·E, T)
+        kv = self.enc_norm(t)
+        queries = self.queries.expand(M * E, -1, -1)                           # (M·E, L, C)
+        A = self.enc_attn(queries, kv, kv, key_padding_mask=padding, need_weights=False)[0]  # step 3, φ1
+        mu, logvar = self.to_mu(A), self.to_logvar(A)                          # (M·E, L, Z)
+        if self.cfg.ib and self.training:
+            z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)               # reparameterisation
+        else:
+            z = mu                                                             # evaluation (or --no-ib)
+        kl = gaussian_kl(mu, logvar).view(M, E).mean(0) if self.cfg.ib else mu.new_zeros(E)  # ITM (E,)
+        r = t + self.dec_attn(self.dec_norm(t), z, z, need_weights=False)[0]   # step 4, φ2 (M·E, T, C)
+        r = r + self.mlp(r)
+        x_tilde = x + self.out(r).view(M, E, T, -1)                            # gated residual
+        h_tilde, u_tilde = x_tilde.split([self.d_in, self.d_out], -1)
+        if self.cfg.token_scale:
+            s = torch.sigmoid(self.scale(r)).view(M, E, T)                     # token scale
+        else:
+            s = x.new_ones(M, E, T)
+        return h_tilde, u_tilde, s, kl
+
+    def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step 5: ΔW_m = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i.  -> ΔW (M, d_in, d_out), KL (E,)."""
+        h_tilde, u_tilde, s, kl = self.edit_vectors(h, u, mask)
+        weight = s * mask / mask.sum(1, keepdim=True).clamp_min(1)             # s_i / |e|  (M, E, T)
+        outer = (h_tilde * weight[..., None]).flatten(1, 2).transpose(1, 2) @ u_tilde.flatten(1, 2)  # (M, d_in, d_out)
+        return -self.log_eta.exp()[:, None, None] * outer, kl
+
+
+class IBKE(nn.Module):
+    """One ShapeEditor per distinct weight shape; maps {module: (h, u)} to {module: ΔW}."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], cfg: EditorConfig):
+        super().__init__()
+        self.cfg, self.shapes = cfg, dict(shapes)
+        self.groups: dict[str, list[str]] = {}
+        for name, (d_in, d_out) in shapes.items():
+            self.groups.setdefault(f"{d_in}x{d_out}", []).append(name)
+        self.editors = nn.ModuleDict({key: ShapeEditor(*shapes[names[0]], len(names), cfg)
+                                      for key, names in self.groups.items()})
+
+    def forward(self, decomposition: dict[str, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor):
+        """{name: (h (E, T, d_in), u (E, T, d_out))}, mask (E, T) -> ({name: ΔW (d_in, d_out)}, ITM KL ())."""
+        deltas, kls = {}, []
+        for key, names in self.groups.items():
+            h = torch.stack([decomposition[n][0] for n in names]).float()     # (M, E, T, d_in)
+            u = torch.stack([decomposition[n][1] for n in names]).float()     # (M, E, T, d_out)
+            delta, kl = self.editors[key](h, u, mask)
+            deltas.update(zip(names, delta))
+            kls.append(kl)
+        return deltas, torch.stack(kls).mean()                                 # KL: mean over groups and edits
+
+
+if __name__ == "__main__":
+    from model import ModelError, edit_module_names, meta_model, weight_shape
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="model whose edited modules size the hypernetwork")
+    parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex (default: model.EDIT_TABLE)")
+    parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks")
+    parser.add_argument("--d-m", type=int, default=EditorConfig.d_m, help="hypernetwork width d_m")
+    parser.add_argument("--latent-len", type=int, default=EditorConfig.latent_len, help="l_m")
+    parser.add_argument("--latent-dim", type=int, default=EditorConfig.latent_dim, help="latent width Z")
+    args = parser.parse_args()
+    try:
+        model = meta_model(args.model)
+        names = edit_module_names(model, args.edit_modules, args.edit_layers)
+    except ModelError as err:
+        raise SystemExit(f"error: {err}")
+    cfg = EditorConfig(d_m=args.d_m, latent_len=args.latent_len, latent_dim=args.latent_dim)
+    shapes = {n: weight_shape(model.get_submodule(n)) for n in names}
+    with torch.device("meta"):
+        editor = IBKE(shapes, cfg)
+    print(f"{args.model}: {len(names)} edited modules, {len(editor.groups)} weight shapes, config {asdict(cfg)}")
+    for key, group in editor.groups.items():
+        n = sum(p.numel() for p in editor.editors[key].parameters())
+        print(f"  shape {key}: {len(group)} modules share {n / 1e6:.1f}M parameters  ({', '.join(group)})")
+    print(f"  total: {sum(p.numel() for p in editor.parameters()) / 1e6:.1f}M hypernetwork parameters "
+          f"(base model edited: {sum(shapes[n][0] * shapes[n][1] for n in names) / 1e6:.1f}M weights)")
