@@ -223,6 +223,13 @@ def load(name: str, data_dir: str = "data") -> dict[str, list[EditRequest]]:
     raise DataError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
 
 
+def split_val(records: list[EditRequest], val_size: int, seed: int = 0) -> tuple[list[EditRequest], list[EditRequest]]:
+    """(train, val): `val_size` records held out of a train split by a seeded shuffle."""
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    return [records[i] for i in order[val_size:]], [records[i] for i in order[:val_size]]
+
+
 # -----------------------------------------------------------------------------
 # tokenisation for teacher forcing
 

@@ -47,18 +47,19 @@ def capture(model: nn.Module, names: list[str]) -> Iterator[dict[str, dict[str, 
 
 
 def grad_decomposition(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor], tokens: str = "all",
-                       forward: Callable[[dict], torch.Tensor] | None = None):
+                       forward: Callable[[dict], tuple] | None = None):
     """One forward + backward of the edit batch: ({name: (h, u)}, token mask (B, T) bool).
 
     Loss L_E = Σ_e mean over e's answer tokens of −log p(o_e | q_e)   (IBKE.md §3, hooks.py).
     tokens: "all" keeps every non-padding token; "answer" only the scored ones (those whose next
     token is an answer token). h and u are zero outside the mask.
-    forward: batch -> logits (B, T, V); default the full model (train.py passes a faster one).
+    forward: batch -> scored logits (N, V), targets (N,), rows (N,) (see losses.scored); default the
+    full model. model.Runner.scored_logits is the fast one: it starts at the first edited block.
     """
-    forward = forward or (lambda b: model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits)
+    forward = forward or (lambda b: scored(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]))
     labels = batch["labels"]
     with capture(model, names) as store, torch.enable_grad():
-        logits, targets, rows = scored(forward(batch), labels)
+        logits, targets, rows = forward(batch)
         answer_nll(logits, targets, rows, labels.shape[0]).sum().backward()   # L_E
     if tokens == "all":
         mask = batch["attention_mask"].bool()

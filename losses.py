@@ -17,9 +17,14 @@ import torch
 import torch.nn.functional as F
 
 
+def scored_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, T) labels -> (rows, cols) of the N positions whose next token is an answer token."""
+    return (labels[:, 1:] != -100).nonzero(as_tuple=True)   # position t predicts token t + 1
+
+
 def scored(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(B, T, V) logits, (B, T) labels -> logits (N, V), targets (N,), rows (N,) at scored positions."""
-    rows, cols = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # position t predicts token t + 1
+    rows, cols = scored_positions(labels)
     return logits[rows, cols], labels[rows, cols + 1], rows
 
 

@@ -188,6 +188,98 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
 
 
 # -----------------------------------------------------------------------------
+# running only the upper part: the blocks below the first edited module are frozen and never
+# edited, so for a given text they always compute the same hidden states. Compute them once.
+
+class _Stop(Exception):
+    pass
+
+
+def first_edited_block(model: nn.Module, names: list[str]) -> int:
+    prefix = blocks_path(model) + "."
+    return min(int(n[len(prefix):].split(".")[0]) for n in names)
+
+
+@torch.no_grad()
+def hidden_before(model: nn.Module, block: int, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Hidden states entering block `block` (B, T, C); the blocks above are not run."""
+    def stop(module, args, kwargs):
+        raise _Stop(args[0] if args else kwargs["hidden_states"])
+    handle = model.get_submodule(blocks_path(model))[block].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    except _Stop as hidden:
+        return hidden.args[0]
+    finally:
+        handle.remove()
+    raise RuntimeError(f"block {block} was never reached")
+
+
+class _NoPosition(nn.Module):  # GPT-2 adds absolute position embeddings to inputs_embeds; the cache has them
+    def forward(self, position_ids):
+        return torch.zeros(())
+
+
+def run_from_block(model: nn.Module, block: int, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The model from block `block` up, given the hidden states entering it: final-norm output (B, T, C).
+    Works by handing the base model a block list that starts at `block` and the hidden states as
+    inputs_embeds (GPT-2, GPT-J, GPT-NeoX, Llama, Qwen, Mistral)."""
+    path = blocks_path(model)
+    parent, attr = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model, path.rsplit(".", 1)[-1]
+    blocks = getattr(parent, attr)
+    base = model.base_model
+    wpe = getattr(base, "wpe", None)
+    setattr(parent, attr, blocks[block:])
+    if wpe is not None:
+        base.wpe = _NoPosition()
+    try:
+        return base(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    finally:
+        setattr(parent, attr, blocks)
+        if wpe is not None:
+            base.wpe = wpe
+
+
+class Runner:
+    """Runs the frozen model on (prompt, answer) texts from the first edited block up.
+
+    `batch` tokenises (data.encode) and attaches the hidden states entering that block, computed
+    once per text when `cache` is on (training revisits texts; evaluation sees each once, and
+    reuses one batch for the edit, pre-edit and post-edit passes). `scored_logits` applies the LM
+    head only where a loss or metric is read, as losses.scored does on full logits.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, names: list[str], cache: bool = True, max_len: int = 128):
+        self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
+        self.block = first_edited_block(model, names)
+        self.memory: dict[tuple[str, str], torch.Tensor] | None = {} if cache else None
+
+    def batch(self, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
+        from data import encode
+        device = self.model.device
+        batch = {k: v.to(device) for k, v in encode(self.tokenizer, prompts, targets, max_len=self.max_len).items()}
+        keys = list(zip(prompts, targets))
+        memory = self.memory if self.memory is not None else {}
+        todo = [b for b, key in enumerate(keys) if key not in memory]
+        if todo:
+            hidden = hidden_before(self.model, self.block, batch["input_ids"][todo], batch["attention_mask"][todo])
+            for j, b in enumerate(todo):
+                memory[keys[b]] = hidden[j, :int(batch["attention_mask"][b].sum())]     # (n_b, C)
+        hidden = torch.zeros(*batch["input_ids"].shape, self.model.config.hidden_size, device=device, dtype=self.model.dtype)
+        for b, key in enumerate(keys):
+            hidden[b, :len(memory[key])] = memory[key]                                     # (B, T, C)
+        batch["hidden"] = hidden
+        return batch
+
+    def scored_logits(self, batch: dict[str, torch.Tensor]):
+        """-> logits (N, V), targets (N,), rows (N,) at the scored positions (see losses.scored)."""
+        from losses import scored_positions
+        rows, cols = scored_positions(batch["labels"])
+        final = run_from_block(self.model, self.block, batch["hidden"], batch["attention_mask"])   # (B, T, C)
+        return self.model.get_output_embeddings()(final[rows, cols]), batch["labels"][rows, cols + 1], rows
+
+
+# -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -14,14 +14,16 @@ sys.path.insert(0, ROOT)
 DATA_DIR = os.environ.get("IBKE_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
 
 
-def tiny(kind: str, dtype=torch.float32):
+def tiny(kind: str, dtype=torch.float32, init: float = 0.02):
+    """init: weight std; 0.02 (HF's default) gives near-uniform logits that edits barely move."""
     torch.manual_seed(0)
     if kind == "gpt2":
-        config = GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=101, n_positions=64,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        config = GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0, eos_token_id=0,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=init)
     else:
         config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)
+                             num_key_value_heads=2, vocab_size=101, max_position_embeddings=64,
+                             bos_token_id=0, eos_token_id=0, pad_token_id=0, initializer_range=init)
     return AutoModelForCausalLM.from_config(config).to(dtype).eval().requires_grad_(False)
 
 

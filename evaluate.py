@@ -1,0 +1,294 @@
+"""
+Evaluate an editor (IBKE.md §4): apply a batch of edits, measure, restore the exact weights.
+
+    python evaluate.py --ckpt out/ibke/best.pt                        # CounterFact eval, single edits
+    python evaluate.py --ckpt out/ibke/best.pt --limit 1000 --edits-per-batch 8
+    python evaluate.py --ckpt out/ibke/best.pt --method ft            # FT-L baseline, same modules
+    python evaluate.py --ckpt out/ibke/best.pt --method none          # the unedited model
+    python evaluate.py --ckpt out/ibke/best.pt --data mquake          # multi-hop accuracy
+
+Metrics, token-level and teacher-forced (EasyEdit/MALMEN convention), per record, then averaged:
+  ES   fraction of o_e's tokens that are the argmax after the edit, given q_e
+  GS   the same on the generality prompts q_g
+  LS   fraction of the locality answer's positions whose post-edit argmax equals the pre-edit argmax
+  F1   harmonic mean of ES, GS and LS (of the averages)
+  EM   whole answer right (every token the argmax), on q_e and on q_g (MEND convention)
+  ES_p, PS_p, NS_p   CounterFact, ROME-style: 1[P(new) > P(old)] on q_e, on q_g, and
+       1[P(true) > P(new)] on q_l (P = mean log-probability per answer token); S_p their harmonic mean
+  MQuAKE  all edits of a case as one batch, greedy answers to its 3 questions; solved if one of
+       them contains the new answer or an alias
+Results are appended per batch to <out>.partial.jsonl, so an interrupted run resumes.
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from data import DataError, EditRequest, load, split_val
+from hooks import edited, functional_edit, grad_decomposition
+from hypernet import IBKE, EditorConfig
+from losses import answer_nll
+from model import ModelError, Runner, load_model, weight_shape
+
+METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p"]
+
+
+# -----------------------------------------------------------------------------
+# metrics: one place, used by train.py's validation too
+
+def per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Mean of per-position values within each row. (N,), (N,) -> (n_rows,)."""
+    total = torch.zeros(n_rows).index_add(0, rows.cpu(), values.float().cpu())
+    return total / torch.zeros(n_rows).index_add(0, rows.cpu(), torch.ones(len(rows))).clamp_min(1)
+
+
+def harmonic(*xs: float) -> float:
+    return 0.0 if min(xs) <= 0 else len(xs) / sum(1 / x for x in xs)
+
+
+def score_rows(pre, post, n_rows: int) -> dict[str, torch.Tensor]:
+    """Per row: token accuracy, agreement with the pre-edit argmax, mean NLL. pre/post: scored triples."""
+    (pre_logits, _, _), (logits, targets, rows) = pre, post
+    return {"acc": per_row(logits.argmax(-1) == targets, rows, n_rows),
+            "agree": per_row(logits.argmax(-1) == pre_logits.argmax(-1), rows, n_rows),
+            "nll": answer_nll(logits.detach(), targets, rows, n_rows).cpu()}
+
+
+def summarise(results: list[dict]) -> dict[str, float]:
+    """Average per-record metrics; F1 and S_p are harmonic means of the averages."""
+    out = {k: statistics.fmean(r[k] for r in results if k in r) for k in METRICS[:3] + METRICS[4:9]
+           if any(k in r for r in results)}
+    if {"ES", "GS", "LS"} <= out.keys():
+        out["F1"] = harmonic(out["ES"], out["GS"], out["LS"])
+    if {"ES_p", "PS_p", "NS_p"} <= out.keys():
+        out["S_p"] = harmonic(out["ES_p"], out["PS_p"], out["NS_p"])
+    out["n"] = len(results)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# editors: (runner, batch of the edit rows) -> {module: ΔW}
+
+def ibke_editor(hypernet: IBKE, tokens: str = "all") -> Callable:
+    def edit(runner: Runner, batch: dict) -> dict[str, torch.Tensor]:
+        decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), batch, tokens,
+                                                 forward=runner.scored_logits)
+        with torch.no_grad():
+            return hypernet(decomposition, mask)[0]
+    return edit
+
+
+def ft_editor(names: list[str], steps: int = 25, lr: float = 5e-4) -> Callable:
+    """FT-L: fine-tune the same modules on the edit prompts (Adam, a fixed number of steps)."""
+    def edit(runner: Runner, batch: dict) -> dict[str, torch.Tensor]:
+        deltas = {n: torch.zeros(*weight_shape(runner.model.get_submodule(n)), device=runner.model.device,
+                                 requires_grad=True) for n in names}
+        optimizer = torch.optim.Adam(deltas.values(), lr=lr)
+        for _ in range(steps):
+            with torch.enable_grad(), functional_edit(runner.model, deltas):
+                logits, targets, rows = runner.scored_logits(batch)
+                loss = answer_nll(logits, targets, rows, batch["labels"].shape[0]).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return {n: d.detach() for n, d in deltas.items()}
+    return edit
+
+
+def no_editor(runner: Runner, batch: dict) -> dict[str, torch.Tensor]:
+    return {}
+
+
+# -----------------------------------------------------------------------------
+# one batch of edits: edit, measure, restore
+
+def rows_of(records: list[EditRequest]) -> tuple[list[str], list[str], list[tuple[str, int]]]:
+    """All sequences a batch needs, as (prompt, answer) with (kind, record index)."""
+    prompts, targets, kinds = [], [], []
+
+    def add(kind, i, prompt, target):
+        prompts.append(prompt), targets.append(target), kinds.append((kind, i))
+    for i, r in enumerate(records):                    # the edit rows first, in record order
+        add("edit", i, r.prompt, r.target)
+    for i, r in enumerate(records):
+        for q, a in r.generality:
+            add("gen", i, q, a)
+        for q, a in r.locality:
+            add("loc", i, q, a)
+        if r.old_target:                               # CounterFact probability scores
+            add("edit_old", i, r.prompt, r.old_target)
+            for q, _ in r.generality:
+                add("gen_old", i, q, r.old_target)
+            for q, a in r.locality:
+                add("loc_new", i, q, r.target)
+    return prompts, targets, kinds
+
+
+def measure(runner: Runner, editor: Callable, records: list[EditRequest]) -> tuple[list[dict], float]:
+    """Apply the edits of `records` as one batch; per-record metrics, and the seconds the edit took."""
+    prompts, targets, kinds = rows_of(records)
+    batch = runner.batch(prompts, targets)
+    n = len(records)
+    with torch.no_grad():
+        pre = runner.scored_logits(batch)
+    start = time.perf_counter()
+    deltas = editor(runner, {k: v[:n] for k, v in batch.items()})
+    seconds = time.perf_counter() - start
+    with edited(runner.model, deltas), torch.no_grad():
+        post = runner.scored_logits(batch)
+    s = score_rows(pre, post, len(prompts))
+    results = []
+    for i in range(n):
+        def rows(kind):
+            return [b for b, k in enumerate(kinds) if k == (kind, i)]
+        r = {"ES": s["acc"][i].item(), "EM": float(s["acc"][i] == 1)}
+        if rows("gen"):
+            r["GS"] = s["acc"][rows("gen")].mean().item()
+            r["GEM"] = (s["acc"][rows("gen")] == 1).float().mean().item()
+        if rows("loc"):
+            r["LS"] = s["agree"][rows("loc")].mean().item()
+        if rows("edit_old"):
+            nll = s["nll"]
+            r["ES_p"] = float(nll[i] < nll[rows("edit_old")[0]])
+            r["PS_p"] = (nll[rows("gen")] < nll[rows("gen_old")]).float().mean().item()
+            r["NS_p"] = (nll[rows("loc")] < nll[rows("loc_new")]).float().mean().item()
+        results.append(r)
+    return results, seconds
+
+
+def multihop(runner: Runner, editor: Callable, records: list[EditRequest], max_new_tokens: int = 12) -> dict:
+    """MQuAKE: one case's edits as one batch, then greedy answers to its questions."""
+    model, tokenizer = runner.model, runner.tokenizer
+    batch = runner.batch([r.prompt for r in records], [r.target for r in records])
+    start = time.perf_counter()
+    deltas = editor(runner, batch)
+    seconds = time.perf_counter() - start
+    answers = [a.lower() for a in records[0].answers]
+    prompts = [f"Q: {q} A:" for q in records[0].questions]
+    tokenizer.padding_side = "left"                     # generation continues from the right end
+    ids = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    tokenizer.padding_side = "right"
+    with edited(model, deltas), torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    texts = [t.split("\n")[0].lower() for t in tokenizer.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return {"MH": float(any(a in t for t in texts for a in answers)), "answers": texts, "seconds": seconds}
+
+
+# -----------------------------------------------------------------------------
+# rebuilding from a checkpoint
+
+def load_editor(path: str, device: str = "cpu", model_name: str | None = None):
+    """(model, tokenizer, hypernet, checkpoint) from the checkpoint alone."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python train.py --out DIR`")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model, tokenizer = load_model(model_name or ckpt["model"], ckpt["config"].get("dtype", "float32"), device)
+    shapes = {n: tuple(s) for n, s in ckpt["shapes"].items()}
+    found = {}
+    for n in shapes:
+        try:
+            found[n] = weight_shape(model.get_submodule(n))
+        except AttributeError:
+            found[n] = None
+    if found != shapes:
+        raise ModelError(f"checkpoint {path} was trained on '{ckpt['model']}' and edits {shapes}; "
+                         f"this model ({model_name}) has {found}. Use the model it was trained on.")
+    hypernet = IBKE(shapes, EditorConfig(**ckpt["editor"])).to(device)
+    hypernet.load_state_dict(ckpt["hypernet"])
+    return model, tokenizer, hypernet.eval(), ckpt
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    cols = [c for c in METRICS + ["MH"] if any(c in r for _, r in rows)]
+    lines = ["| run | " + " | ".join(cols) + " | ms/edit |", "|---" * (len(cols) + 2) + "|"]
+    for name, r in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in cols) + f" | {r.get('ms_per_edit', 0):.0f} |")
+    return "\n".join(lines)
+
+
+def write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or latest.pt)")
+    parser.add_argument("--data", default=None, help="benchmark (default: the one trained on); mquake* gives multi-hop accuracy")
+    parser.add_argument("--data-dir", default="data", help="folder holding (or receiving) the benchmark files")
+    parser.add_argument("--split", default="eval", choices=["eval", "train", "val"], help="eval; or val: the records train.py held out for validation")
+    parser.add_argument("--limit", type=int, default=None, help="only the first N records (MQuAKE: cases)")
+    parser.add_argument("--edits-per-batch", type=int, default=1, help="n edits applied together (1 = single edits)")
+    parser.add_argument("--method", default="ibke", choices=["ibke", "ft", "none"], help="editor: IBKE, FT-L baseline, or no edit")
+    parser.add_argument("--ft-steps", type=int, default=25, help="FT-L: Adam steps on the edit prompts")
+    parser.add_argument("--ft-lr", type=float, default=5e-4, help="FT-L: learning rate")
+    parser.add_argument("--model", default=None, help="override the checkpoint's model (must have the same edited modules)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--out", default="results.json", help="where the summary goes (per-batch progress: <out>.partial.jsonl)")
+    args = parser.parse_args()
+
+    try:
+        model, tokenizer, hypernet, ckpt = load_editor(args.ckpt, args.device, args.model)
+        data_name = args.data or ckpt["config"]["data"]
+        splits = load(data_name, args.data_dir)
+        if args.split == "val":
+            records = split_val(splits["train"], ckpt["config"]["val_size"], ckpt["config"]["seed"])[1]
+        else:
+            records = splits[args.split]
+    except (DataError, ModelError, FileNotFoundError, KeyError) as err:
+        raise SystemExit(f"error: {err}")
+    names = list(hypernet.shapes)
+    editor = {"ibke": lambda: ibke_editor(hypernet, ckpt["config"].get("tokens", "all")),
+              "ft": lambda: ft_editor(names, args.ft_steps, args.ft_lr), "none": lambda: no_editor}[args.method]()
+    runner = Runner(model, tokenizer, names, cache=False)
+
+    if data_name.startswith("mquake"):  # a batch is a case
+        cases = list(dict.fromkeys(r.case_id for r in records))[:args.limit]
+        batches = [[r for r in records if r.case_id == c] for c in cases]
+    else:
+        records = records[:args.limit]
+        batches = [records[i:i + args.edits_per_batch] for i in range(0, len(records), args.edits_per_batch)]
+    signature = {k: getattr(args, k) for k in ("ckpt", "split", "edits_per_batch", "method", "ft_steps", "ft_lr")}
+    signature["data"] = data_name
+    partial = args.out + ".partial.jsonl"
+    done = []
+    if os.path.exists(partial):
+        lines = [json.loads(line) for line in open(partial)]
+        if lines and lines[0] == signature:
+            done = lines[1:len(batches) + 1]
+            print(f"resuming: {len(done)} of {len(batches)} batches already in {partial}")
+    if not done:
+        with open(partial, "w") as f:
+            f.write(json.dumps(signature) + "\n")
+    with open(partial, "a") as f:
+        for batch in tqdm(batches[len(done):], desc=f"{args.method} n={args.edits_per_batch}", initial=len(done), total=len(batches)):
+            if data_name.startswith("mquake"):
+                mh = multihop(runner, editor, batch)
+                results, seconds = measure(runner, editor, batch)
+                results = [dict(r, MH=mh["MH"]) for r in results]
+            else:
+                results, seconds = measure(runner, editor, batch)
+            line = {"results": results, "seconds": seconds, "edits": len(batch)}
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            done.append(line)
+    results = [r for line in done for r in line["results"]]
+    summary = summarise(results)
+    if data_name.startswith("mquake"):
+        summary["MH"] = statistics.fmean(line["results"][0]["MH"] for line in done)
+    summary["ms_per_edit"] = 1000 * sum(line["seconds"] for line in done) / sum(line["edits"] for line in done)
+    write_json(args.out, {"summary": summary, "args": vars(args), "trained": {k: ckpt[k] for k in ("model", "step")}})
+    name = f"{args.method} n={args.edits_per_batch}" if not data_name.startswith("mquake") else f"{args.method} {data_name}"
+    print(table([(name, summary)]))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""train.py and evaluate.py end to end on tiny local models: the loss goes down, the checkpoint
+rebuilds the editor, training and evaluation resume, another model's checkpoint is refused."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, tiny
+from hooks import functional_edit, grad_decomposition
+from hypernet import IBKE, EditorConfig
+from losses import LossWeights, answer_nll, ibke_loss, locality_kl, scored
+from model import edit_module_names, weight_shape
+from test_editor import random_batch
+
+TINY_EDITOR = ["--d-m", "32", "--latent-dim", "16", "--latent-len", "2", "--heads", "2"]
+
+
+def test_training_steps_lower_the_loss():
+    """The loop of train.py, on a fixed batch of a tiny model: Adam on the hypernetwork lowers L."""
+    model = tiny("llama", init=0.2)
+    names = edit_module_names(model)
+    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, EditorConfig(d_m=32, latent_dim=16, heads=2, eta_init=0.1)).train()
+    optimizer = torch.optim.Adam(editor.parameters(), lr=1e-2)
+    edit, loc = random_batch(seed=5), random_batch(seed=7)
+    gen = edit                                     # random tokens have no rephrase; reuse the edit rows
+    with torch.no_grad():
+        pre = scored(model(input_ids=loc["input_ids"]).logits, loc["labels"])[0]
+    losses = []
+    for _ in range(30):
+        decomposition, mask = grad_decomposition(model, names, edit)
+        deltas, kl = editor(decomposition, mask)
+        with functional_edit(model, deltas):
+            edit_nll = answer_nll(*scored(model(input_ids=edit["input_ids"]).logits, edit["labels"]), 3).mean()
+            gen_nll = answer_nll(*scored(model(input_ids=gen["input_ids"]).logits, gen["labels"]), 3).mean()
+            post = scored(model(input_ids=loc["input_ids"]).logits, loc["labels"])[0]
+        loss, _ = ibke_loss(edit_nll, gen_nll, locality_kl(pre, post), kl, LossWeights())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5, losses
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory, gpt2_tokenizer):
+    """Two tiny models as local folders with a real GPT-2 tokenizer: GPT-2 and (other shapes) Llama."""
+    folders = {}
+    for kind in ("gpt2", "llama"):
+        model = tiny(kind)
+        model.resize_token_embeddings(len(gpt2_tokenizer))
+        folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+        model.save_pretrained(folder)
+        gpt2_tokenizer.save_pretrained(folder)
+        folders[kind] = str(folder)
+    return folders
+
+
+def run(script, *args, check=True):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_folders, tmp_path_factory):
+    """6 steps, validated at 3 and 6, then resumed to 10; and 10 steps without interruption."""
+    data_dir = os.environ.get("IBKE_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
+    common = ["--model", tiny_folders["gpt2"], "--data-dir", data_dir, "--val-every", "3", "--val-size", "6",
+              "--batch-size", "3", "--eta-init", "1e-2", *TINY_EDITOR]
+    out = tmp_path_factory.mktemp("train")
+    run("train.py", *common, "--steps", "6", "--out", out / "a")
+    run("train.py", "--resume", "--steps", "10", "--out", out / "a")
+    run("train.py", *common, "--steps", "10", "--out", out / "b")
+    return out, data_dir
+
+
+def test_checkpoint_rebuilds_editor_with_same_validation_numbers(trained):
+    out, data_dir = trained
+    validations = [json.loads(line) for line in open(out / "b" / "log.jsonl") if '"val"' in line]
+    best = max(validations, key=lambda v: v["val"]["F1"])             # what best.pt holds (first best)
+    best = next(v for v in validations if v["val"]["F1"] == best["val"]["F1"])
+    ckpt = torch.load(out / "b" / "best.pt", weights_only=False)
+    assert ckpt["step"] == best["step"] and "tiny-gpt2" in ckpt["model"]
+    run("evaluate.py", "--ckpt", out / "b" / "best.pt", "--split", "val", "--data-dir", data_dir, "--out", out / "val.json")
+    summary = json.load(open(out / "val.json"))["summary"]
+    for k in ("ES", "GS", "LS", "F1"):
+        assert summary[k] == pytest.approx(best["val"][k], abs=1e-9), k
+
+
+def test_resume_continues_step_count_and_optimizer_state(trained):
+    out, _ = trained
+    resumed, straight = (torch.load(out / d / "latest.pt", weights_only=False) for d in ("a", "b"))
+    assert resumed["step"] == straight["step"] == 10
+    steps = [json.loads(line)["step"] for line in open(out / "a" / "log.jsonl") if '"val"' not in line]
+    assert steps == list(range(1, 11))                                   # 1..6, then 7..10
+    adam_steps = {s["step"].item() for s in resumed["optimizer"]["state"].values()}
+    assert adam_steps == {10.0}
+    for k, v in straight["hypernet"].items():                            # the same run, interrupted or not
+        torch.testing.assert_close(resumed["hypernet"][k], v, rtol=1e-4, atol=1e-6)
+
+
+def test_interrupted_evaluation_resumes(trained):
+    out, data_dir = trained
+    args = ["--ckpt", out / "b" / "latest.pt", "--data-dir", data_dir, "--limit", "6", "--edits-per-batch", "2"]
+    run("evaluate.py", *args, "--out", out / "full.json")
+    lines = open(out / "full.json.partial.jsonl").readlines()
+    assert len(lines) == 1 + 3
+    with open(out / "cut.json.partial.jsonl", "w") as f:               # as if stopped after batch 1
+        f.writelines(lines[:2])
+    resumed = run("evaluate.py", *args, "--out", out / "cut.json")
+    assert "resuming: 1 of 3 batches" in resumed.stdout
+    full, cut = (json.load(open(out / f))["summary"] for f in ("full.json", "cut.json"))
+    assert {k: v for k, v in full.items() if k != "ms_per_edit"} == {k: v for k, v in cut.items() if k != "ms_per_edit"}
+
+
+def test_checkpoint_of_another_model_is_refused(trained, tiny_folders):
+    out, data_dir = trained
+    result = run("evaluate.py", "--ckpt", out / "b" / "best.pt", "--model", tiny_folders["llama"],
+                 "--data-dir", data_dir, "--limit", "1", "--out", out / "x.json", check=False)
+    assert result.returncode != 0 and "was trained on" in result.stderr and "Traceback" not in result.stderr
+    result = run("train.py", "--resume", "--model", tiny_folders["llama"], "--out", out / "a", check=False)
+    assert result.returncode != 0 and "is a checkpoint of" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_evaluate_baselines_run(trained):
+    out, data_dir = trained
+    for method in ("none", "ft"):
+        run("evaluate.py", "--ckpt", out / "b" / "best.pt", "--method", method, "--ft-steps", "3",
+            "--data-dir", data_dir, "--limit", "2", "--out", out / f"{method}.json")
+        summary = json.load(open(out / f"{method}.json"))["summary"]
+        assert summary["n"] == 2 and 0 <= summary["ES"] <= 1
+        if method == "none":
+            assert summary["LS"] == 1.0                                     # nothing edited: nothing moves
