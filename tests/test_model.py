@@ -53,3 +53,41 @@ def test_default_model_completes_paris_and_reloads_fast(smollm):
     assert time.time() - t0 < 20
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     assert model_lib.model_path("smollm2-135m").startswith(model_lib.CACHE_DIR)
+
+
+def test_run_from_block_gives_the_full_models_logits(tiny_model):
+    from model import Runner, hidden_before, run_from_block
+    ids = torch.randint(1, 100, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 5:] = 0
+    full = tiny_model(input_ids=ids, attention_mask=mask).logits
+    for block in (0, 2, 3):
+        hidden = hidden_before(tiny_model, block, ids, mask)                  # (B, T, C) entering block
+        tail = tiny_model.get_output_embeddings()(run_from_block(tiny_model, block, hidden, mask))
+        assert torch.equal(tail[mask.bool()], full[mask.bool()])              # bit for bit
+    blocks = tiny_model.get_submodule("transformer.h" if hasattr(tiny_model, "transformer") else "model.layers")
+    assert len(blocks) == 4                                                   # the full block list is back
+
+
+@pytest.mark.slow
+def test_runner_scored_logits_equal_full_model_on_real_model(smollm, data_dir):
+    from data import encode, load
+    from losses import scored
+    from model import Runner
+    model, tokenizer = smollm
+    records = load("counterfact", data_dir)["eval"][:4]
+    prompts = [r.prompt for r in records] + [r.locality[0][0] for r in records]
+    targets = [r.target for r in records] + [r.locality[0][1] for r in records]
+    runner = Runner(model, tokenizer, edit_module_names(model))
+    assert runner.block == 27
+    first = runner.scored_logits(runner.batch(prompts, targets))
+    again = runner.scored_logits(runner.batch(prompts[::-1], targets[::-1]))  # from the cache, other padding
+    batch = encode(tokenizer, prompts, targets)
+    with torch.no_grad():
+        full = scored(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+    torch.testing.assert_close(first[0], full[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(first[1], full[1]) and torch.equal(first[2], full[2])
+    assert torch.equal(first[0].argmax(-1), full[0].argmax(-1))
+    B = len(prompts)
+    for b in range(B):                                   # row b of the first batch is row B-1-b of the second
+        torch.testing.assert_close(again[0][again[2] == B - 1 - b], first[0][first[2] == b], rtol=1e-5, atol=1e-5)
