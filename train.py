@@ -47,9 +47,9 @@ parser.add_argument("--c-gen", type=float, default=1.0, help="SG weight on the g
 parser.add_argument("--c-loc", type=float, default=1.0, help="IL weight on KL(pre || post) at the locality tokens")
 parser.add_argument("--beta", type=float, default=0.1, help="ITM weight on the latent's KL to N(0, I)")
 parser.add_argument("--extra-loc", type=int, default=1, help="per edit, this many other records' prompts join the IL term as unrelated inputs (0: only each record's locality prompt)")
-parser.add_argument("--d-m", type=int, default=EditorConfig.d_m, help="hypernetwork width d_m")
+parser.add_argument("--d-m", type=int, default=512, help="hypernetwork width d_m (paper: 1920; 512 fits a CPU run)")
 parser.add_argument("--latent-len", type=int, default=EditorConfig.latent_len, help="l_m, learnable queries / latent vectors per edit")
-parser.add_argument("--latent-dim", type=int, default=EditorConfig.latent_dim, help="width of each latent vector")
+parser.add_argument("--latent-dim", type=int, default=512, help="width of each latent vector (paper: = d_m = 1920)")
 parser.add_argument("--heads", type=int, default=EditorConfig.heads, help="attention heads in the hypernetwork")
 parser.add_argument("--eta-init", type=float, default=EditorConfig.eta_init, help="initial step size η of every edited module")
 parser.add_argument("--no-ib", action="store_true", help="ablation: deterministic latent z = μ, no ITM term")
@@ -64,94 +64,24 @@ parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base model dtype (the hypernetwork stays float32)")
 parser.add_argument("--seed", type=int, default=0, help="seed for sampling, initialisation and the split")
 parser.add_argument("--resume", action="store_true", help="continue from <out>/latest.pt (its config wins, except --steps)")
-args = parser.parse_args()
-
-latest_path, best_path = os.path.join(args.out, "latest.pt"), os.path.join(args.out, "best.pt")
-ckpt = None
-if args.resume:
-    if not os.path.exists(latest_path):
-        raise SystemExit(f"error: --resume but no checkpoint at {latest_path}")
-    ckpt = torch.load(latest_path, map_location="cpu", weights_only=False)
-    if args.model != parser.get_default("model") and args.model != ckpt["model"]:
-        raise SystemExit(f"error: {latest_path} is a checkpoint of '{ckpt['model']}', not '{args.model}'; "
-                         f"resume without --model, or use another --out")
-    args = argparse.Namespace(**{**ckpt["config"], "steps": args.steps, "resume": True})
-
-# -----------------------------------------------------------------------------
-# setup
-
-random.seed(args.seed)
-torch.manual_seed(args.seed)
-try:
-    model, tokenizer = load_model(args.model, args.dtype, args.device)
-    names = edit_module_names(model, args.edit_modules, args.edit_layers)
-    records = load(args.data, args.data_dir)
-except (DataError, ModelError) as err:
-    raise SystemExit(f"error: {err}")
-if "train" not in records:
-    raise SystemExit(f"error: {args.data} has no train split; train on counterfact or zsre and evaluate on it")
-train_records, val_records = split_val(records["train"], args.val_size, args.seed)
-
-shapes = {n: weight_shape(model.get_submodule(n)) for n in names}
-cfg = EditorConfig(d_m=args.d_m, latent_len=args.latent_len, latent_dim=args.latent_dim, heads=args.heads,
-                   ib=not args.no_ib, token_scale=not args.no_scale, eta_init=args.eta_init)
-hypernet = IBKE(shapes, cfg).to(args.device).train()
-optimizer = torch.optim.Adam(hypernet.parameters(), lr=args.lr, fused=True)  # fused: 8x faster step on CPU
-weights = LossWeights(args.c_edit, args.c_gen, args.c_loc, 0.0 if args.no_ib else args.beta)
-runner = Runner(model, tokenizer, names, cache=True)
-val_runner = Runner(model, tokenizer, names, cache=True)  # its own cache: the very batches evaluate.py builds
-sampler = random.Random(args.seed + 1)
-step, best_f1, bad_validations, nonfinite = 0, -1.0, 0, 0
-if ckpt is not None:
-    hypernet.load_state_dict(ckpt["hypernet"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    step, best_f1, bad_validations, nonfinite = ckpt["step"], ckpt["best_f1"], ckpt["bad_validations"], ckpt["nonfinite"]
-    sampler.setstate(ckpt["sampler"])
-    torch.set_rng_state(ckpt["torch_rng"])
-    print(f"resumed {latest_path} at step {step} (best F1 {best_f1:.3f})")
-os.makedirs(args.out, exist_ok=True)
-print(f"editing {len(names)} modules of {args.model}: {', '.join(names)}")
-print(f"hypernetwork: {sum(p.numel() for p in hypernet.parameters()) / 1e6:.1f}M parameters; "
-      f"{len(train_records)} train / {len(val_records)} val records of {args.data}")
 
 
-def save(path: str) -> None:
-    """One dict that rebuilds everything; written atomically."""
-    state = {"hypernet": hypernet.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "config": vars(args), "editor": asdict(cfg), "model": args.model, "shapes": shapes,
-             "best_f1": best_f1, "bad_validations": bad_validations, "nonfinite": nonfinite,
-             "sampler": sampler.getstate(), "torch_rng": torch.get_rng_state()}
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
-
-
-def log(line: dict) -> None:
-    with open(os.path.join(args.out, "log.jsonl"), "a") as f:
-        f.write(json.dumps(line) + "\n")
-
-
-def validate() -> dict[str, float]:
-    hypernet.eval()
-    editor = ibke_editor(hypernet, args.tokens)
-    results = [r for record in val_records for r in measure(val_runner, editor, [record])[0]]
-    hypernet.train()
-    return summarise(results)
-
-
-def train_step(batch: list[EditRequest], others: list[EditRequest]):
-    """One step of IBKE.md §3 on n edits; returns the loss, its parts and the batch's ES/GS/LS."""
+def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others: list[EditRequest],
+               weights: LossWeights, tokens: str = "all"):
+    """One step of IBKE.md §3 on n edits: the loss (with its graph), its parts and the batch's ES/GS/LS.
+    others: records whose edit prompts join the IL term as unrelated inputs (--extra-loc)."""
     n = len(batch)
     gen = [pair for r in batch for pair in r.generality]
     loc = [pair for r in batch for pair in r.locality] + [(o.prompt, o.old_target or o.target) for o in others]
     rows = [(r.prompt, r.target) for r in batch] + gen + loc                  # edit | gen | loc rows
     tensors = runner.batch([p for p, _ in rows], [t for _, t in rows])
     first_loc = n + len(gen)
-    decomposition, mask = grad_decomposition(model, names, {k: v[:n] for k, v in tensors.items()},
-                                             args.tokens, forward=runner.scored_logits)
+    decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), {k: v[:n] for k, v in tensors.items()},
+                                             tokens, forward=runner.scored_logits)
     deltas, itm = hypernet(decomposition, mask)                               # ΔW per module, ITM KL
     with torch.no_grad():
         pre_loc = runner.scored_logits({k: v[first_loc:] for k, v in tensors.items()})[0]
-    with functional_edit(model, deltas):
+    with functional_edit(runner.model, deltas):
         logits, targets, row_ids = runner.scored_logits(tensors)             # post-edit, all rows
     nll = answer_nll(logits, targets, row_ids, len(rows))                     # (rows,)
     at_loc = row_ids >= first_loc
@@ -165,55 +95,130 @@ def train_step(batch: list[EditRequest], others: list[EditRequest]):
     return loss, parts
 
 
-# -----------------------------------------------------------------------------
-# loop
+def main() -> None:
+    args = parser.parse_args()
 
-bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
-consecutive_nonfinite = 0
-while step < args.steps:
-    start = time.perf_counter()
-    n = sampler.randint(1, args.batch_size)                                   # dynamic batch size
-    chosen = sampler.sample(range(len(train_records)), n + n * args.extra_loc)
-    batch, others = [train_records[i] for i in chosen[:n]], [train_records[i] for i in chosen[n:]]
-    loss, parts = train_step(batch, others)
-    if not math.isfinite(parts["loss"]):
-        nonfinite += 1
-        consecutive_nonfinite += 1
-        optimizer.zero_grad(set_to_none=True)
-        bar.write(f"step {step}: non-finite loss, step skipped ({nonfinite} so far)")
-        if consecutive_nonfinite >= 5:
-            raise SystemExit(f"error: {consecutive_nonfinite} non-finite losses in a row at step {step}; "
-                             f"lower --lr or --eta-init, or resume from {best_path}")
-        continue
+    latest_path, best_path = os.path.join(args.out, "latest.pt"), os.path.join(args.out, "best.pt")
+    ckpt = None
+    if args.resume:
+        if not os.path.exists(latest_path):
+            raise SystemExit(f"error: --resume but no checkpoint at {latest_path}")
+        ckpt = torch.load(latest_path, map_location="cpu", weights_only=False)
+        if args.model != parser.get_default("model") and args.model != ckpt["model"]:
+            raise SystemExit(f"error: {latest_path} is a checkpoint of '{ckpt['model']}', not '{args.model}'; "
+                             f"resume without --model, or use another --out")
+        args = argparse.Namespace(**{**ckpt["config"], "steps": args.steps, "resume": True})
+
+    # -------------------------------------------------------------------------
+    # setup
+
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    try:
+        model, tokenizer = load_model(args.model, args.dtype, args.device)
+        names = edit_module_names(model, args.edit_modules, args.edit_layers)
+        records = load(args.data, args.data_dir)
+    except (DataError, ModelError) as err:
+        raise SystemExit(f"error: {err}")
+    if "train" not in records:
+        raise SystemExit(f"error: {args.data} has no train split; train on counterfact or zsre and evaluate on it")
+    train_records, val_records = split_val(records["train"], args.val_size, args.seed)
+
+    shapes = {n: weight_shape(model.get_submodule(n)) for n in names}
+    cfg = EditorConfig(d_m=args.d_m, latent_len=args.latent_len, latent_dim=args.latent_dim, heads=args.heads,
+                       ib=not args.no_ib, token_scale=not args.no_scale, eta_init=args.eta_init)
+    hypernet = IBKE(shapes, cfg).to(args.device).train()
+    optimizer = torch.optim.Adam(hypernet.parameters(), lr=args.lr, fused=True)  # fused: 8x faster step on CPU
+    weights = LossWeights(args.c_edit, args.c_gen, args.c_loc, 0.0 if args.no_ib else args.beta)
+    runner = Runner(model, tokenizer, names, cache=True)
+    val_runner = Runner(model, tokenizer, names, cache=True)  # its own cache: the very batches evaluate.py builds
+    sampler = random.Random(args.seed + 1)
+    step, best_f1, bad_validations, nonfinite = 0, -1.0, 0, 0
+    if ckpt is not None:
+        hypernet.load_state_dict(ckpt["hypernet"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        step, best_f1, bad_validations, nonfinite = ckpt["step"], ckpt["best_f1"], ckpt["bad_validations"], ckpt["nonfinite"]
+        sampler.setstate(ckpt["sampler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        print(f"resumed {latest_path} at step {step} (best F1 {best_f1:.3f})")
+    os.makedirs(args.out, exist_ok=True)
+    print(f"editing {len(names)} modules of {args.model}: {', '.join(names)}")
+    print(f"hypernetwork: {sum(p.numel() for p in hypernet.parameters()) / 1e6:.1f}M parameters; "
+          f"{len(train_records)} train / {len(val_records)} val records of {args.data}")
+
+    def save(path: str) -> None:
+        """One dict that rebuilds everything; written atomically."""
+        state = {"hypernet": hypernet.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                 "config": vars(args), "editor": asdict(cfg), "model": args.model, "shapes": shapes,
+                 "best_f1": best_f1, "bad_validations": bad_validations, "nonfinite": nonfinite,
+                 "sampler": sampler.getstate(), "torch_rng": torch.get_rng_state()}
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def log(line: dict) -> None:
+        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def validate() -> dict[str, float]:
+        hypernet.eval()
+        editor = ibke_editor(hypernet, args.tokens)
+        results = [r for record in val_records for r in measure(val_runner, editor, [record])[0]]
+        hypernet.train()
+        return summarise(results)
+
+    # -------------------------------------------------------------------------
+    # loop
+
+    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
     consecutive_nonfinite = 0
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    grad_norm = torch.nn.utils.clip_grad_norm_(hypernet.parameters(), args.clip).item()
-    optimizer.step()
-    step += 1
-    ms = 1000 * (time.perf_counter() - start)
-    eta = hypernet.editors[next(iter(hypernet.editors))].log_eta.exp().mean().item()
-    line = {"step": step, "n": n, **{k: round(v, 4) for k, v in parts.items()}, "grad_norm": round(grad_norm, 3),
-            "eta": eta, "ms": round(ms)}
-    bar.write(f"step {step}: n {n} | loss {parts['loss']:.3f} (edit {parts['edit']:.3f} gen {parts['gen']:.3f} "
-              f"loc {parts['loc']:.4f} itm {parts['itm']:.3f}) | ES {parts['ES']:.2f} GS {parts['GS']:.2f} "
-              f"LS {parts['LS']:.2f} | {ms:.0f}ms")
-    log(line)
-    bar.update(1)
+    while step < args.steps:
+        start = time.perf_counter()
+        n = sampler.randint(1, args.batch_size)                                   # dynamic batch size
+        chosen = sampler.sample(range(len(train_records)), n + n * args.extra_loc)
+        batch, others = [train_records[i] for i in chosen[:n]], [train_records[i] for i in chosen[n:]]
+        loss, parts = train_step(runner, hypernet, batch, others, weights, args.tokens)
+        if not math.isfinite(parts["loss"]):
+            nonfinite += 1
+            consecutive_nonfinite += 1
+            optimizer.zero_grad(set_to_none=True)
+            bar.write(f"step {step}: non-finite loss, step skipped ({nonfinite} so far)")
+            if consecutive_nonfinite >= 5:
+                raise SystemExit(f"error: {consecutive_nonfinite} non-finite losses in a row at step {step}; "
+                                 f"lower --lr or --eta-init, or resume from {best_path}")
+            continue
+        consecutive_nonfinite = 0
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(hypernet.parameters(), args.clip).item()
+        optimizer.step()
+        step += 1
+        ms = 1000 * (time.perf_counter() - start)
+        eta = hypernet.editors[next(iter(hypernet.editors))].log_eta.exp().mean().item()
+        line = {"step": step, "n": n, **{k: round(v, 4) for k, v in parts.items()}, "grad_norm": round(grad_norm, 3),
+                "eta": eta, "ms": round(ms)}
+        bar.write(f"step {step}: n {n} | loss {parts['loss']:.3f} (edit {parts['edit']:.3f} gen {parts['gen']:.3f} "
+                  f"loc {parts['loc']:.4f} itm {parts['itm']:.3f}) | ES {parts['ES']:.2f} GS {parts['GS']:.2f} "
+                  f"LS {parts['LS']:.2f} | {ms:.0f}ms")
+        log(line)
+        bar.update(1)
 
-    if step % args.val_every == 0 or step == args.steps:
-        val = validate()
-        improved = val["F1"] > best_f1
-        best_f1, bad_validations = (val["F1"], 0) if improved else (best_f1, bad_validations + 1)
-        bar.write(f"val step {step}: ES {val['ES']:.3f} GS {val['GS']:.3f} LS {val['LS']:.3f} F1 {val['F1']:.3f}"
-                  + (" (best)" if improved else f" (best {best_f1:.3f})"))
-        log({"step": step, "val": val})
-        if improved:
-            save(best_path)
-        save(latest_path)
-        if bad_validations >= args.patience:
-            bar.write(f"early stop: no better validation F1 in {args.patience} validations")
-            break
-bar.close()
-save(latest_path)
-print(f"done at step {step}; best validation F1 {best_f1:.3f} in {best_path}")
+        if step % args.val_every == 0 or step == args.steps:
+            val = validate()
+            improved = val["F1"] > best_f1
+            best_f1, bad_validations = (val["F1"], 0) if improved else (best_f1, bad_validations + 1)
+            bar.write(f"val step {step}: ES {val['ES']:.3f} GS {val['GS']:.3f} LS {val['LS']:.3f} F1 {val['F1']:.3f}"
+                      + (" (best)" if improved else f" (best {best_f1:.3f})"))
+            log({"step": step, "val": val})
+            if improved:
+                save(best_path)
+            save(latest_path)
+            if bad_validations >= args.patience:
+                bar.write(f"early stop: no better validation F1 in {args.patience} validations")
+                break
+    bar.close()
+    save(latest_path)
+    print(f"done at step {step}; best validation F1 {best_f1:.3f} in {best_path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""
+Benchmark: how close IBKE comes to what cannot be beaten. Medians over repeats, ratios measured in
+the same run; prints a table and writes bench.json.
+
+    python bench.py                              # default model on this machine (untrained editor: same cost)
+    python bench.py --ckpt out/ibke/best.pt      # the editor of a checkpoint
+    python bench.py --model gpt2-xl --meta       # sizes and a training-memory estimate; no download
+
+- edit latency, n = 1, 8, 64: edit requests -> applied weight updates, against the floor: one
+  forward pass of the base model on the same n edit prompts plus the backward pass down to the
+  first edited module (the least work that yields h and u).
+- training step, against the plain way: the three forward+backward passes of a step (edit pass;
+  post-edit generality and locality passes) as plain full-model passes on the same batch.
+- evaluation throughput (edits/s, n = 1) and peak memory (RSS on CPU, max allocated on CUDA).
+"""
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+from data import encode, load
+from evaluate import ibke_editor, load_editor, measure
+from hooks import apply_delta, capture, restore
+from hypernet import IBKE, EditorConfig
+from losses import LossWeights, answer_nll, scored
+from model import Runner, edit_module_names, load_model, meta_model, weight_shape
+from train import train_step
+
+
+def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
+
+
+def plain_pass(model, names, batch) -> None:
+    """Full forward (every block, LM head everywhere) + backward down to the first edited module."""
+    with capture(model, names), torch.enable_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        answer_nll(*scored(logits, batch["labels"]), batch["labels"].shape[0]).sum().backward()
+
+
+def meta_estimate(name: str, cfg: EditorConfig, tokens_cached: int, step_tokens: int) -> dict:
+    """Parameter counts on the meta device and a bf16 training-memory estimate in GB."""
+    model = meta_model(name)
+    names = edit_module_names(model)
+    shapes = {n: weight_shape(model.get_submodule(n)) for n in names}
+    with torch.device("meta"):
+        hyper = sum(p.numel() for p in IBKE(shapes, cfg).parameters())
+    base = sum(p.numel() for p in model.parameters())
+    C, V = model.config.hidden_size, model.config.vocab_size
+    n_tail = len({n.rsplit(".mlp", 1)[0] for n in names})
+    gb = {"base weights (bf16)": 2 * base,
+          "hypernet + grads + Adam (fp32)": 16 * hyper,
+          "ΔW and its gradient (fp32)": 8 * sum(a * b for a, b in shapes.values()),
+          "cached hidden states (bf16)": 2 * tokens_cached * C,
+          "activations of the edited blocks (bf16, est.)": 2 * step_tokens * n_tail * 24 * C,
+          "hypernet activations (fp32, est.)": 4 * step_tokens * 2 * len(shapes) * 12 * cfg.d_m,
+          "LM head at scored positions (fp32)": 4 * 3 * step_tokens // 4 * V}
+    gb = {k: v / 1e9 for k, v in gb.items()}
+    return {"model": name, "base_params_M": base / 1e6, "hypernet_params_M": hyper / 1e6,
+            "edited_weights_M": sum(a * b for a, b in shapes.values()) / 1e6, "memory_GB": gb, "total_GB": sum(gb.values())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="model to benchmark")
+    parser.add_argument("--ckpt", default=None, help="use this checkpoint's editor (default: a fresh one, same cost)")
+    parser.add_argument("--d-m", type=int, default=512, help="hypernetwork width when no --ckpt")
+    parser.add_argument("--latent-dim", type=int, default=512, help="latent width when no --ckpt")
+    parser.add_argument("--data-dir", default="data", help="CounterFact lives here")
+    parser.add_argument("--repeats", type=int, default=7, help="timed repeats per figure (median reported)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    parser.add_argument("--meta", action="store_true", help="only sizes and memory estimates, on the meta device")
+    parser.add_argument("--out", default="bench.json", help="where the figures go")
+    args = parser.parse_args()
+    cfg = EditorConfig(d_m=args.d_m, latent_dim=args.latent_dim)
+
+    if args.meta:
+        names = [args.model] + [m for m in ("gpt2-xl", "EleutherAI/gpt-j-6B", "Qwen/Qwen3-8B") if m != args.model]
+        rows = [meta_estimate(m, c, tokens_cached=10000 * 4 * 16, step_tokens=8 * 4 * 16)
+                for m in names for c in (EditorConfig(), cfg)]
+        print("| model | d_m | base | hypernet | edited | est. training memory (GB, bf16 base) |\n|---|---|---|---|---|---|")
+        for r, c in zip(rows, [EditorConfig(), cfg] * len(names)):
+            print(f"| {r['model']} | {c.d_m} | {r['base_params_M']:.0f}M | {r['hypernet_params_M']:.1f}M | "
+                  f"{r['edited_weights_M']:.1f}M | {r['total_GB']:.1f} |")
+        print("\nbreakdown for", rows[0]["model"], "d_m", EditorConfig().d_m, {k: round(v, 2) for k, v in rows[0]["memory_GB"].items()})
+        json.dump({"meta": rows}, open(args.out, "w"), indent=1)
+        return
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    names = edit_module_names(model)
+    if args.ckpt:
+        _, _, hypernet, _ = load_editor(args.ckpt, args.device)
+    else:
+        hypernet = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, cfg).to(args.device).eval()
+    records = load("counterfact", args.data_dir)["train"]
+    figures = {}
+
+    # edit latency against the floor
+    editor = ibke_editor(hypernet)
+    for n in (1, 8, 64):
+        chunk = records[:n]
+        prompts, targets = [r.prompt for r in chunk], [r.target for r in chunk]
+
+        def edit():  # requests -> applied weight updates (the restore, one copy_ per module, is timed too)
+            runner = Runner(model, tokenizer, names, cache=False)
+            restore(model, apply_delta(model, editor(runner, runner.batch(prompts, targets))))
+
+        def floor():
+            plain_pass(model, names, {k: v.to(args.device) for k, v in encode(tokenizer, prompts, targets).items()})
+        t_edit, t_floor = median_seconds(edit, args.repeats), median_seconds(floor, args.repeats)
+        figures[f"edit_n{n}"] = {"edit_ms": 1000 * t_edit, "floor_ms": 1000 * t_floor, "ratio": t_edit / t_floor}
+    figures["edit_peak_memory_MB"] = peak_memory_mb(args.device)
+
+    # evaluation throughput, single edits
+    runner = Runner(model, tokenizer, names, cache=False)
+    eval_records = records[100:100 + 4 * args.repeats]
+    start = time.perf_counter()
+    for r in eval_records:
+        measure(runner, editor, [r])
+    figures["eval_edits_per_s"] = len(eval_records) / (time.perf_counter() - start)
+
+    # training step against the plain passes, 8 edits (+ 8 extra locality prompts), warm cache
+    hypernet.train()
+    optimizer = torch.optim.Adam(hypernet.parameters(), lr=1e-4, fused=True)
+    runner = Runner(model, tokenizer, names, cache=True)
+    batch, others = records[200:208], records[300:308]
+
+    def step():
+        loss, _ = train_step(runner, hypernet, batch, others, LossWeights())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    edit_rows = encode(tokenizer, [r.prompt for r in batch], [r.target for r in batch])
+    gen_rows = encode(tokenizer, [q for r in batch for q, _ in r.generality], [a for r in batch for _, a in r.generality])
+    loc_rows = encode(tokenizer, [q for r in batch for q, _ in r.locality] + [o.prompt for o in others],
+                      [a for r in batch for _, a in r.locality] + [o.old_target for o in others])
+
+    def plain():
+        for rows in (edit_rows, gen_rows, loc_rows):
+            plain_pass(model, names, rows)
+    t_step, t_plain = median_seconds(step, args.repeats), median_seconds(plain, args.repeats)
+    figures["train_step"] = {"step_ms": 1000 * t_step, "plain_passes_ms": 1000 * t_plain, "ratio": t_step / t_plain,
+                             "steps_per_min": 60 / t_step}
+    figures["train_peak_memory_MB"] = peak_memory_mb(args.device)
+    hypernet.eval()
+
+    print(f"| figure ({args.model}, {args.device}, median of {args.repeats}) | IBKE | floor / plain | ratio |")
+    print("|---|---|---|---|")
+    for n in (1, 8, 64):
+        f = figures[f"edit_n{n}"]
+        print(f"| edit latency, n = {n} | {f['edit_ms']:.0f} ms | {f['floor_ms']:.0f} ms | {f['ratio']:.2f} |")
+    f = figures["train_step"]
+    print(f"| training step, 8 edits | {f['step_ms']:.0f} ms | {f['plain_passes_ms']:.0f} ms | {f['ratio']:.2f} |")
+    print(f"| evaluation throughput, n = 1 | {figures['eval_edits_per_s']:.1f} edits/s | | |")
+    print(f"| peak memory: editing / training | {figures['edit_peak_memory_MB']:.0f} MB / {figures['train_peak_memory_MB']:.0f} MB | | |")
+    json.dump({"args": vars(args), **figures}, open(args.out, "w"), indent=1)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
