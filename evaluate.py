@@ -16,12 +16,13 @@ Metrics, token-level and teacher-forced (EasyEdit/MALMEN convention), per record
   ES_p, PS_p, NS_p   CounterFact, ROME-style: 1[P(new) > P(old)] on q_e, on q_g, and
        1[P(true) > P(new)] on q_l (P = mean log-probability per answer token); S_p their harmonic mean
   MQuAKE  all edits of a case as one batch, greedy answers to its 3 questions; solved if one of
-       them contains the new answer or an alias
+       them contains the new answer or an alias as whole words
 Results are appended per batch to <out>.partial.jsonl, so an interrupted run resumes.
 """
 import argparse
 import json
 import os
+import re
 import statistics
 import time
 from typing import Callable
@@ -152,10 +153,12 @@ def measure(runner: Runner, editor: Callable, records: list[EditRequest]) -> tup
             r["GEM"] = (s["acc"][rows("gen")] == 1).float().mean().item()
         if rows("loc"):
             r["LS"] = s["agree"][rows("loc")].mean().item()
+        nll = s["nll"]                                 # mean NLL per answer token: P(a) > P(b) ⇔ NLL(a) < NLL(b)
         if rows("edit_old"):
-            nll = s["nll"]
             r["ES_p"] = float(nll[i] < nll[rows("edit_old")[0]])
+        if rows("gen_old"):
             r["PS_p"] = (nll[rows("gen")] < nll[rows("gen_old")]).float().mean().item()
+        if rows("loc_new"):
             r["NS_p"] = (nll[rows("loc")] < nll[rows("loc_new")]).float().mean().item()
         results.append(r)
     return results, seconds
@@ -176,7 +179,8 @@ def multihop(runner: Runner, editor: Callable, records: list[EditRequest], max_n
     with edited(model, deltas), torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     texts = [t.split("\n")[0].lower() for t in tokenizer.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)]
-    return {"MH": float(any(a in t for t in texts for a in answers)), "answers": texts, "seconds": seconds}
+    solved = any(re.search(rf"\b{re.escape(a)}\b", t) for t in texts for a in answers)  # whole words: "ar" ≠ "are"
+    return {"MH": float(solved), "answers": texts, "seconds": seconds}
 
 
 # -----------------------------------------------------------------------------

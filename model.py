@@ -102,9 +102,10 @@ def _hub_error(name: str, err: Exception) -> ModelError:
 
 
 def load_tokenizer(name: str):
+    path = model_path(name)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path(name))
-    except OSError as err:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:  # ValueError: a malformed hub name, an unknown architecture
         raise _hub_error(name, err) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -115,9 +116,10 @@ def load_tokenizer(name: str):
 def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
     """(model, tokenizer): frozen, in eval mode, every parameter with requires_grad=False."""
     t0 = time.time()
+    path = model_path(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_path(name), dtype=getattr(torch, dtype))
-    except OSError as err:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as err:  # ValueError: a malformed hub name, an unknown architecture
         raise _hub_error(name, err) from None
     model.to(device).eval().requires_grad_(False)
     tokenizer = load_tokenizer(name)
@@ -132,9 +134,10 @@ def meta_model(name: str) -> nn.Module:
     if name in KNOWN_CONFIGS:
         config = AutoConfig.for_model(**KNOWN_CONFIGS[name])
     else:
+        path = model_path(name)
         try:
-            config = AutoConfig.from_pretrained(model_path(name))
-        except OSError as err:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as err:
             raise _hub_error(name, err) from None
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
@@ -246,13 +249,15 @@ class Runner:
     `batch` tokenises (data.encode) and attaches the hidden states entering that block, computed
     once per text when `cache` is on (training revisits texts; evaluation sees each once, and
     reuses one batch for the edit, pre-edit and post-edit passes). `scored_logits` applies the LM
-    head only where a loss or metric is read, as losses.scored does on full logits.
+    head only where a loss or metric is read, as losses.scored does on full logits;
+    `frozen_logits` gives the unedited model's, keeping their final hidden states per text.
     """
 
     def __init__(self, model: nn.Module, tokenizer, names: list[str], cache: bool = True, max_len: int = 128):
         self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
         self.block = first_edited_block(model, names)
-        self.memory: dict[tuple[str, str], torch.Tensor] | None = {} if cache else None
+        self.memory: dict[tuple[str, str], torch.Tensor] | None = {} if cache else None   # entering the block
+        self.frozen: dict[tuple[str, str], torch.Tensor] | None = {} if cache else None   # final, scored positions
 
     def batch(self, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
         from data import encode
@@ -269,6 +274,7 @@ class Runner:
         for b, key in enumerate(keys):
             hidden[b, :len(memory[key])] = memory[key]                                     # (B, T, C)
         batch["hidden"] = hidden
+        batch["keys"] = keys
         return batch
 
     def scored_logits(self, batch: dict[str, torch.Tensor]):
@@ -277,6 +283,22 @@ class Runner:
         rows, cols = scored_positions(batch["labels"])
         final = run_from_block(self.model, self.block, batch["hidden"], batch["attention_mask"])   # (B, T, C)
         return self.model.get_output_embeddings()(final[rows, cols]), batch["labels"][rows, cols + 1], rows
+
+    @torch.no_grad()
+    def frozen_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The unedited model's logits (N, V) at the scored positions: the IL reference p_θ(·|q_l)."""
+        from losses import scored_positions
+        if self.frozen is None:
+            return self.scored_logits(batch)[0]
+        keys = batch["keys"]
+        todo = [b for b, key in enumerate(keys) if key not in self.frozen]
+        if todo:
+            rows, cols = scored_positions(batch["labels"][todo])
+            final = run_from_block(self.model, self.block, batch["hidden"][todo], batch["attention_mask"][todo])
+            for j, b in enumerate(todo):
+                self.frozen[keys[b]] = final[rows[rows == j], cols[rows == j]]               # (n_b, C)
+        final = torch.cat([self.frozen[key] for key in keys])                                # (N, C), row-major
+        return self.model.get_output_embeddings()(final)
 
 
 # -----------------------------------------------------------------------------

@@ -79,8 +79,7 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), {k: v[:n] for k, v in tensors.items()},
                                              tokens, forward=runner.scored_logits)
     deltas, itm = hypernet(decomposition, mask)                               # ΔW per module, ITM KL
-    with torch.no_grad():
-        pre_loc = runner.scored_logits({k: v[first_loc:] for k, v in tensors.items()})[0]
+    pre_loc = runner.frozen_logits({k: v[first_loc:] for k, v in tensors.items()})     # p_θ(·|q_l), no graph
     with functional_edit(runner.model, deltas):
         logits, targets, row_ids = runner.scored_logits(tensors)             # post-edit, all rows
     nll = answer_nll(logits, targets, row_ids, len(rows))                     # (rows,)

@@ -39,6 +39,8 @@ def test_unknown_model_says_what_to_do(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelError, match="smollm2-135m"):
         load_model("no-such-org/no-such-model")
+    with pytest.raises(ModelError, match="could not load model 'not a name!'"):
+        load_model("not a name!")                                          # malformed: no stack trace
 
 
 @pytest.mark.slow
@@ -89,5 +91,7 @@ def test_runner_scored_logits_equal_full_model_on_real_model(smollm, data_dir):
     assert torch.equal(first[1], full[1]) and torch.equal(first[2], full[2])
     assert torch.equal(first[0].argmax(-1), full[0].argmax(-1))
     B = len(prompts)
+    for _ in range(2):                                   # computed, then from the per-text cache
+        torch.testing.assert_close(runner.frozen_logits(runner.batch(prompts, targets)), first[0], rtol=1e-5, atol=1e-5)
     for b in range(B):                                   # row b of the first batch is row B-1-b of the second
         torch.testing.assert_close(again[0][again[2] == B - 1 - b], first[0][first[2] == b], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,48 @@
+"""evaluate.py's metrics on hand-made logits."""
+import math
+
+import pytest
+import torch
+
+from evaluate import harmonic, per_row, rows_of, score_rows, summarise
+from data import EditRequest
+
+
+def one_hot_logits(ids, vocab=5, high=10.0):
+    logits = torch.zeros(len(ids), vocab)
+    logits[torch.arange(len(ids)), torch.tensor(ids)] = high
+    return logits
+
+
+def test_token_accuracy_agreement_and_nll_per_row():
+    # row 0: 2 answer tokens, row 1: 1, row 2: 3
+    rows = torch.tensor([0, 0, 1, 2, 2, 2])
+    targets = torch.tensor([1, 2, 3, 0, 0, 4])
+    post = one_hot_logits([1, 4, 3, 0, 1, 4])           # row 0: 1 of 2 right; row 1: right; row 2: 2 of 3
+    pre = one_hot_logits([1, 4, 0, 0, 0, 0])            # agreement with post: row 0 2/2, row 1 0/1, row 2 1/3
+    s = score_rows((pre, targets, rows), (post, targets, rows), 3)
+    assert s["acc"].tolist() == pytest.approx([0.5, 1.0, 2 / 3])
+    assert s["agree"].tolist() == pytest.approx([1.0, 0.0, 1 / 3])
+    right, wrong = (-torch.log_softmax(torch.tensor([10.0, 0, 0, 0, 0]), 0))[[0, 1]].tolist()
+    assert s["nll"].tolist() == pytest.approx([(right + wrong) / 2, right, (2 * right + wrong) / 3], rel=1e-5)
+    assert per_row(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([1, 1, 1]), 2).tolist() == [0.0, 3.0]
+
+
+def test_summary_averages_records_and_takes_harmonic_means():
+    results = [{"ES": 1.0, "GS": 0.5, "LS": 1.0, "EM": 1.0, "ES_p": 1.0, "PS_p": 1.0, "NS_p": 0.0},
+               {"ES": 0.5, "GS": 0.5, "LS": 0.5, "EM": 0.0, "ES_p": 1.0, "PS_p": 0.0, "NS_p": 1.0}]
+    s = summarise(results)
+    assert (s["ES"], s["GS"], s["LS"], s["EM"], s["n"]) == (0.75, 0.5, 0.75, 0.5, 2)
+    assert s["F1"] == pytest.approx(3 / (1 / 0.75 + 1 / 0.5 + 1 / 0.75))
+    assert s["S_p"] == pytest.approx(harmonic(1.0, 0.5, 0.5))
+    assert harmonic(0.9, 0.0, 1.0) == 0.0 and math.isclose(harmonic(0.5, 0.5), 0.5)
+
+
+def test_rows_of_puts_edit_rows_first_and_pairs_probability_rows():
+    records = [EditRequest("p0", "new0", [("g0", "new0")], [("l0", "true0")], old_target="old0"),
+               EditRequest("p1", "new1", [], [], old_target=None)]
+    prompts, targets, kinds = rows_of(records)
+    assert list(zip(prompts, targets, kinds))[:2] == [("p0", "new0", ("edit", 0)), ("p1", "new1", ("edit", 1))]
+    assert ("l0", "new0", ("loc_new", 0)) in zip(prompts, targets, kinds)    # NS_p: P(true) vs P(new)
+    assert ("g0", "old0", ("gen_old", 0)) in zip(prompts, targets, kinds)
+    assert not [k for k in kinds if k[1] == 1 and k[0] != "edit"]          # nothing else for record 1
