@@ -107,7 +107,7 @@ def ensure(data_dir: str, *relpaths: str) -> list[str]:
     return paths
 
 
-def read_json(path: str):
+def read_json(path: str) -> list | dict:
     try:
         with open(path) as f:
             return json.load(f)
@@ -115,7 +115,7 @@ def read_json(path: str):
         raise DataError(f"{path} is not valid JSON ({err}); delete it and run again to re-download it.") from None
 
 
-def need(record, key: str, where: str):
+def need(record: dict, key: str, where: str):
     """record[key], or a DataError naming the file, the record index and the missing field."""
     if not isinstance(record, dict) or key not in record:
         raise DataError(f"{where}: malformed record, missing field '{key}'")

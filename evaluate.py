@@ -186,7 +186,7 @@ def multihop(runner: Runner, editor: Callable, records: list[EditRequest], max_n
 # -----------------------------------------------------------------------------
 # rebuilding from a checkpoint
 
-def load_editor(path: str, device: str = "cpu", model_name: str | None = None):
+def load_editor(path: str, device: str = "cpu", model_name: str | None = None) -> tuple:
     """(model, tokenizer, hypernet, checkpoint) from the checkpoint alone."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python train.py --out DIR`")
@@ -273,13 +273,12 @@ def main() -> None:
             f.write(json.dumps(signature) + "\n")
     with open(partial, "a") as f:
         for batch in tqdm(batches[len(done):], desc=f"{args.method} n={args.edits_per_batch}", initial=len(done), total=len(batches)):
+            results, seconds = measure(runner, editor, batch)
+            line = {"results": results, "seconds": seconds, "edits": len(batch)}
             if data_name.startswith("mquake"):
                 mh = multihop(runner, editor, batch)
-                results, seconds = measure(runner, editor, batch)
-                results = [dict(r, MH=mh["MH"]) for r in results]
-            else:
-                results, seconds = measure(runner, editor, batch)
-            line = {"results": results, "seconds": seconds, "edits": len(batch)}
+                line["results"] = [dict(r, MH=mh["MH"]) for r in results]
+                line["answers"] = mh["answers"]                  # the greedy answers, for reading
             f.write(json.dumps(line) + "\n")
             f.flush()
             done.append(line)

@@ -88,7 +88,7 @@ class ShapeEditor(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def edit_vectors(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor):
+    def edit_vectors(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Steps 1-4. h (M, E, T, d_in), u (M, E, T, d_out), mask (E, T) bool ->
         h̃ (M, E, T, d_in), ũ (M, E, T, d_out), token scale s (M, E, T), ITM KL per edit (E,)."""
         M, E, T, _ = h.shape

@@ -113,7 +113,7 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
-def load_model(name: str, dtype: str = "float32", device: str = "cpu"):
+def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, object]:
     """(model, tokenizer): frozen, in eval mode, every parameter with requires_grad=False."""
     t0 = time.time()
     path = model_path(name)
@@ -277,7 +277,7 @@ class Runner:
         batch["keys"] = keys
         return batch
 
-    def scored_logits(self, batch: dict[str, torch.Tensor]):
+    def scored_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> logits (N, V), targets (N,), rows (N,) at the scored positions (see losses.scored)."""
         from losses import scored_positions
         rows, cols = scored_positions(batch["labels"])
