@@ -23,9 +23,9 @@ import torch
 
 from data import encode, load
 from evaluate import ibke_editor, load_editor, measure
-from hooks import apply_delta, capture, restore
+from hooks import apply_delta, grad_decomposition, restore
 from hypernet import IBKE, EditorConfig
-from losses import LossWeights, answer_nll, scored
+from losses import LossWeights
 from model import Runner, edit_module_names, load_model, meta_model, weight_shape
 from train import train_step
 
@@ -48,10 +48,9 @@ def peak_memory_mb(device: str) -> float:
 
 
 def plain_pass(model, names, batch) -> None:
-    """Full forward (every block, LM head everywhere) + backward down to the first edited module."""
-    with capture(model, names), torch.enable_grad():
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        answer_nll(*scored(logits, batch["labels"]), batch["labels"].shape[0]).sum().backward()
+    """Full forward (every block, LM head everywhere) + backward down to the first edited module:
+    hooks.grad_decomposition with its default, full-model forward."""
+    grad_decomposition(model, names, batch)
 
 
 def meta_estimate(name: str, cfg: EditorConfig, tokens_cached: int, step_tokens: int) -> dict:
