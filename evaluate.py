@@ -34,7 +34,7 @@ from data import DataError, EditRequest, load, split_val
 from hooks import edited, functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import answer_nll
-from model import ModelError, Runner, load_model, weight_shape
+from model import ModelError, Runner, load_model, take, weight_shape
 
 METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p"]
 
@@ -53,10 +53,13 @@ def harmonic(*xs: float) -> float:
 
 
 def score_rows(pre, post, n_rows: int) -> dict[str, torch.Tensor]:
-    """Per row: token accuracy, agreement with the pre-edit argmax, mean NLL. pre/post: scored triples."""
-    (pre_logits, _, _), (logits, targets, rows) = pre, post
+    """Per row: token accuracy, agreement with the pre-edit argmax, mean NLL. pre/post: scored triples;
+    pre may cover only some rows (the locality ones), whose agreement is then the only one computed."""
+    (pre_logits, _, pre_rows), (logits, targets, rows) = pre, post
+    at = torch.isin(rows, pre_rows.to(rows.device))
+    agree = logits[at].argmax(-1) == pre_logits.argmax(-1) if at.any() else at[at]
     return {"acc": per_row(logits.argmax(-1) == targets, rows, n_rows),
-            "agree": per_row(logits.argmax(-1) == pre_logits.argmax(-1), rows, n_rows),
+            "agree": per_row(agree, rows[at], n_rows),
             "nll": answer_nll(logits.detach(), targets, rows, n_rows).cpu()}
 
 
@@ -78,7 +81,7 @@ def summarise(results: list[dict]) -> dict[str, float]:
 def ibke_editor(hypernet: IBKE, tokens: str = "all") -> Callable:
     def edit(runner: Runner, batch: dict) -> dict[str, torch.Tensor]:
         decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), batch, tokens,
-                                                 forward=runner.scored_logits)
+                                                 forward=lambda b: runner.scored_logits(b, split=False))
         with torch.no_grad():
             return hypernet(decomposition, mask)[0]
     return edit
@@ -130,15 +133,17 @@ def rows_of(records: list[EditRequest]) -> tuple[list[str], list[str], list[tupl
     return prompts, targets, kinds
 
 
-def measure(runner: Runner, editor: Callable, records: list[EditRequest]) -> tuple[list[dict], float]:
-    """Apply the edits of `records` as one batch; per-record metrics, and the seconds the edit took."""
+def measure(runner: Runner, editor: Callable, records: list[EditRequest]) -> tuple[list[dict], float, dict]:
+    """Apply the edits of `records` as one batch: per-record metrics, the seconds the edit took, the ΔW."""
     prompts, targets, kinds = rows_of(records)
     batch = runner.batch(prompts, targets)
     n = len(records)
-    with torch.no_grad():
-        pre = runner.scored_logits(batch)
+    loc = [b for b, (kind, _) in enumerate(kinds) if kind == "loc"]
+    with torch.no_grad():                              # pre-edit logits: needed at the locality rows only
+        pre_logits, pre_targets, pre_rows = runner.scored_logits(take(batch, loc)) if loc else (None, None, [])
+        pre = (pre_logits, pre_targets, torch.tensor(loc, dtype=torch.long)[pre_rows])
     start = time.perf_counter()
-    deltas = editor(runner, {k: v[:n] for k, v in batch.items()})
+    deltas = editor(runner, take(batch, slice(0, n)))
     seconds = time.perf_counter() - start
     with edited(runner.model, deltas), torch.no_grad():
         post = runner.scored_logits(batch)
@@ -161,16 +166,12 @@ def measure(runner: Runner, editor: Callable, records: list[EditRequest]) -> tup
         if rows("loc_new"):
             r["NS_p"] = (nll[rows("loc")] < nll[rows("loc_new")]).float().mean().item()
         results.append(r)
-    return results, seconds
+    return results, seconds, deltas
 
 
-def multihop(runner: Runner, editor: Callable, records: list[EditRequest], max_new_tokens: int = 12) -> dict:
-    """MQuAKE: one case's edits as one batch, then greedy answers to its questions."""
+def multihop(runner: Runner, deltas: dict, records: list[EditRequest], max_new_tokens: int = 12) -> dict:
+    """MQuAKE: with one case's edits applied (deltas, from measure), greedy answers to its questions."""
     model, tokenizer = runner.model, runner.tokenizer
-    batch = runner.batch([r.prompt for r in records], [r.target for r in records])
-    start = time.perf_counter()
-    deltas = editor(runner, batch)
-    seconds = time.perf_counter() - start
     answers = [a.lower() for a in records[0].answers]
     prompts = [f"Q: {q} A:" for q in records[0].questions]
     tokenizer.padding_side = "left"                     # generation continues from the right end
@@ -180,7 +181,7 @@ def multihop(runner: Runner, editor: Callable, records: list[EditRequest], max_n
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     texts = [t.split("\n")[0].lower() for t in tokenizer.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)]
     solved = any(re.search(rf"\b{re.escape(a)}\b", t) for t in texts for a in answers)  # whole words: "ar" ≠ "are"
-    return {"MH": float(solved), "answers": texts, "seconds": seconds}
+    return {"MH": float(solved), "answers": texts}
 
 
 # -----------------------------------------------------------------------------
@@ -273,10 +274,10 @@ def main() -> None:
             f.write(json.dumps(signature) + "\n")
     with open(partial, "a") as f:
         for batch in tqdm(batches[len(done):], desc=f"{args.method} n={args.edits_per_batch}", initial=len(done), total=len(batches)):
-            results, seconds = measure(runner, editor, batch)
+            results, seconds, deltas = measure(runner, editor, batch)
             line = {"results": results, "seconds": seconds, "edits": len(batch)}
             if data_name.startswith("mquake"):
-                mh = multihop(runner, editor, batch)
+                mh = multihop(runner, deltas, batch)
                 line["results"] = [dict(r, MH=mh["MH"]) for r in results]
                 line["answers"] = mh["answers"]                  # the greedy answers, for reading
             f.write(json.dumps(line) + "\n")

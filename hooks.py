@@ -108,10 +108,14 @@ def edited(model: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[nn.Mod
 
 
 @contextmanager
-def functional_edit(model: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
+def functional_edit(model: nn.Module, deltas: dict) -> Iterator[nn.Module]:
     """The edit as forward hooks, y = x W + x ΔW, for training: the loss backpropagates into ΔW
-    (and so into the hypernetwork) while W is never written and gets no gradient."""
-    def hook(delta: torch.Tensor):
+    (and so into the hypernetwork) while W is never written and gets no gradient.
+    A ΔW is a (d_in, d_out) tensor or its factors (A (K, d_in), B (K, d_out)): x ΔW = (x Aᵀ) B."""
+    def hook(delta):
+        if isinstance(delta, tuple):
+            A, B = delta
+            return lambda module, inputs, output: output + (inputs[0] @ A.T.to(inputs[0].dtype)) @ B.to(inputs[0].dtype)
         return lambda module, inputs, output: output + inputs[0] @ delta.to(inputs[0].dtype)  # (B, T, d_out)
 
     handles = [model.get_submodule(name).register_forward_hook(hook(delta)) for name, delta in deltas.items()]

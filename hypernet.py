@@ -118,12 +118,14 @@ class ShapeEditor(nn.Module):
             s = x.new_ones(M, E, T)
         return h_tilde, u_tilde, s, kl
 
-    def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step 5: ΔW_m = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i.  -> ΔW (M, d_in, d_out), KL (E,)."""
+    def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Step 5, factored: ΔW_m = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i = A_mᵀ B_m with
+        A_m = −η_m s_i / |e| · h̃_i and B_m = ũ_i stacked over the K = E·T tokens.
+        -> A (M, K, d_in), B (M, K, d_out), KL (E,)."""
         h_tilde, u_tilde, s, kl = self.edit_vectors(h, u, mask)
         weight = s * mask / mask.sum(1, keepdim=True).clamp_min(1)             # s_i / |e|  (M, E, T)
-        outer = (h_tilde * weight[..., None]).flatten(1, 2).transpose(1, 2) @ u_tilde.flatten(1, 2)  # (M, d_in, d_out)
-        return -self.log_eta.exp()[:, None, None] * outer, kl
+        weight = -self.log_eta.exp()[:, None, None] * weight
+        return (h_tilde * weight[..., None]).flatten(1, 2), u_tilde.flatten(1, 2), kl
 
 
 class IBKE(nn.Module):
@@ -138,14 +140,17 @@ class IBKE(nn.Module):
         self.editors = nn.ModuleDict({key: ShapeEditor(*shapes[names[0]], len(names), cfg)
                                       for key, names in self.groups.items()})
 
-    def forward(self, decomposition: dict[str, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor):
-        """{name: (h (E, T, d_in), u (E, T, d_out))}, mask (E, T) -> ({name: ΔW (d_in, d_out)}, ITM KL ())."""
+    def forward(self, decomposition: dict[str, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
+                factored: bool = False):
+        """{name: (h (E, T, d_in), u (E, T, d_out))}, mask (E, T) -> ({name: ΔW (d_in, d_out)}, ITM KL ()).
+        factored: give each ΔW as its factors (A (K, d_in), B (K, d_out)), ΔW = AᵀB, never forming it:
+        x ΔW = (x Aᵀ) B costs K/d_in of x ΔW for the K ≈ 100 tokens of a training step."""
         deltas, kls = {}, []
         for key, names in self.groups.items():
             h = torch.stack([decomposition[n][0] for n in names]).float()     # (M, E, T, d_in)
             u = torch.stack([decomposition[n][1] for n in names]).float()     # (M, E, T, d_out)
-            delta, kl = self.editors[key](h, u, mask)
-            deltas.update(zip(names, delta))
+            A, B, kl = self.editors[key](h, u, mask)                           # (M, K, d_in), (M, K, d_out)
+            deltas.update(zip(names, zip(A, B) if factored else A.transpose(1, 2) @ B))
             kls.append(kl)
         return deltas, torch.stack(kls).mean()                                 # KL: mean over groups and edits
 

@@ -251,9 +251,10 @@ class Runner:
 
     `batch` tokenises (data.encode) and attaches the hidden states entering that block, computed
     once per text when `cache` is on (training revisits texts; evaluation sees each once, and
-    reuses one batch for the edit, pre-edit and post-edit passes). `scored_logits` applies the LM
-    head only where a loss or metric is read, as losses.scored does on full logits;
-    `frozen_logits` gives the unedited model's, keeping their final hidden states per text.
+    reuses one batch for the edit, pre-edit and post-edit passes). `scored_logits` runs rows of
+    similar length together (length_groups) and applies the LM head only where a loss or metric is
+    read, as losses.scored does on full logits; `frozen_logits` gives the unedited model's, keeping
+    their final hidden states per text.
     """
 
     def __init__(self, model: nn.Module, tokenizer, names: list[str], cache: bool = True, max_len: int = 128):
@@ -279,26 +280,61 @@ class Runner:
         batch["keys"] = keys
         return batch
 
-    def scored_logits(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> logits (N, V), targets (N,), rows (N,) at the scored positions (see losses.scored)."""
+    def scored_logits(self, batch: dict, split: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> logits (N, V), targets (N,), rows (N,) at the scored positions (see losses.scored).
+        split: run rows of similar length together (padding costs as much as text); False runs one
+        pass, as hooks.capture needs."""
         rows, cols = scored_positions(batch["labels"])
-        final = run_from_block(self.model, self.block, batch["hidden"], batch["attention_mask"])   # (B, T, C)
-        return self.model.get_output_embeddings()(final[rows, cols]), batch["labels"][rows, cols + 1], rows
+        return self.model.get_output_embeddings()(self._final(batch, split)), batch["labels"][rows, cols + 1], rows
+
+    def _final(self, batch: dict, split: bool = True) -> torch.Tensor:
+        """Final-norm states (N, C) at the scored positions, in losses.scored's row-major order."""
+        lengths = batch["attention_mask"].sum(1).tolist()
+        groups = length_groups(lengths) if split else [list(range(len(lengths)))]
+        states, order = [], []
+        for group in groups:
+            part = take(batch, group)
+            rows, cols = scored_positions(part["labels"])
+            final = run_from_block(self.model, self.block, part["hidden"], part["attention_mask"])   # (b, t, C)
+            states.append(final[rows, cols])
+            order.append(torch.tensor(group, device=rows.device)[rows] * batch["labels"].shape[1] + cols)
+        return torch.cat(states)[torch.cat(order).argsort()]                                 # (N, C)
 
     @torch.no_grad()
-    def frozen_logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def frozen_logits(self, batch: dict) -> torch.Tensor:
         """The unedited model's logits (N, V) at the scored positions: the IL reference p_θ(·|q_l)."""
         if self.frozen is None:
             return self.scored_logits(batch)[0]
         keys = batch["keys"]
         todo = [b for b, key in enumerate(keys) if key not in self.frozen]
         if todo:
-            rows, cols = scored_positions(batch["labels"][todo])
-            final = run_from_block(self.model, self.block, batch["hidden"][todo], batch["attention_mask"][todo])
+            part = take(batch, todo)
+            rows = scored_positions(part["labels"])[0]
+            final = self._final(part)
             for j, b in enumerate(todo):
-                self.frozen[keys[b]] = final[rows[rows == j], cols[rows == j]]               # (n_b, C)
-        final = torch.cat([self.frozen[key] for key in keys])                                # (N, C), row-major
-        return self.model.get_output_embeddings()(final)
+                self.frozen[keys[b]] = final[rows == j]                                      # (n_b, C)
+        return self.model.get_output_embeddings()(torch.cat([self.frozen[key] for key in keys]))   # (N, V)
+
+
+def take(batch: dict, rows: list[int] | slice) -> dict:
+    """Rows of a Runner batch, without the columns that are padding in all of them (right padding)."""
+    part = {k: v[rows] if torch.is_tensor(v) else (v[rows] if isinstance(rows, slice) else [v[i] for i in rows])
+            for k, v in batch.items()}
+    width = int(part["attention_mask"].sum(1).max())
+    return {k: v[:, :width] if torch.is_tensor(v) else v for k, v in part.items()}
+
+
+def length_groups(lengths: list[int], slack: float = 1.25) -> list[list[int]]:
+    """Row indices grouped by length, so that no group pads more than `slack` × its text."""
+    groups, tokens = [], 0
+    for b in sorted(range(len(lengths)), key=lambda b: lengths[b]):
+        if groups and (len(groups[-1]) + 1) * lengths[b] <= slack * (tokens + lengths[b]):
+            groups[-1].append(b)
+            tokens += lengths[b]
+        else:
+            groups.append([b])
+            tokens = lengths[b]
+    return groups
 
 
 # -----------------------------------------------------------------------------

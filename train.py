@@ -28,7 +28,7 @@ from evaluate import ibke_editor, measure, summarise
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl
-from model import ModelError, Runner, edit_module_names, load_model, weight_shape
+from model import ModelError, Runner, edit_module_names, load_model, take, weight_shape
 
 # -----------------------------------------------------------------------------
 # config
@@ -76,10 +76,10 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     rows = [(r.prompt, r.target) for r in batch] + gen + loc                  # edit | gen | loc rows
     tensors = runner.batch([p for p, _ in rows], [t for _, t in rows])
     first_loc = n + len(gen)
-    decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), {k: v[:n] for k, v in tensors.items()},
-                                             tokens, forward=runner.scored_logits)
-    deltas, itm = hypernet(decomposition, mask)                               # ΔW per module, ITM KL
-    pre_loc = runner.frozen_logits({k: v[first_loc:] for k, v in tensors.items()})     # p_θ(·|q_l), no graph
+    decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), take(tensors, slice(0, n)), tokens,
+                                             forward=lambda b: runner.scored_logits(b, split=False))
+    deltas, itm = hypernet(decomposition, mask, factored=True)               # ΔW = AᵀB per module, ITM KL
+    pre_loc = runner.frozen_logits(take(tensors, slice(first_loc, None)))    # p_θ(·|q_l), no graph
     with functional_edit(runner.model, deltas):
         logits, targets, row_ids = runner.scored_logits(tensors)             # post-edit, all rows
     nll = answer_nll(logits, targets, row_ids, len(rows))                     # (rows,)

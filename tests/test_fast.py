@@ -1,0 +1,82 @@
+"""The fast training step (cached lower blocks, rows grouped by length, edit rows trimmed, factored
+ΔW) computes the same edit, loss and gradient as the plain way: full-model passes, one padded batch
+per kind of row, dense ΔW."""
+import pytest
+import torch
+
+from conftest import tiny
+from data import encode, load
+from evaluate import ibke_editor
+from hooks import functional_edit, grad_decomposition
+from hypernet import IBKE, EditorConfig
+from losses import LossWeights, answer_nll, ibke_loss, locality_kl, scored
+from model import Runner, edit_module_names, length_groups, take, weight_shape
+from test_editor import perturb_zero_init
+from train import train_step
+
+
+def plain_step(model, tokenizer, editor, batch, others, weights):
+    """IBKE.md §3 written out with full-model passes and dense ΔW (the reference)."""
+    def rows(pairs):
+        return encode(tokenizer, [p for p, _ in pairs], [a for _, a in pairs])
+
+    def nll(rows_):
+        return answer_nll(*scored(model(input_ids=rows_["input_ids"], attention_mask=rows_["attention_mask"]).logits,
+                                  rows_["labels"]), rows_["labels"].shape[0])
+    edit = rows([(r.prompt, r.target) for r in batch])
+    gen = rows([pair for r in batch for pair in r.generality])
+    loc = rows([pair for r in batch for pair in r.locality] + [(o.prompt, o.old_target or o.target) for o in others])
+    decomposition, mask = grad_decomposition(model, list(editor.shapes), edit)
+    deltas, itm = editor(decomposition, mask)
+    with torch.no_grad():
+        pre = scored(model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits, loc["labels"])[0]
+    with functional_edit(model, deltas):
+        edit_nll, gen_nll = nll(edit).mean(), nll(gen).mean()
+        post = scored(model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits, loc["labels"])[0]
+    return deltas, ibke_loss(edit_nll, gen_nll, locality_kl(pre, post), itm, weights)[0]
+
+
+def check_same(model, tokenizer, records, rtol):
+    names = edit_module_names(model)
+    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names},
+                  EditorConfig(d_m=32, latent_len=3, latent_dim=16, heads=2)).eval()   # z = μ: deterministic
+    perturb_zero_init(editor)                                                            # every path live
+    batch, others = records[:3], records[3:6]
+    runner = Runner(model, tokenizer, names, cache=True)
+    params = list(editor.parameters())
+    ref_deltas, ref_loss = plain_step(model, tokenizer, editor, batch, others, LossWeights())
+    ref_grads = torch.autograd.grad(ref_loss, params, allow_unused=True)
+    for _ in range(2):                                       # computed, then from the caches
+        loss, _ = train_step(runner, editor, batch, others, LossWeights())
+        torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=0)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        assert [g is None for g in grads] == [g is None for g in ref_grads]
+        g, ref = (torch.cat([x.flatten() for x in gs if x is not None]) for gs in (grads, ref_grads))
+        assert (g - ref).norm() <= 10 * rtol * ref.norm(), ((g - ref).norm() / ref.norm()).item()
+    edit_batch = take(runner.batch([r.prompt for r in batch], [r.target for r in batch]), slice(0, 3))
+    deltas = ibke_editor(editor)(runner, edit_batch)             # what evaluate.py applies
+    for name in names:
+        torch.testing.assert_close(deltas[name], ref_deltas[name].detach(), rtol=rtol, atol=rtol * ref_deltas[name].abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_fast_step_equals_plain_step_on_tiny_models(kind, gpt2_tokenizer, data_dir):
+    model = tiny(kind, init=0.2)
+    model.resize_token_embeddings(len(gpt2_tokenizer))            # real CounterFact text, real GPT-2 tokens
+    model.requires_grad_(False)
+    check_same(model, gpt2_tokenizer, load("counterfact", data_dir)["train"][:6], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_fast_step_equals_plain_step_on_real_model(smollm, data_dir):
+    model, tokenizer = smollm
+    check_same(model, tokenizer, load("counterfact", data_dir)["train"][:6], rtol=1e-4)
+
+
+def test_length_groups_cover_every_row_and_bound_padding():
+    lengths = [10, 36, 12, 11, 30, 9, 35, 12]
+    groups = length_groups(lengths)
+    assert sorted(b for g in groups for b in g) == list(range(len(lengths)))
+    for g in groups:
+        assert len(g) * max(lengths[b] for b in g) <= 1.25 * sum(lengths[b] for b in g)
+    assert len(groups) < len(lengths)                                 # similar lengths do share a pass
