@@ -63,6 +63,12 @@ class EditRequest:
     case_id: str = ""                                                # MQuAKE: edits of one case
     questions: list[str] = field(default_factory=list)               # MQuAKE: multi-hop questions
     answers: list[str] = field(default_factory=list)                 # MQuAKE: new answer + aliases
+    subject: str = ""                                                # whom the fact is about, if known
+
+    @property
+    def relation(self) -> str | None:
+        """The prompt with its subject as {}: records sharing it ask the same question of others."""
+        return self.prompt.replace(self.subject, "{}") if self.subject and self.subject in self.prompt else None
 
 
 # -----------------------------------------------------------------------------
@@ -132,7 +138,8 @@ def read_counterfact(path: str) -> list[EditRequest]:
         target = need(r, "target_new", w)
         out.append(EditRequest(need(r, "prompt", w), target, [(need(r, "rephrase_prompt", w), target)],
                                [(need(r, "locality_prompt", w), need(r, "locality_ground_truth", w))],
-                               old_target=r.get("ground_truth"), case_id=str(r.get("case_id", i))))
+                               old_target=r.get("ground_truth"), case_id=str(r.get("case_id", i)),
+                               subject=r.get("subject", "")))
     return out
 
 
@@ -143,7 +150,8 @@ def read_zsre(path: str) -> list[EditRequest]:
         target, answers = need(r, "alt", w), need(r, "answers", w)
         out.append(EditRequest(need(r, "src", w), target, [(need(r, "rephrase", w), target)],
                                [(need(r, "loc", w), need(r, "loc_ans", w))],
-                               old_target=answers[0] if answers else None, case_id=str(i)))
+                               old_target=answers[0] if answers else None, case_id=str(i),
+                               subject=r.get("subject", "")))
     return out
 
 
@@ -160,7 +168,7 @@ def read_mquake(path: str) -> list[EditRequest]:
             prompt = need(rw, "prompt", wj).format(need(rw, "subject", wj))
             generality = [(rw["question"], target)] if rw.get("question") else []
             out.append(EditRequest(prompt, target, generality, [], need(rw, "target_true", wj).get("str"),
-                                   case_id, questions, answers))
+                                   case_id, questions, answers, rw["subject"]))
     return out
 
 

@@ -269,10 +269,12 @@ class Runner:
         keys = list(zip(prompts, targets))
         memory = self.memory if self.memory is not None else {}
         todo = [b for b, key in enumerate(keys) if key not in memory]
-        if todo:
-            hidden = hidden_before(self.model, self.block, batch["input_ids"][todo], batch["attention_mask"][todo])
-            for j, b in enumerate(todo):
-                memory[keys[b]] = hidden[j, :int(batch["attention_mask"][b].sum())]     # (n_b, C)
+        lengths = batch["attention_mask"].sum(1).tolist()
+        for group in length_groups([lengths[b] for b in todo]) if todo else []:   # texts of similar length together
+            rows, width = [todo[g] for g in group], max(lengths[todo[g]] for g in group)
+            hidden = hidden_before(self.model, self.block, batch["input_ids"][rows, :width], batch["attention_mask"][rows, :width])
+            for j, b in enumerate(rows):
+                memory[keys[b]] = hidden[j, :lengths[b]]                                   # (n_b, C)
         hidden = torch.zeros(*batch["input_ids"].shape, self.model.config.hidden_size, device=device, dtype=self.model.dtype)
         for b, key in enumerate(keys):
             hidden[b, :len(memory[key])] = memory[key]                                     # (B, T, C)

@@ -47,6 +47,7 @@ parser.add_argument("--c-gen", type=float, default=1.0, help="SG weight on the g
 parser.add_argument("--c-loc", type=float, default=1.0, help="IL weight on KL(pre || post) at the locality tokens")
 parser.add_argument("--beta", type=float, default=0.1, help="ITM weight on the latent's KL to N(0, I)")
 parser.add_argument("--extra-loc", type=int, default=1, help="per edit, this many other records' prompts join the IL term as unrelated inputs (0: only each record's locality prompt)")
+parser.add_argument("--loc-from", default="relation", choices=["relation", "any"], help="where the --extra-loc records come from: 'relation', the same prompt with another subject (the hard case: the edit must not spread to them), else any; or 'any' record")
 parser.add_argument("--d-m", type=int, default=512, help="hypernetwork width d_m (paper: 1920; 512 fits a CPU run)")
 parser.add_argument("--latent-len", type=int, default=EditorConfig.latent_len, help="l_m, learnable queries / latent vectors per edit")
 parser.add_argument("--latent-dim", type=int, default=512, help="width of each latent vector (paper: = d_m = 1920)")
@@ -94,6 +95,24 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     return loss, parts
 
 
+def draw(sampler: random.Random, records: list[EditRequest], n: int, extra: int,
+         by_relation: dict | None) -> tuple[list[EditRequest], list[EditRequest]]:
+    """n edits and, per edit, `extra` other records for the IL term: of the edit's relation when
+    by_relation is given (relation -> record indices) and it has enough, else any."""
+    chosen = sampler.sample(range(len(records)), n)
+    others = []
+    for i in chosen:
+        pool = [j for j in (by_relation or {}).get(records[i].relation, [])
+                if j not in chosen and records[j].subject != records[i].subject]
+        picks = sampler.sample(pool, min(extra, len(pool)))
+        while len(picks) < extra:
+            j = sampler.randrange(len(records))
+            if j not in chosen and j not in picks:
+                picks.append(j)
+        others += picks
+    return [records[i] for i in chosen], [records[j] for j in others]
+
+
 def main() -> None:
     args = parser.parse_args()
 
@@ -106,7 +125,7 @@ def main() -> None:
         if args.model != parser.get_default("model") and args.model != ckpt["model"]:
             raise SystemExit(f"error: {latest_path} is a checkpoint of '{ckpt['model']}', not '{args.model}'; "
                              f"resume without --model, or use another --out")
-        args = argparse.Namespace(**{**ckpt["config"], "steps": args.steps, "resume": True})
+        args = argparse.Namespace(**{**vars(parser.parse_args([])), **ckpt["config"], "steps": args.steps, "resume": True})
 
     # -------------------------------------------------------------------------
     # setup
@@ -122,6 +141,9 @@ def main() -> None:
     if "train" not in records:
         raise SystemExit(f"error: {args.data} has no train split; train on counterfact or zsre and evaluate on it")
     train_records, val_records = split_val(records["train"], args.val_size, args.seed)
+    if len(train_records) < args.batch_size * (1 + args.extra_loc):
+        raise SystemExit(f"error: {len(train_records)} training records are too few for --batch-size {args.batch_size} "
+                         f"with --extra-loc {args.extra_loc}; lower them or --val-size")
 
     shapes = {n: weight_shape(model.get_submodule(n)) for n in names}
     cfg = EditorConfig(d_m=args.d_m, latent_len=args.latent_len, latent_dim=args.latent_dim, heads=args.heads,
@@ -132,6 +154,12 @@ def main() -> None:
     runner = Runner(model, tokenizer, names, cache=True)
     val_runner = Runner(model, tokenizer, names, cache=True)  # its own cache: the very batches evaluate.py builds
     sampler = random.Random(args.seed + 1)
+    by_relation = None
+    if args.loc_from == "relation":
+        by_relation = {}
+        for i, r in enumerate(train_records):
+            by_relation.setdefault(r.relation, []).append(i)
+        by_relation.pop(None, None)
     step, best_f1, bad_validations, nonfinite = 0, -1.0, 0, 0
     if ckpt is not None:
         hypernet.load_state_dict(ckpt["hypernet"])
@@ -173,8 +201,7 @@ def main() -> None:
     while step < args.steps:
         start = time.perf_counter()
         n = sampler.randint(1, args.batch_size)                                   # dynamic batch size
-        chosen = sampler.sample(range(len(train_records)), n + n * args.extra_loc)
-        batch, others = [train_records[i] for i in chosen[:n]], [train_records[i] for i in chosen[n:]]
+        batch, others = draw(sampler, train_records, n, args.extra_loc, by_relation)
         loss, parts = train_step(runner, hypernet, batch, others, weights, args.tokens)
         if not math.isfinite(parts["loss"]):
             nonfinite += 1

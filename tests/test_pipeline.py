@@ -135,3 +135,23 @@ def test_evaluate_baselines_run(trained):
         assert summary["n"] == 2 and 0 <= summary["ES"] <= 1
         if method == "none":
             assert summary["LS"] == 1.0                                     # nothing edited: nothing moves
+
+
+def test_draw_takes_locality_records_of_the_edits_relation():
+    import random
+    from data import EditRequest
+    from train import draw
+    records = [EditRequest(f"{s} is located in", "Rome", subject=s) for s in ("Paris", "Lyon", "Nice", "Metz")]
+    records += [EditRequest(f"The mother tongue of {s} is", "English", subject=s) for s in ("Ann", "Bob", "Cid")]
+    by_relation = {}
+    for i, r in enumerate(records):
+        by_relation.setdefault(r.relation, []).append(i)
+    sampler = random.Random(0)
+    for _ in range(50):
+        batch, others = draw(sampler, records, 2, 1, by_relation)
+        for edit, other in zip(batch, others):
+            if len(by_relation[edit.relation]) > 2:          # enough of its relation beside the two edits
+                assert other.relation == edit.relation and other.subject != edit.subject
+            assert other not in batch
+    assert records[0].relation == "{} is located in"
+    assert EditRequest("Who is it?", "x").relation is None   # no subject: no relation, drawn from any record
