@@ -326,11 +326,13 @@ def take(batch: dict, rows: list[int] | slice) -> dict:
     return {k: v[:, :width] if torch.is_tensor(v) else v for k, v in part.items()}
 
 
-def length_groups(lengths: list[int], slack: float = 1.25) -> list[list[int]]:
-    """Row indices grouped by length, so that no group pads more than `slack` × its text."""
+def length_groups(lengths: list[int], slack: float = 1.25, free: int = 128) -> list[list[int]]:
+    """Row indices grouped by length, so that no group pads more than `slack` × its text, or `free`
+    positions (less padding than that costs less than one more pass through the blocks)."""
     groups, tokens = [], 0
     for b in sorted(range(len(lengths)), key=lambda b: lengths[b]):
-        if groups and (len(groups[-1]) + 1) * lengths[b] <= slack * (tokens + lengths[b]):
+        padded, text = (len(groups[-1]) + 1) * lengths[b] if groups else 0, tokens + lengths[b]
+        if groups and padded <= max(slack * text, text + free):
             groups[-1].append(b)
             tokens += lengths[b]
         else:
