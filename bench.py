@@ -140,11 +140,14 @@ def main() -> None:
     runner = Runner(model, tokenizer, names, cache=True)
     batch, others = records[200:208], records[300:308]
 
-    def step():
+    def train_once(batch, others):
         loss, _ = train_step(runner, hypernet, batch, others, LossWeights())
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+    def step():
+        train_once(batch, others)
 
     edit_rows = encode(tokenizer, [r.prompt for r in batch], [r.target for r in batch])
     gen_rows = encode(tokenizer, [q for r in batch for q, _ in r.generality], [a for r in batch for _, a in r.generality])
@@ -161,10 +164,7 @@ def main() -> None:
 
     def cold_step():  # every text new to the cache, as early in training: the lower blocks run too
         i = next(fresh)
-        loss, _ = train_step(runner, hypernet, records[i:i + 8], records[i + 8:i + 16], LossWeights())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        train_once(records[i:i + 8], records[i + 8:i + 16])
     t_cold = median_seconds(cold_step, args.repeats)
     figures["train_step_cold"] = {"step_ms": 1000 * t_cold, "ratio": t_cold / t_plain, "steps_per_min": 60 / t_cold}
     figures["train_peak_memory_MB"] = peak_memory_mb(args.device)

@@ -270,9 +270,10 @@ class Runner:
         memory = self.memory if self.memory is not None else {}
         todo = [b for b, key in enumerate(keys) if key not in memory]
         lengths = batch["attention_mask"].sum(1).tolist()
-        for group in length_groups([lengths[b] for b in todo]) if todo else []:   # texts of similar length together
-            rows, width = [todo[g] for g in group], max(lengths[todo[g]] for g in group)
-            hidden = hidden_before(self.model, self.block, batch["input_ids"][rows, :width], batch["attention_mask"][rows, :width])
+        for group in length_groups([lengths[b] for b in todo]):                  # texts of similar length together
+            rows = [todo[g] for g in group]
+            part = take(batch, rows)
+            hidden = hidden_before(self.model, self.block, part["input_ids"], part["attention_mask"])
             for j, b in enumerate(rows):
                 memory[keys[b]] = hidden[j, :lengths[b]]                                   # (n_b, C)
         hidden = torch.zeros(*batch["input_ids"].shape, self.model.config.hidden_size, device=device, dtype=self.model.dtype)
