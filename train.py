@@ -64,7 +64,11 @@ parser.add_argument("--patience", type=int, default=4, help="stop after this man
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
 parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base model dtype (the hypernetwork stays float32)")
 parser.add_argument("--seed", type=int, default=0, help="seed for sampling, initialisation and the split")
-parser.add_argument("--resume", action="store_true", help="continue from <out>/latest.pt (its config wins, except --steps)")
+parser.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
+                    help="continue from <out>/latest.pt, or from CKPT (another run's checkpoint: a second phase written to --out, "
+                         "with its own best F1); flags given here override the checkpoint's, except those fixing the hypernetwork")
+FIXED = ("model", "data", "seed", "val_size", "d_m", "latent_len", "latent_dim", "heads", "no_ib", "no_scale", "tokens",
+         "edit_modules", "edit_layers")  # the checkpoint's architecture, base model and validation split
 
 
 def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others: list[EditRequest],
@@ -117,15 +121,21 @@ def main() -> None:
     args = parser.parse_args()
 
     latest_path, best_path = os.path.join(args.out, "latest.pt"), os.path.join(args.out, "best.pt")
-    ckpt = None
-    if args.resume:
-        if not os.path.exists(latest_path):
-            raise SystemExit(f"error: --resume but no checkpoint at {latest_path}")
-        ckpt = torch.load(latest_path, map_location="cpu", weights_only=False)
-        if args.model != parser.get_default("model") and args.model != ckpt["model"]:
-            raise SystemExit(f"error: {latest_path} is a checkpoint of '{ckpt['model']}', not '{args.model}'; "
-                             f"resume without --model, or use another --out")
-        args = argparse.Namespace(**{**vars(parser.parse_args([])), **ckpt["config"], "steps": args.steps, "resume": True})
+    ckpt, new_phase = None, False
+    if args.resume is not None:
+        source = args.resume or latest_path
+        if not os.path.exists(source):
+            raise SystemExit(f"error: --resume but no checkpoint at {source}")
+        ckpt = torch.load(source, map_location="cpu", weights_only=False)
+        new_phase = os.path.abspath(source) != os.path.abspath(latest_path)
+        unset = object()  # flags given on the command line are the ones not left at `unset`
+        given = {k: v for k, v in vars(parser.parse_args(namespace=argparse.Namespace(
+            **dict.fromkeys(vars(parser.parse_args([])), unset)))).items() if v is not unset}
+        for k in FIXED:
+            if k in given and given[k] != ckpt["config"].get(k):
+                raise SystemExit(f"error: {source} is a checkpoint of {k} {ckpt['config'].get(k)!r}, not {given[k]!r}; "
+                                 f"the checkpoint fixes --{k.replace('_', '-')}: drop the flag, or train anew")
+        args = argparse.Namespace(**{**vars(parser.parse_args([])), **ckpt["config"], **given})
 
     # -------------------------------------------------------------------------
     # setup
@@ -164,10 +174,14 @@ def main() -> None:
     if ckpt is not None:
         hypernet.load_state_dict(ckpt["hypernet"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:
+            group["lr"] = args.lr
         step, best_f1, bad_validations, nonfinite = ckpt["step"], ckpt["best_f1"], ckpt["bad_validations"], ckpt["nonfinite"]
+        if new_phase:  # its losses may differ: best.pt of this --out is judged within this phase
+            best_f1, bad_validations = -1.0, 0
         sampler.setstate(ckpt["sampler"])
         torch.set_rng_state(ckpt["torch_rng"])
-        print(f"resumed {latest_path} at step {step} (best F1 {best_f1:.3f})")
+        print(f"resumed {args.resume or latest_path} at step {step} (best F1 {best_f1:.3f})")
     os.makedirs(args.out, exist_ok=True)
     print(f"editing {len(names)} modules of {args.model}: {', '.join(names)}")
     print(f"hypernetwork: {sum(p.numel() for p in hypernet.parameters()) / 1e6:.1f}M parameters; "

@@ -103,6 +103,21 @@ def test_resume_continues_step_count_and_optimizer_state(trained):
         torch.testing.assert_close(resumed["hypernet"][k], v, rtol=1e-4, atol=1e-6)
 
 
+def test_second_phase_from_another_runs_checkpoint(trained):
+    """--resume CKPT --out NEW: step and optimizer carry on, given flags override, fixed ones are refused."""
+    out, _ = trained
+    run("train.py", "--resume", out / "a" / "latest.pt", "--steps", "12", "--c-loc", "3", "--lr", "5e-5", "--out", out / "p2")
+    phase2 = torch.load(out / "p2" / "latest.pt", weights_only=False)
+    assert phase2["step"] == 12 and phase2["config"]["c_loc"] == 3 and phase2["config"]["val_size"] == 6
+    assert phase2["optimizer"]["param_groups"][0]["lr"] == 5e-5
+    assert {s["step"].item() for s in phase2["optimizer"]["state"].values()} == {12.0}
+    assert torch.load(out / "a" / "latest.pt", weights_only=False)["step"] == 10   # the first run is untouched
+    validations = [json.loads(line) for line in open(out / "p2" / "log.jsonl") if '"val"' in line]
+    assert [v["step"] for v in validations] == [12] and (out / "p2" / "best.pt").exists()  # its own best
+    refused = run("train.py", "--resume", out / "a" / "latest.pt", "--d-m", "64", "--out", out / "p3", check=False)
+    assert refused.returncode != 0 and "fixes --d-m" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_interrupted_evaluation_resumes(trained):
     out, data_dir = trained
     args = ["--ckpt", out / "b" / "latest.pt", "--data-dir", data_dir, "--limit", "6", "--edits-per-batch", "2"]
