@@ -47,7 +47,7 @@ parser.add_argument("--c-gen", type=float, default=1.0, help="SG weight on the g
 parser.add_argument("--c-loc", type=float, default=1.0, help="IL weight on KL(pre || post) at the locality tokens")
 parser.add_argument("--beta", type=float, default=0.1, help="ITM weight on the latent's KL to N(0, I)")
 parser.add_argument("--extra-loc", type=int, default=1, help="per edit, this many other records' prompts join the IL term as unrelated inputs (0: only each record's locality prompt)")
-parser.add_argument("--loc-from", default="relation", choices=["relation", "any"], help="where the --extra-loc records come from: 'relation', the same prompt with another subject (the hard case: the edit must not spread to them), else any; or 'any' record")
+parser.add_argument("--loc-from", default="relation", choices=["relation", "answer", "any"], help="where the --extra-loc records come from: 'relation', the same prompt with another subject (the edit must not spread to them); 'answer', another subject whose true answer is the edit's old answer (CounterFact's neighbourhood case); else any; or 'any' record")
 parser.add_argument("--d-m", type=int, default=512, help="hypernetwork width d_m (paper: 1920; 512 fits a CPU run)")
 parser.add_argument("--latent-len", type=int, default=EditorConfig.latent_len, help="l_m, learnable queries / latent vectors per edit")
 parser.add_argument("--latent-dim", type=int, default=512, help="width of each latent vector (paper: = d_m = 1920)")
@@ -99,14 +99,20 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     return loss, parts
 
 
-def draw(sampler: random.Random, records: list[EditRequest], n: int, extra: int,
-         by_relation: dict | None) -> tuple[list[EditRequest], list[EditRequest]]:
-    """n edits and, per edit, `extra` other records for the IL term: of the edit's relation when
-    by_relation is given (relation -> record indices) and it has enough, else any."""
+LOC_KEYS = {"relation": lambda r: r.relation,      # the edit's prompt with another subject
+            "answer": lambda r: r.old_target,    # another subject whose true answer is the edit's old one
+            "any": lambda r: None}
+
+
+def draw(sampler: random.Random, records: list[EditRequest], n: int, extra: int, loc_from: str = "any",
+         groups: dict | None = None) -> tuple[list[EditRequest], list[EditRequest]]:
+    """n edits and, per edit, `extra` other records for the IL term: of the edit's group under
+    LOC_KEYS[loc_from] (groups: key -> record indices) when it has enough, else any."""
+    key = LOC_KEYS[loc_from]
     chosen = sampler.sample(range(len(records)), n)
     others = []
     for i in chosen:
-        pool = [j for j in (by_relation or {}).get(records[i].relation, [])
+        pool = [j for j in (groups or {}).get(key(records[i]), [])
                 if j not in chosen and records[j].subject != records[i].subject]
         picks = sampler.sample(pool, min(extra, len(pool)))
         while len(picks) < extra:
@@ -115,6 +121,15 @@ def draw(sampler: random.Random, records: list[EditRequest], n: int, extra: int,
                 picks.append(j)
         others += picks
     return [records[i] for i in chosen], [records[j] for j in others]
+
+
+def loc_groups(records: list[EditRequest], loc_from: str) -> dict:
+    """key -> indices of the records sharing it, for draw (records without a key are in none)."""
+    groups = {}
+    for i, r in enumerate(records):
+        groups.setdefault(LOC_KEYS[loc_from](r), []).append(i)
+    groups.pop(None, None)
+    return groups
 
 
 def main() -> None:
@@ -164,12 +179,7 @@ def main() -> None:
     runner = Runner(model, tokenizer, names, cache=True)
     val_runner = Runner(model, tokenizer, names, cache=True)  # its own cache: the very batches evaluate.py builds
     sampler = random.Random(args.seed + 1)
-    by_relation = None
-    if args.loc_from == "relation":
-        by_relation = {}
-        for i, r in enumerate(train_records):
-            by_relation.setdefault(r.relation, []).append(i)
-        by_relation.pop(None, None)
+    groups = loc_groups(train_records, args.loc_from)
     step, best_f1, bad_validations, nonfinite = 0, -1.0, 0, 0
     if ckpt is not None:
         hypernet.load_state_dict(ckpt["hypernet"])
@@ -215,7 +225,7 @@ def main() -> None:
     while step < args.steps:
         start = time.perf_counter()
         n = sampler.randint(1, args.batch_size)                                   # dynamic batch size
-        batch, others = draw(sampler, train_records, n, args.extra_loc, by_relation)
+        batch, others = draw(sampler, train_records, n, args.extra_loc, args.loc_from, groups)
         loss, parts = train_step(runner, hypernet, batch, others, weights, args.tokens)
         if not math.isfinite(parts["loss"]):
             nonfinite += 1

@@ -152,21 +152,22 @@ def test_evaluate_baselines_run(trained):
             assert summary["LS"] == 1.0                                     # nothing edited: nothing moves
 
 
-def test_draw_takes_locality_records_of_the_edits_relation():
+def test_draw_takes_locality_records_of_the_edits_relation_or_answer():
     import random
     from data import EditRequest
-    from train import draw
-    records = [EditRequest(f"{s} is located in", "Rome", subject=s) for s in ("Paris", "Lyon", "Nice", "Metz")]
-    records += [EditRequest(f"The mother tongue of {s} is", "English", subject=s) for s in ("Ann", "Bob", "Cid")]
-    by_relation = {}
-    for i, r in enumerate(records):
-        by_relation.setdefault(r.relation, []).append(i)
-    sampler = random.Random(0)
-    for _ in range(50):
-        batch, others = draw(sampler, records, 2, 1, by_relation)
-        for edit, other in zip(batch, others):
-            if len(by_relation[edit.relation]) > 2:          # enough of its relation beside the two edits
-                assert other.relation == edit.relation and other.subject != edit.subject
-            assert other not in batch
-    assert records[0].relation == "{} is located in"
+    from train import draw, loc_groups
+    records = [EditRequest(f"{s} is located in", "Rome", old_target=o, subject=s)
+               for s, o in (("Paris", "France"), ("Lyon", "France"), ("Nice", "France"), ("Metz", "Germany"))]
+    records += [EditRequest(f"The mother tongue of {s} is", "English", old_target=o, subject=s)
+                for s, o in (("Ann", "French"), ("Bob", "German"), ("Cid", "French"))]
+    records += [EditRequest(f"{s} is a native speaker of", "Dutch", old_target="French", subject=s) for s in ("Eve", "Flo")]
+    for loc_from, key in (("relation", lambda r: r.relation), ("answer", lambda r: r.old_target)):
+        groups, sampler = loc_groups(records, loc_from), random.Random(0)
+        for _ in range(50):
+            batch, others = draw(sampler, records, 2, 1, loc_from, groups)
+            for edit, other in zip(batch, others):
+                if len(groups[key(edit)]) > 2:                 # enough of its group beside the two edits
+                    assert key(other) == key(edit) and other.subject != edit.subject
+                assert other not in batch
+    assert records[0].relation == "{} is located in" and len(loc_groups(records, "answer")["French"]) == 4
     assert EditRequest("Who is it?", "x").relation is None   # no subject: no relation, drawn from any record
