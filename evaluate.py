@@ -230,6 +230,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="data", help="folder holding (or receiving) the benchmark files")
     parser.add_argument("--split", default="eval", choices=["eval", "train", "val"], help="eval; or val: the records train.py held out for validation")
     parser.add_argument("--limit", type=int, default=None, help="only the first N records (MQuAKE: cases)")
+    parser.add_argument("--skip", type=int, default=0, help="leave out the first N records (MQuAKE: cases) before --limit: a fresh slice")
     parser.add_argument("--edits-per-batch", type=int, default=1, help="n edits applied together (1 = single edits)")
     parser.add_argument("--method", default="ibke", choices=["ibke", "ft", "none"], help="editor: IBKE, FT-L baseline, or no edit")
     parser.add_argument("--ft-steps", type=int, default=25, help="FT-L: Adam steps on the edit prompts")
@@ -255,12 +256,12 @@ def main() -> None:
     runner = Runner(model, tokenizer, names, cache=False)
 
     if data_name.startswith("mquake"):  # a batch is a case
-        cases = list(dict.fromkeys(r.case_id for r in records))[:args.limit]
+        cases = list(dict.fromkeys(r.case_id for r in records))[args.skip:][:args.limit]
         batches = [[r for r in records if r.case_id == c] for c in cases]
     else:
-        records = records[:args.limit]
+        records = records[args.skip:][:args.limit]
         batches = [records[i:i + args.edits_per_batch] for i in range(0, len(records), args.edits_per_batch)]
-    signature = {k: getattr(args, k) for k in ("ckpt", "split", "edits_per_batch", "method", "ft_steps", "ft_lr")}
+    signature = {k: getattr(args, k) for k in ("ckpt", "split", "skip", "edits_per_batch", "method", "ft_steps", "ft_lr")}
     signature["data"] = data_name
     partial = args.out + ".partial.jsonl"
     done = []

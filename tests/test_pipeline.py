@@ -132,6 +132,16 @@ def test_interrupted_evaluation_resumes(trained):
     assert {k: v for k, v in full.items() if k != "ms_per_edit"} == {k: v for k, v in cut.items() if k != "ms_per_edit"}
 
 
+def test_evaluation_skip_takes_a_later_slice(trained):
+    out, data_dir = trained
+    args = ["--ckpt", out / "b" / "latest.pt", "--data-dir", data_dir, "--edits-per-batch", "2"]
+    run("evaluate.py", *args, "--limit", "6", "--out", out / "first6.json")
+    run("evaluate.py", *args, "--skip", "2", "--limit", "4", "--out", out / "skip2.json")
+    first6, skip2 = ([json.loads(l)["results"] for l in open(out / f"{f}.json.partial.jsonl").readlines()[1:]]
+                     for f in ("first6", "skip2"))
+    assert len(skip2) == 2 and skip2 == first6[1:] and first6[0] != first6[1]   # the slices differ
+
+
 def test_checkpoint_of_another_model_is_refused(trained, tiny_folders):
     out, data_dir = trained
     result = run("evaluate.py", "--ckpt", out / "b" / "best.pt", "--model", tiny_folders["llama"],
