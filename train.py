@@ -4,6 +4,8 @@ Train the IBKE hypernetwork (IBKE.md §3): a plain PyTorch loop.
     python train.py                                    # SmolLM2-135M on CounterFact, ~20 min on 2 CPU cores
     python train.py --steps 6000 --out out/long        # a longer run
     python train.py --out out/ibke --resume            # continue exactly where it stopped
+    python train.py --resume out/main/latest.pt --c-gen 0.3 --c-loc 10 --extra-loc 3 --steps 7500 --out out/p2h
+                                                       # a second phase with other loss weights (README: Results)
     python train.py --model gpt2-xl --data zsre --device cuda --dtype bfloat16
     python train.py --steps 20 --val-every 10 --val-size 8 --d-m 64 --latent-dim 64 --out out/smoke  # tiny
 
