@@ -138,21 +138,20 @@ def main() -> None:
     args = parser.parse_args()
 
     latest_path, best_path = os.path.join(args.out, "latest.pt"), os.path.join(args.out, "best.pt")
-    ckpt, new_phase = None, False
+    ckpt, new_phase, source = None, False, args.resume or latest_path
     if args.resume is not None:
-        source = args.resume or latest_path
         if not os.path.exists(source):
             raise SystemExit(f"error: --resume but no checkpoint at {source}")
         ckpt = torch.load(source, map_location="cpu", weights_only=False)
         new_phase = os.path.abspath(source) != os.path.abspath(latest_path)
-        unset = object()  # flags given on the command line are the ones not left at `unset`
-        given = {k: v for k, v in vars(parser.parse_args(namespace=argparse.Namespace(
-            **dict.fromkeys(vars(parser.parse_args([])), unset)))).items() if v is not unset}
+        defaults, unset = vars(parser.parse_args([])), object()  # given flags: those not left at `unset`
+        given = {k: v for k, v in vars(parser.parse_args(namespace=argparse.Namespace(**dict.fromkeys(defaults, unset)))).items()
+                 if v is not unset}
         for k in FIXED:
             if k in given and given[k] != ckpt["config"].get(k):
                 raise SystemExit(f"error: {source} is a checkpoint of {k} {ckpt['config'].get(k)!r}, not {given[k]!r}; "
                                  f"the checkpoint fixes --{k.replace('_', '-')}: drop the flag, or train anew")
-        args = argparse.Namespace(**{**vars(parser.parse_args([])), **ckpt["config"], **given})
+        args = argparse.Namespace(**{**defaults, **ckpt["config"], **given})
 
     # -------------------------------------------------------------------------
     # setup
@@ -193,7 +192,7 @@ def main() -> None:
             best_f1, bad_validations = -1.0, 0
         sampler.setstate(ckpt["sampler"])
         torch.set_rng_state(ckpt["torch_rng"])
-        print(f"resumed {args.resume or latest_path} at step {step} (best F1 {best_f1:.3f})")
+        print(f"resumed {source} at step {step} (best F1 {best_f1:.3f})")
     os.makedirs(args.out, exist_ok=True)
     print(f"editing {len(names)} modules of {args.model}: {', '.join(names)}")
     print(f"hypernetwork: {sum(p.numel() for p in hypernet.parameters()) / 1e6:.1f}M parameters; "
