@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random GPT-2 (Conv1D) and Llama (nn.Linear) models, a real GPT-2 tokenizer,
 and the benchmark files in ../shared/data (override with IBKE_DATA_DIR)."""
 import importlib.util
+import math
 import os
 import shutil
 import sys
@@ -12,6 +13,16 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2Tokenizer, LlamaC
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DATA_DIR = os.environ.get("IBKE_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
+
+
+def reorder_rtol(width: int, depth: int, dtype=torch.float32) -> float:
+    """Relative tolerance between two computations that differ only in the order of their sums
+    (threaded matrix products split rows by batch size and thread count; other padding; other
+    batch companions). A reduction of length `width` reordered in float rounds to about
+    sqrt(width)·eps relative (random-walk rounding, Higham §2.8); the errors of `depth` stacked
+    layers add; ×4 covers the random walk's tail (4 standard deviations). Multiply by the
+    magnitude of what is compared (max |ref|) for an absolute tolerance."""
+    return 4 * math.sqrt(width) * depth * torch.finfo(dtype).eps
 
 
 def tiny(kind: str, dtype=torch.float32, init: float = 0.02):

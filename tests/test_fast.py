@@ -4,7 +4,7 @@ per kind of row, dense ΔW."""
 import pytest
 import torch
 
-from conftest import tiny
+from conftest import reorder_rtol, tiny
 from data import encode, load
 from evaluate import ibke_editor
 from hooks import functional_edit, grad_decomposition
@@ -36,7 +36,12 @@ def plain_step(model, tokenizer, editor, batch, others, weights):
     return deltas, ibke_loss(edit_nll, gen_nll, locality_kl(pre, post), itm, weights)[0]
 
 
-def check_same(model, tokenizer, records, rtol):
+def check_same(model, tokenizer, records):
+    """The plain step runs every block from the embeddings, the fast one from cached hidden states in
+    other row groups: the same sums in another order through the model's depth (its FFN width the
+    longest reduction); gradients go back through the same blocks (twice the depth)."""
+    width, depth = getattr(model.config, "intermediate_size", None) or 4 * model.config.hidden_size, model.config.num_hidden_layers
+    rtol, grad_rtol = reorder_rtol(width, depth), reorder_rtol(width, 2 * depth)
     names = edit_module_names(model)
     editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names},
                   EditorConfig(d_m=32, latent_len=3, latent_dim=16, heads=2)).eval()   # z = μ: deterministic
@@ -52,7 +57,7 @@ def check_same(model, tokenizer, records, rtol):
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         assert [g is None for g in grads] == [g is None for g in ref_grads]
         g, ref = (torch.cat([x.flatten() for x in gs if x is not None]) for gs in (grads, ref_grads))
-        assert (g - ref).norm() <= 10 * rtol * ref.norm(), ((g - ref).norm() / ref.norm()).item()
+        assert (g - ref).norm() <= grad_rtol * ref.norm(), ((g - ref).norm() / ref.norm()).item()
     edit_batch = take(runner.batch([r.prompt for r in batch], [r.target for r in batch]), slice(0, 3))
     deltas = ibke_editor(editor)(runner, edit_batch)             # what evaluate.py applies
     for name in names:
@@ -64,13 +69,13 @@ def test_fast_step_equals_plain_step_on_tiny_models(kind, gpt2_tokenizer, data_d
     model = tiny(kind, init=0.2)
     model.resize_token_embeddings(len(gpt2_tokenizer))            # real CounterFact text, real GPT-2 tokens
     model.requires_grad_(False)
-    check_same(model, gpt2_tokenizer, load("counterfact", data_dir)["train"][:6], rtol=1e-5)
+    check_same(model, gpt2_tokenizer, load("counterfact", data_dir)["train"][:6])
 
 
 @pytest.mark.slow
 def test_fast_step_equals_plain_step_on_real_model(smollm, data_dir):
     model, tokenizer = smollm
-    check_same(model, tokenizer, load("counterfact", data_dir)["train"][:6], rtol=1e-4)
+    check_same(model, tokenizer, load("counterfact", data_dir)["train"][:6])   # observed ≤ 1.8e-5 of 5.6e-4
 
 
 def test_length_groups_cover_every_row_and_bound_padding():

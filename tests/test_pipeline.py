@@ -2,6 +2,7 @@
 rebuilds the editor, training and evaluation resume, another model's checkpoint is refused."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,6 +74,7 @@ def trained(tiny_folders, tmp_path_factory):
               "--batch-size", "3", "--eta-init", "1e-2", *TINY_EDITOR]
     out = tmp_path_factory.mktemp("train")
     run("train.py", *common, "--steps", "6", "--out", out / "a")
+    shutil.copy(out / "a" / "latest.pt", out / "step6.pt")
     run("train.py", "--resume", "--steps", "10", "--out", out / "a")
     run("train.py", *common, "--steps", "10", "--out", out / "b")
     return out, data_dir
@@ -99,8 +101,19 @@ def test_resume_continues_step_count_and_optimizer_state(trained):
     assert steps == list(range(1, 11))                                   # 1..6, then 7..10
     adam_steps = {s["step"].item() for s in resumed["optimizer"]["state"].values()}
     assert adam_steps == {10.0}
-    for k, v in straight["hypernet"].items():                            # the same run, interrupted or not
-        torch.testing.assert_close(resumed["hypernet"][k], v, rtol=1e-4, atol=1e-6)
+    assert resumed["sampler"] == straight["sampler"]                    # the same edits drawn: exact
+    assert torch.equal(resumed["torch_rng"], straight["torch_rng"])      # the same latent samples: exact
+    # The same run, interrupted or not, up to rounding: after the resume the hidden-state cache is
+    # refilled by other batches, so sums run in another order (conftest.reorder_rtol: ~4e-5 relative
+    # for this model, forward and backward). Adam passes that on to each update component with
+    # gradient signal; one that is pure rounding noise can step by up to lr either way, so compare
+    # the update since the resume in norm, at 1e-2: 250x the rounding, 9x under what drawing other
+    # edits changes (a sampler left unrestored: 0.087, by mutation). Observed here: bit-exact.
+    start = torch.load(out / "step6.pt", weights_only=False)["hypernet"]
+    floats = [k for k in start if start[k].is_floating_point()]
+    moved = torch.cat([(straight["hypernet"][k] - start[k]).flatten() for k in floats])
+    apart = torch.cat([(resumed["hypernet"][k] - straight["hypernet"][k]).flatten() for k in floats])
+    assert moved.norm() > 0 and apart.norm() <= 1e-2 * moved.norm(), (apart.norm() / moved.norm()).item()
 
 
 def test_second_phase_from_another_runs_checkpoint(trained):
