@@ -14,12 +14,15 @@ the same run; prints a table and writes bench.json.
 - evaluation throughput (edits/s, n = 1) and peak memory (RSS on CPU, max allocated on CUDA).
 """
 import argparse
+import collections
 import json
 import resource
 import statistics
 import time
 
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from data import encode, load
 from evaluate import ibke_editor, load_editor, measure
@@ -39,6 +42,58 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+class HostSyncs(TorchFunctionMode):
+    """Counts, by name, the calls that make the host wait for the GPU: reading a tensor's value
+    (.item(), .tolist(), bool/int/float/index of a tensor, .cpu()), and ops whose output size
+    depends on values (nonzero, boolean-mask indexing, masked_select, unique, repeat_interleave by
+    a tensor). On the CPU they cost little, but they are counted just the same, so a CPU run shows
+    what a GPU run would wait for."""
+    READS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"}
+    SIZED = {"nonzero", "masked_select", "unique", "unique_consecutive", "argwhere", "repeat_interleave"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in self.READS or name in self.SIZED and not (name == "repeat_interleave" and isinstance(args[1], int)):
+            self.calls[name] += 1
+        elif name in ("__getitem__", "__setitem__", "index_put_", "where") and self._boolean_index(func, args):
+            self.calls[f"{name}[bool]"] += 1
+        return func(*args, **kwargs)
+
+    @staticmethod
+    def _boolean_index(func, args) -> bool:
+        if getattr(func, "__name__", "") == "where":
+            return len(args) == 1                                  # torch.where(cond): nonzero
+        index = args[1] if len(args) > 1 else None
+        index = index if isinstance(index, (tuple, list)) else (index,)
+        return any(torch.is_tensor(i) and i.dtype == torch.bool for i in index)
+
+
+class Ops(TorchDispatchMode):
+    """Counts the ops that reach the backend: all of them, and those that compute (not views), which
+    on a GPU are roughly the kernels launched, each costing the host a few microseconds."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.computing = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.computing += not func.is_view and func.__name__.split(".")[0] not in ("detach", "lift_fresh", "_unsafe_view", "alias")
+        return func(*args, **(kwargs or {}))
+
+
+def count_step(fn) -> dict:
+    """Host syncs (by name) and backend ops of one call of fn."""
+    with HostSyncs() as syncs, Ops() as ops:
+        fn()
+    return {"host_syncs": sum(syncs.calls.values()), "by_call": dict(syncs.calls), "ops": ops.ops, "computing_ops": ops.computing}
 
 
 def peak_memory_mb(device: str) -> float:
@@ -165,6 +220,7 @@ def main() -> None:
     def cold_step():  # every text new to the cache, as early in training: the lower blocks run too
         i = next(fresh)
         train_once(records[i:i + 8], records[i + 8:i + 16])
+    figures["train_step_counts"] = count_step(step)
     t_cold = median_seconds(cold_step, args.repeats)
     figures["train_step_cold"] = {"step_ms": 1000 * t_cold, "ratio": t_cold / t_plain, "steps_per_min": 60 / t_cold}
     figures["train_peak_memory_MB"] = peak_memory_mb(args.device)
@@ -179,6 +235,8 @@ def main() -> None:
     print(f"| training step, 8 edits (warm cache) | {f['step_ms']:.0f} ms | {f['plain_passes_ms']:.0f} ms | {f['ratio']:.2f} |")
     c = figures["train_step_cold"]
     print(f"| training step, 8 edits (cold: all texts new) | {c['step_ms']:.0f} ms | {f['plain_passes_ms']:.0f} ms | {c['ratio']:.2f} |")
+    k = figures["train_step_counts"]
+    print(f"| warm step: host syncs / ops / computing ops | {k['host_syncs']} / {k['ops']} / {k['computing_ops']} | | |")
     print(f"| evaluation throughput, n = 1 | {figures['eval_edits_per_s']:.1f} edits/s | | |")
     print(f"| peak memory: editing / training | {figures['edit_peak_memory_MB']:.0f} MB / {figures['train_peak_memory_MB']:.0f} MB | | |")
     json.dump({"args": vars(args), **figures}, open(args.out, "w"), indent=1)

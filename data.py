@@ -247,9 +247,9 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
-def encode(tokenizer, prompts: list[str], targets: list[str], bos: bool | None = None,
-           max_len: int = 128) -> dict[str, torch.Tensor]:
-    """Token ids of prompt + " " + target, right-padded; labels are the target ids, -100 elsewhere.
+def tokenize(tokenizer, prompts: list[str], targets: list[str], bos: bool | None = None,
+             max_len: int = 128) -> list[tuple[list[int], int]]:
+    """Per text, the token ids of prompt + " " + target and where the answer starts (host lists).
 
     bos: put the BOS token first (None: as the tokenizer does by default). The same code serves
     GPT-2 and Llama tokenizers: the prompt is tokenised alone, the answer is what the whole text
@@ -266,15 +266,23 @@ def encode(tokenizer, prompts: list[str], targets: list[str], bos: bool | None =
         answer = w[len(p):] if w[:len(p)] == p else tokenizer(" " + t, add_special_tokens=False)["input_ids"]
         p = (head + p)[-(max_len - len(answer)):]
         rows.append((p + answer, len(p)))
+    return rows
+
+
+def pad(rows: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """tokenize's rows -> input_ids, attention_mask, labels (B, T), right-padded; labels are the
+    answer ids, -100 elsewhere. Host tensors, built from whole lists (one tensor each)."""
     T = max(len(ids) for ids, _ in rows)
-    input_ids = torch.full((len(rows), T), tokenizer.pad_token_id)        # (B, T)
-    labels = torch.full((len(rows), T), -100)                             # (B, T)
-    attention_mask = torch.zeros((len(rows), T), dtype=torch.long)        # (B, T)
-    for b, (ids, n_prompt) in enumerate(rows):
-        input_ids[b, :len(ids)] = torch.tensor(ids)
-        labels[b, n_prompt:len(ids)] = torch.tensor(ids[n_prompt:], dtype=torch.long)
-        attention_mask[b, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {"input_ids": torch.tensor([ids + [pad_id] * (T - len(ids)) for ids, _ in rows]),
+            "attention_mask": torch.tensor([[1] * len(ids) + [0] * (T - len(ids)) for ids, _ in rows]),
+            "labels": torch.tensor([[-100] * start + ids[start:] + [-100] * (T - len(ids)) for ids, start in rows])}
+
+
+def encode(tokenizer, prompts: list[str], targets: list[str], bos: bool | None = None,
+           max_len: int = 128) -> dict[str, torch.Tensor]:
+    """Token ids of prompt + " " + target, right-padded; labels are the target ids, -100 elsewhere
+    (tokenize, then pad)."""
+    return pad(tokenize(tokenizer, prompts, targets, bos, max_len), tokenizer.pad_token_id)
 
 
 # -----------------------------------------------------------------------------

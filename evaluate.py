@@ -1,5 +1,6 @@
 """
-Evaluate an editor (IBKE.md §4): apply a batch of edits, measure, restore the exact weights.
+Evaluate an editor (IBKE.md §4): apply a batch of edits (as training does: hooks.functional_edit,
+float32 updates in activation space, the weights never written), measure, drop them.
 
     python evaluate.py --ckpt out/ibke/best.pt                        # CounterFact eval, single edits
     python evaluate.py --ckpt out/ibke/best.pt --limit 1000 --edits-per-batch 8
@@ -31,10 +32,10 @@ import torch
 from tqdm import tqdm
 
 from data import DataError, EditRequest, load, split_val
-from hooks import edited, functional_edit, grad_decomposition
+from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import answer_nll
-from model import ModelError, Runner, load_model, take, weight_shape
+from model import ModelError, Runner, index, load_model, take, weight_shape
 
 METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p"]
 
@@ -43,9 +44,9 @@ METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p"]
 # metrics: one place, used by train.py's validation too
 
 def per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Mean of per-position values within each row. (N,), (N,) -> (n_rows,)."""
-    total = torch.zeros(n_rows).index_add(0, rows.cpu(), values.float().cpu())
-    return total / torch.zeros(n_rows).index_add(0, rows.cpu(), torch.ones(len(rows))).clamp_min(1)
+    """Mean of per-position values within each row. (N,), (N,) -> (n_rows,), on their device."""
+    total = torch.zeros(n_rows, device=values.device).index_add(0, rows, values.float())
+    return total / torch.zeros(n_rows, device=values.device).index_add(0, rows, torch.ones_like(values, dtype=torch.float)).clamp_min(1)
 
 
 def harmonic(*xs: float) -> float:
@@ -54,13 +55,14 @@ def harmonic(*xs: float) -> float:
 
 def score_rows(pre, post, n_rows: int) -> dict[str, torch.Tensor]:
     """Per row: token accuracy, agreement with the pre-edit argmax, mean NLL. pre/post: scored triples;
-    pre may cover only some rows (the locality ones), whose agreement is then the only one computed."""
-    (pre_logits, _, pre_rows), (logits, targets, rows) = pre, post
-    at = torch.isin(rows, pre_rows.to(rows.device))
-    agree = logits[at].argmax(-1) == pre_logits.argmax(-1) if at.any() else at[at]
+    pre may cover only some rows (the locality ones; None: none), whose agreement is then the only one computed."""
+    logits, targets, rows = post
+    pre_logits, _, pre_rows = pre if pre is not None else (logits[:0], None, rows[:0])
+    at = torch.isin(rows, pre_rows)                                  # pre's rows, in the same row-major order
+    agree = logits[at].argmax(-1) == pre_logits.argmax(-1)
     return {"acc": per_row(logits.argmax(-1) == targets, rows, n_rows),
             "agree": per_row(agree, rows[at], n_rows),
-            "nll": answer_nll(logits.detach(), targets, rows, n_rows).cpu()}
+            "nll": answer_nll(logits.detach(), targets, rows, n_rows)}
 
 
 def summarise(results: list[dict]) -> dict[str, float]:
@@ -83,7 +85,7 @@ def ibke_editor(hypernet: IBKE, tokens: str = "all") -> Callable:
         decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), batch, tokens,
                                                  forward=lambda b: runner.scored_logits(b, split=False))
         with torch.no_grad():
-            return hypernet(decomposition, mask)[0]
+            return hypernet(decomposition, mask, factored=None)[0]     # factors where cheaper to apply
     return edit
 
 
@@ -139,32 +141,38 @@ def measure(runner: Runner, editor: Callable, records: list[EditRequest]) -> tup
     batch = runner.batch(prompts, targets)
     n = len(records)
     loc = [b for b, (kind, _) in enumerate(kinds) if kind == "loc"]
-    with torch.no_grad():                              # pre-edit logits: needed at the locality rows only
-        pre_logits, pre_targets, pre_rows = runner.scored_logits(take(batch, loc)) if loc else (None, None, [])
-        pre = (pre_logits, pre_targets, torch.tensor(loc, dtype=torch.long)[pre_rows])
+    pre = None
+    if loc:
+        with torch.no_grad():                          # pre-edit logits: needed at the locality rows only
+            pre_logits, pre_targets, pre_rows = runner.scored_logits(take(batch, loc))
+        pre = (pre_logits, pre_targets, index(loc, runner.device)[pre_rows])   # rows numbered as in batch
     start = time.perf_counter()
     deltas = editor(runner, take(batch, slice(0, n)))
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize()                       # the edit's time, not its launch
     seconds = time.perf_counter() - start
-    with edited(runner.model, deltas), torch.no_grad():
+    with functional_edit(runner.model, deltas), torch.no_grad():
         post = runner.scored_logits(batch)
-    s = score_rows(pre, post, len(prompts))
+    s = {k: v.tolist() for k, v in score_rows(pre, post, len(prompts)).items()}       # one read per batch
+    acc, agree, nll = s["acc"], s["agree"], s["nll"]   # per row; nll: mean NLL per answer token
+    of = {}                                            # (kind, record) -> its rows
+    for b, key in enumerate(kinds):
+        of.setdefault(key, []).append(b)
     results = []
     for i in range(n):
-        def rows(kind):
-            return [b for b, k in enumerate(kinds) if k == (kind, i)]
-        r = {"ES": s["acc"][i].item(), "EM": float(s["acc"][i] == 1)}
-        if rows("gen"):
-            r["GS"] = s["acc"][rows("gen")].mean().item()
-            r["GEM"] = (s["acc"][rows("gen")] == 1).float().mean().item()
-        if rows("loc"):
-            r["LS"] = s["agree"][rows("loc")].mean().item()
-        nll = s["nll"]                                 # mean NLL per answer token: P(a) > P(b) ⇔ NLL(a) < NLL(b)
-        if rows("edit_old"):
-            r["ES_p"] = float(nll[i] < nll[rows("edit_old")[0]])
-        if rows("gen_old"):
-            r["PS_p"] = (nll[rows("gen")] < nll[rows("gen_old")]).float().mean().item()
-        if rows("loc_new"):
-            r["NS_p"] = (nll[rows("loc")] < nll[rows("loc_new")]).float().mean().item()
+        gen, locs, edit_old, gen_old, loc_new = (of.get((k, i), []) for k in ("gen", "loc", "edit_old", "gen_old", "loc_new"))
+        r = {"ES": acc[i], "EM": float(acc[i] == 1)}
+        if gen:
+            r["GS"] = statistics.fmean(acc[b] for b in gen)
+            r["GEM"] = statistics.fmean(float(acc[b] == 1) for b in gen)
+        if locs:
+            r["LS"] = statistics.fmean(agree[b] for b in locs)
+        if edit_old:                                   # P(a) > P(b) ⇔ NLL(a) < NLL(b)
+            r["ES_p"] = float(nll[i] < nll[edit_old[0]])
+        if gen_old:
+            r["PS_p"] = statistics.fmean(float(nll[a] < nll[b]) for a, b in zip(gen, gen_old))
+        if loc_new:
+            r["NS_p"] = statistics.fmean(float(nll[a] < nll[b]) for a, b in zip(locs, loc_new))
         results.append(r)
     return results, seconds, deltas
 
@@ -177,7 +185,7 @@ def multihop(runner: Runner, deltas: dict, records: list[EditRequest], max_new_t
     tokenizer.padding_side = "left"                     # generation continues from the right end
     ids = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     tokenizer.padding_side = "right"
-    with edited(model, deltas), torch.no_grad():
+    with functional_edit(model, deltas), torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     texts = [t.split("\n")[0].lower() for t in tokenizer.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)]
     solved = any(re.search(rf"\b{re.escape(a)}\b", t) for t in texts for a in answers)  # whole words: "ar" ≠ "are"

@@ -73,20 +73,50 @@ def grad_decomposition(model: nn.Module, names: list[str], batch: dict[str, torc
 
 
 # -----------------------------------------------------------------------------
-# writing an edit: ΔW is always (d_in, d_out), as in y = x W
+# applying an edit: ΔW is always (d_in, d_out), as in y = x W
+
+@contextmanager
+def functional_edit(model: nn.Module, deltas: dict) -> Iterator[nn.Module]:
+    """`with functional_edit(model, deltas): ...` runs the edited model, y = x W + x ΔW at each edited
+    module, as forward hooks. Training and evaluation both apply an edit this way, so evaluation runs
+    exactly the edit that was trained, in any dtype: x ΔW is computed in float32 and the sum rounded
+    once to the module's dtype (a bf16 weight could not hold an update ~1% of its size: W + ΔW in
+    bf16 loses about half of ΔW's entries). W is never written; gradients flow into ΔW.
+    A ΔW is a (d_in, d_out) tensor or its factors (A (K, d_in), B (K, d_out)): x ΔW = (x Aᵀ) B."""
+    def hook(delta):
+        def add(module, inputs, output):                                             # (B, T, d_out)
+            x = inputs[0].float()
+            change = (x @ delta[0].T) @ delta[1] if isinstance(delta, tuple) else x @ delta
+            return (output.float() + change).to(output.dtype)
+        return add
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(delta)) for name, delta in deltas.items()]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def dense(delta) -> torch.Tensor:
+    """A ΔW given as a (d_in, d_out) tensor or as its factors (A, B), as the (d_in, d_out) tensor AᵀB."""
+    return delta[0].T @ delta[1] if isinstance(delta, tuple) else delta
+
 
 def _weight_delta(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
     return delta if isinstance(module, Conv1D) else delta.T  # nn.Linear stores Wᵀ (IBKE.md §3 step 6)
 
 
 @torch.no_grad()
-def apply_delta(model: nn.Module, deltas: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """W ← W + ΔW in place; returns the original weights of the touched modules (not the model)."""
+def apply_delta(model: nn.Module, deltas: dict) -> dict[str, torch.Tensor]:
+    """W ← W + ΔW in place, to keep an edit for good (W + ΔW in float32, rounded once to W's dtype;
+    in bf16 that rounding loses part of a small ΔW, see functional_edit). Dense ΔW or factors.
+    Returns the original weights of the touched modules, for restore."""
     originals = {}
     for name, delta in deltas.items():
         module = model.get_submodule(name)
         originals[name] = module.weight.detach().clone()
-        module.weight.add_(_weight_delta(module, delta).to(module.weight.dtype))
+        module.weight.copy_(module.weight.float() + _weight_delta(module, dense(delta).float()))
     return originals
 
 
@@ -95,32 +125,3 @@ def restore(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
     """Put the saved weights back, bit for bit (W + ΔW − ΔW would not be exact in floating point)."""
     for name, weight in originals.items():
         model.get_submodule(name).weight.copy_(weight)
-
-
-@contextmanager
-def edited(model: nn.Module, deltas: dict[str, torch.Tensor]) -> Iterator[nn.Module]:
-    """`with edited(model, deltas): ...` runs the edited model; the exact weights come back after."""
-    originals = apply_delta(model, deltas)
-    try:
-        yield model
-    finally:
-        restore(model, originals)
-
-
-@contextmanager
-def functional_edit(model: nn.Module, deltas: dict) -> Iterator[nn.Module]:
-    """The edit as forward hooks, y = x W + x ΔW, for training: the loss backpropagates into ΔW
-    (and so into the hypernetwork) while W is never written and gets no gradient.
-    A ΔW is a (d_in, d_out) tensor or its factors (A (K, d_in), B (K, d_out)): x ΔW = (x Aᵀ) B."""
-    def hook(delta):
-        if isinstance(delta, tuple):
-            A, B = delta
-            return lambda module, inputs, output: output + (inputs[0] @ A.T.to(inputs[0].dtype)) @ B.to(inputs[0].dtype)
-        return lambda module, inputs, output: output + inputs[0] @ delta.to(inputs[0].dtype)  # (B, T, d_out)
-
-    handles = [model.get_submodule(name).register_forward_hook(hook(delta)) for name, delta in deltas.items()]
-    try:
-        yield model
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -46,11 +46,13 @@ class RunningNorm(nn.Module):
 
     @torch.no_grad()
     def update(self, x: torch.Tensor, mask: torch.Tensor) -> None:
-        """x (M, E, T, D), mask (E, T): merge the statistics of the unmasked tokens."""
-        x = x[:, mask].double()                                   # (M, N, D)
-        n = float(x.shape[1])
-        batch_mean = x.mean(1)
-        batch_m2 = ((x - batch_mean[:, None]) ** 2).sum(1)
+        """x (M, E, T, D), mask (E, T): merge the statistics of the unmasked tokens (masked sums: the
+        token count stays on the device)."""
+        w = mask.flatten().double()[None, :, None]                # (1, N, 1)
+        x = x.flatten(1, 2).double()                              # (M, N, D)
+        n = w.sum()
+        batch_mean = (x * w).sum(1) / n
+        batch_m2 = ((x - batch_mean[:, None]) ** 2 * w).sum(1)
         total = self.count + n
         delta = batch_mean - self.mean
         self.mean += delta * n / total
@@ -141,16 +143,19 @@ class IBKE(nn.Module):
                                       for key, names in self.groups.items()})
 
     def forward(self, decomposition: dict[str, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
-                factored: bool = False):
+                factored: bool | None = False):
         """{name: (h (E, T, d_in), u (E, T, d_out))}, mask (E, T) -> ({name: ΔW (d_in, d_out)}, ITM KL ()).
         factored: give each ΔW as its factors (A (K, d_in), B (K, d_out)), ΔW = AᵀB, never forming it:
-        x ΔW = (x Aᵀ) B costs K/d_in of x ΔW for the K ≈ 100 tokens of a training step."""
+        x ΔW = (x Aᵀ) B costs K (d_in + d_out) against d_in d_out a token, less for the K ≈ 100 tokens
+        of a training step. None: factors where they cost less (K (d_in + d_out) < d_in d_out)."""
         deltas, kls = {}, []
         for key, names in self.groups.items():
             h = torch.stack([decomposition[n][0] for n in names]).float()     # (M, E, T, d_in)
             u = torch.stack([decomposition[n][1] for n in names]).float()     # (M, E, T, d_out)
             A, B, kl = self.editors[key](h, u, mask)                           # (M, K, d_in), (M, K, d_out)
-            deltas.update(zip(names, zip(A, B) if factored else A.transpose(1, 2) @ B))
+            K, d_in, d_out = A.shape[1], A.shape[2], B.shape[2]
+            as_factors = factored if factored is not None else K * (d_in + d_out) < d_in * d_out
+            deltas.update(zip(names, zip(A, B) if as_factors else A.transpose(1, 2) @ B))
             kls.append(kl)
         return deltas, torch.stack(kls).mean()                                 # KL: mean over groups and edits
 

@@ -56,9 +56,9 @@ class LossWeights:
 
 
 def ibke_loss(edit_nll: torch.Tensor, gen_nll: torch.Tensor, loc_kl: torch.Tensor, itm_kl: torch.Tensor,
-              w: LossWeights) -> tuple[torch.Tensor, dict[str, float]]:
-    """The weighted sum of IBKE.md §3 (each input already averaged over the batch) and its parts."""
+              w: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The weighted sum of IBKE.md §3 (each input already averaged over the batch) and its parts,
+    detached 0-d tensors: reading them waits for the device, so the caller reads them when it logs."""
     total = w.c_edit * edit_nll + w.c_gen * gen_nll + w.c_loc * loc_kl + w.beta * itm_kl
-    parts = {"loss": total.item(), "edit": edit_nll.item(), "gen": gen_nll.item(),
-             "loc": loc_kl.item(), "itm": itm_kl.item()}
-    return total, parts
+    parts = {"loss": total, "edit": edit_nll, "gen": gen_nll, "loc": loc_kl, "itm": itm_kl}
+    return total, {k: v.detach() for k, v in parts.items()}

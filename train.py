@@ -15,6 +15,7 @@ SG + IL + ITM (losses.py) with Adam. Validation (single edits, evaluate.py's met
 --val-every steps; best.pt keeps the best validation F1, latest.pt the newest state.
 """
 import argparse
+import bisect
 import json
 import math
 import os
@@ -30,7 +31,7 @@ from evaluate import ibke_editor, measure, summarise
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl
-from model import ModelError, Runner, edit_module_names, load_model, take, weight_shape
+from model import ModelError, Runner, edit_module_names, load_model, positions, take, weight_shape
 
 # -----------------------------------------------------------------------------
 # config
@@ -61,6 +62,7 @@ parser.add_argument("--tokens", default="all", choices=["all", "answer"], help="
 parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex (default: model.EDIT_TABLE)")
 parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks")
 parser.add_argument("--val-every", type=int, default=250, help="validate every k steps")
+parser.add_argument("--log-every", type=int, default=10, help="read the step's numbers off the device, print and log them every k steps (reading makes the host wait)")
 parser.add_argument("--val-size", type=int, default=200, help="records held out of the train split for validation")
 parser.add_argument("--patience", type=int, default=4, help="stop after this many validations without a better F1")
 parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
@@ -75,7 +77,8 @@ FIXED = ("model", "data", "seed", "val_size", "d_m", "latent_len", "latent_dim",
 
 def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others: list[EditRequest],
                weights: LossWeights, tokens: str = "all"):
-    """One step of IBKE.md §3 on n edits: the loss (with its graph), its parts and the batch's ES/GS/LS.
+    """One step of IBKE.md §3 on n edits: the loss (with its graph), its parts and the batch's ES/GS/LS
+    (0-d tensors, not read here: a warm step never waits for the device).
     others: records whose edit prompts join the IL term as unrelated inputs (--extra-loc)."""
     n = len(batch)
     gen = [pair for r in batch for pair in r.generality]
@@ -83,6 +86,8 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     rows = [(r.prompt, r.target) for r in batch] + gen + loc                  # edit | gen | loc rows
     tensors = runner.batch([p for p, _ in rows], [t for _, t in rows])
     first_loc = n + len(gen)
+    row_of = positions(tensors)[0]                                           # scored positions, row-major:
+    at_gen, at_loc = bisect.bisect_left(row_of, n), bisect.bisect_left(row_of, first_loc)   # edit | gen | loc
     decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), take(tensors, slice(0, n)), tokens,
                                              forward=lambda b: runner.scored_logits(b, split=False))
     deltas, itm = hypernet(decomposition, mask, factored=True)               # ΔW = AᵀB per module, ITM KL
@@ -90,14 +95,13 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     with functional_edit(runner.model, deltas):
         logits, targets, row_ids = runner.scored_logits(tensors)             # post-edit, all rows
     nll = answer_nll(logits, targets, row_ids, len(rows))                     # (rows,)
-    at_loc = row_ids >= first_loc
     loss, parts = ibke_loss(nll[:n].mean(), nll[n:first_loc].mean() if gen else nll.new_zeros(()),
-                            locality_kl(pre_loc, logits[at_loc]), itm, weights)
+                            locality_kl(pre_loc, logits[at_loc:]), itm, weights)
     with torch.no_grad():
-        correct = logits.argmax(-1) == targets
-        parts["ES"] = correct[row_ids < n].float().mean().item()
-        parts["GS"] = correct[(row_ids >= n) & ~at_loc].float().mean().item() if gen else float("nan")
-        parts["LS"] = (logits[at_loc].argmax(-1) == pre_loc.argmax(-1)).float().mean().item()
+        correct = (logits.argmax(-1) == targets).float()
+        parts["ES"] = correct[:at_gen].mean()
+        parts["GS"] = correct[at_gen:at_loc].mean() if gen else correct.new_tensor(float("nan"))
+        parts["LS"] = (logits[at_loc:].argmax(-1) == pre_loc.argmax(-1)).float().mean()
     return loss, parts
 
 
@@ -192,6 +196,8 @@ def main() -> None:
             best_f1, bad_validations = -1.0, 0
         sampler.setstate(ckpt["sampler"])
         torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         print(f"resumed {source} at step {step} (best F1 {best_f1:.3f})")
     os.makedirs(args.out, exist_ok=True)
     print(f"editing {len(names)} modules of {args.model}: {', '.join(names)}")
@@ -203,7 +209,8 @@ def main() -> None:
         state = {"hypernet": hypernet.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                  "config": vars(args), "editor": asdict(cfg), "model": args.model, "shapes": shapes,
                  "best_f1": best_f1, "bad_validations": bad_validations, "nonfinite": nonfinite,
-                 "sampler": sampler.getstate(), "torch_rng": torch.get_rng_state()}
+                 "sampler": sampler.getstate(), "torch_rng": torch.get_rng_state(),
+                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
 
@@ -222,38 +229,50 @@ def main() -> None:
     # loop
 
     bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
-    consecutive_nonfinite = 0
+    pending, consecutive_nonfinite, last_read = [], 0, time.perf_counter()   # steps whose numbers are still on the device
+
+    def read_pending() -> None:
+        """Read the pending steps' numbers off the device in one wait; log each, print the newest."""
+        nonlocal nonfinite, consecutive_nonfinite, last_read
+        if not pending:
+            return
+        keys = list(pending[0][2])
+        values = torch.stack([torch.stack([p[k].float() for k in keys]) for _, _, p in pending]).tolist()   # one sync
+        ms = 1000 * (time.perf_counter() - last_read) / len(pending)
+        for (s, n, _), row in zip(pending, values):
+            parts = dict(zip(keys, row))
+            finite = math.isfinite(parts["loss"]) and math.isfinite(parts["grad_norm"])
+            nonfinite, consecutive_nonfinite = nonfinite + (not finite), 0 if finite else consecutive_nonfinite + 1
+            log({"step": s, "n": n, **{k: round(v, 4) for k, v in parts.items()}, "ms": round(ms)})
+        bar.write(f"step {s}: n {n} | loss {parts['loss']:.3f} (edit {parts['edit']:.3f} gen {parts['gen']:.3f} "
+                  f"loc {parts['loc']:.4f} itm {parts['itm']:.3f}) | ES {parts['ES']:.2f} GS {parts['GS']:.2f} "
+                  f"LS {parts['LS']:.2f} | {ms:.0f}ms/step" + (f" | {nonfinite} non-finite steps skipped" if nonfinite else ""))
+        pending.clear()
+        last_read = time.perf_counter()
+        if consecutive_nonfinite >= 5:
+            save(latest_path)
+            raise SystemExit(f"error: {consecutive_nonfinite} non-finite losses in a row up to step {s}; "
+                             f"lower --lr or --eta-init" + (f", or resume from {best_path}" if os.path.exists(best_path) else ""))
+
     while step < args.steps:
-        start = time.perf_counter()
         n = sampler.randint(1, args.batch_size)                                   # dynamic batch size
         batch, others = draw(sampler, train_records, n, args.extra_loc, args.loc_from, groups)
         loss, parts = train_step(runner, hypernet, batch, others, weights, args.tokens)
-        if not math.isfinite(parts["loss"]):
-            nonfinite += 1
-            consecutive_nonfinite += 1
-            optimizer.zero_grad(set_to_none=True)
-            bar.write(f"step {step}: non-finite loss, step skipped ({nonfinite} so far)")
-            if consecutive_nonfinite >= 5:
-                raise SystemExit(f"error: {consecutive_nonfinite} non-finite losses in a row at step {step}; "
-                                 f"lower --lr or --eta-init, or resume from {best_path}")
-            continue
-        consecutive_nonfinite = 0
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(hypernet.parameters(), args.clip).item()
+        parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(hypernet.parameters(), args.clip)
+        # a non-finite loss or gradient skips the update on the device: fused Adam reads found_inf
+        optimizer.found_inf = (~(torch.isfinite(parts["loss"]) & torch.isfinite(parts["grad_norm"]))).float()
         optimizer.step()
+        parts["eta"] = hypernet.editors[next(iter(hypernet.editors))].log_eta.detach().exp().mean()
         step += 1
-        ms = 1000 * (time.perf_counter() - start)
-        eta = hypernet.editors[next(iter(hypernet.editors))].log_eta.exp().mean().item()
-        line = {"step": step, "n": n, **{k: round(v, 4) for k, v in parts.items()}, "grad_norm": round(grad_norm, 3),
-                "eta": eta, "ms": round(ms)}
-        bar.write(f"step {step}: n {n} | loss {parts['loss']:.3f} (edit {parts['edit']:.3f} gen {parts['gen']:.3f} "
-                  f"loc {parts['loc']:.4f} itm {parts['itm']:.3f}) | ES {parts['ES']:.2f} GS {parts['GS']:.2f} "
-                  f"LS {parts['LS']:.2f} | {ms:.0f}ms")
-        log(line)
+        pending.append((step, n, parts))
         bar.update(1)
+        if step % args.log_every == 0:
+            read_pending()
 
         if step % args.val_every == 0 or step == args.steps:
+            read_pending()
             val = validate()
             improved = val["F1"] > best_f1
             best_f1, bad_validations = (val["F1"], 0) if improved else (best_f1, bad_validations + 1)
@@ -266,6 +285,7 @@ def main() -> None:
             if bad_validations >= args.patience:
                 bar.write(f"early stop: no better validation F1 in {args.patience} validations")
                 break
+    read_pending()
     bar.close()
     save(latest_path)
     print(f"done at step {step}; best validation F1 {best_f1:.3f} in {best_path}")

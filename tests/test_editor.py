@@ -6,7 +6,7 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import reorder_rtol, tiny
 from data import encode, load
-from hooks import apply_delta, edited, functional_edit, grad_decomposition, restore
+from hooks import apply_delta, functional_edit, grad_decomposition, restore
 from hypernet import IBKE, EditorConfig, ShapeEditor
 from losses import LossWeights, answer_nll, gaussian_kl, ibke_loss, locality_kl, scored
 from model import edit_module_names, weight_shape
@@ -82,9 +82,10 @@ def test_apply_then_restore_is_bit_exact(tiny_model):
     before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
     batch = random_batch()
     logits_before = tiny_model(input_ids=batch["input_ids"]).logits
-    with edited(tiny_model, random_deltas(tiny_model, names)):
-        assert not torch.equal(tiny_model.get_submodule(names[0]).weight, before[names[0] + ".weight"])
-        assert not torch.allclose(tiny_model(input_ids=batch["input_ids"]).logits, logits_before)
+    originals = apply_delta(tiny_model, random_deltas(tiny_model, names))
+    assert not torch.equal(tiny_model.get_submodule(names[0]).weight, before[names[0] + ".weight"])
+    assert not torch.allclose(tiny_model(input_ids=batch["input_ids"]).logits, logits_before)
+    restore(tiny_model, originals)
     after = tiny_model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)         # bit for bit
     originals = apply_delta(tiny_model, random_deltas(tiny_model, names, scale=1e3))
@@ -97,8 +98,9 @@ def test_functional_edit_matches_in_place_and_only_delta_gets_gradient(tiny_mode
     names = edit_module_names(tiny_model)
     batch = random_batch()
     deltas = random_deltas(tiny_model, names)
-    with edited(tiny_model, deltas):
-        in_place = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    originals = apply_delta(tiny_model, deltas)
+    in_place = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    restore(tiny_model, originals)
     deltas = {n: d.requires_grad_() for n, d in deltas.items()}
     with functional_edit(tiny_model, deltas):
         hooked = tiny_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
