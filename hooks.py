@@ -85,9 +85,10 @@ def functional_edit(model: nn.Module, deltas: dict) -> Iterator[nn.Module]:
     A ΔW is a (d_in, d_out) tensor or its factors (A (K, d_in), B (K, d_out)): x ΔW = (x Aᵀ) B."""
     def hook(delta):
         def add(module, inputs, output):                                             # (B, T, d_out)
-            x = inputs[0].float()
-            change = (x @ delta[0].T) @ delta[1] if isinstance(delta, tuple) else x @ delta
-            return (output.float() + change).to(output.dtype)
+            dtype = torch.promote_types(output.dtype, torch.float32)                   # float32 at least
+            x = inputs[0].to(dtype)
+            change = (x @ delta[0].T.to(dtype)) @ delta[1].to(dtype) if isinstance(delta, tuple) else x @ delta.to(dtype)
+            return (output.to(dtype) + change).to(output.dtype)
         return add
 
     handles = [model.get_submodule(name).register_forward_hook(hook(delta)) for name, delta in deltas.items()]

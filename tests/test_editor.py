@@ -247,3 +247,38 @@ def test_running_norm_merges_batches_exactly():
     torch.testing.assert_close(norm.mean, union.mean(1))
     torch.testing.assert_close(norm.m2 / norm.count, union.var(1, unbiased=False))
     assert norm.count[0].item() == mask_a.sum() + mask_b.sum()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_bf16_evaluation_applies_the_trained_edit(kind):
+    """In bfloat16, evaluation (dense ΔW, functional_edit) runs the edit training ran (factors A, B,
+    functional_edit); writing ΔW into the weights (apply_delta) agrees only to bf16's rounding of W."""
+    from hooks import dense
+    model = tiny(kind, init=0.2).to(torch.bfloat16)
+    names = edit_module_names(model)
+    batch = random_batch()
+    g = torch.Generator().manual_seed(1)
+    factors = {}
+    for n in names:                                       # rank-12 ΔW, |ΔW| ≈ 0.8% of |W| as on SmolLM2
+        d_in, d_out = weight_shape(model.get_submodule(n))
+        A, B = torch.randn(12, d_in, generator=g), torch.randn(12, d_out, generator=g)
+        factors[n] = (A * 0.008 * model.get_submodule(n).weight.float().abs().mean() / (A.T @ B).abs().mean(), B)
+    mask = batch["attention_mask"].bool()
+
+    def logits(edit):
+        with torch.no_grad(), edit:
+            return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[mask].float()
+    trained = logits(functional_edit(model, factors))
+    evaluated = logits(functional_edit(model, {n: dense(f) for n, f in factors.items()}))
+    originals = apply_delta(model, factors)
+    in_place = logits(torch.no_grad())
+    restore(model, originals)
+    assert not torch.equal(trained, logits(torch.no_grad()))                 # the edit does change the logits
+    u, scale = 2.0 ** -8, trained.abs().max().item()                         # bf16 unit roundoff; max |logit|
+    # Both add x ΔW in float32 to the module's output and round once to bf16; the dense and factored
+    # products differ in float32 rounding only, which can move the bf16 sum by one ulp where it sits
+    # on a rounding boundary: below u · max|logit| at the logits (observed: bit-identical).
+    torch.testing.assert_close(evaluated, trained, rtol=0, atol=u * scale)
+    # W + ΔW rounded to bf16 errs by up to u|W| in every entry, like one more rounding of each edited
+    # product, through the model's 4 blocks (observed ≈ 0.03, as large as the edit's own effect).
+    torch.testing.assert_close(in_place, trained, rtol=0, atol=4 * 2 * u * scale)
