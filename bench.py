@@ -26,11 +26,17 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from data import encode, load
 from evaluate import ibke_editor, load_editor, measure
-from hooks import apply_delta, grad_decomposition, restore
+from hooks import grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
-from model import Runner, edit_module_names, load_model, meta_model, weight_shape
-from train import train_step
+from model import ModelError, Runner, add_device_args, edit_module_names, load_model, meta_model, to_device, weight_shape
+from train import train_step, update
+
+
+def sync() -> None:
+    """Wait for the GPU, so that a time covers the work and not only its launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
@@ -38,8 +44,10 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
         fn()
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -108,8 +116,9 @@ def plain_pass(model, names, batch) -> None:
     grad_decomposition(model, names, batch)
 
 
-def meta_estimate(name: str, cfg: EditorConfig, tokens_cached: int, step_tokens: int) -> dict:
-    """Parameter counts on the meta device and a bf16 training-memory estimate in GB."""
+def meta_estimate(name: str, cfg: EditorConfig, tokens_cached: int, step_tokens: int, base_bytes: int = 2) -> dict:
+    """Parameter counts on the meta device and a training-memory estimate in GB (base model and its
+    activations at base_bytes per number: 2 for bf16)."""
     model = meta_model(name)
     names = edit_module_names(model)
     shapes = {n: weight_shape(model.get_submodule(n)) for n in names}
@@ -118,11 +127,11 @@ def meta_estimate(name: str, cfg: EditorConfig, tokens_cached: int, step_tokens:
     base = sum(p.numel() for p in model.parameters())
     C, V = model.config.hidden_size, model.config.vocab_size
     n_tail = len({n.rsplit(".mlp", 1)[0] for n in names})
-    gb = {"base weights (bf16)": 2 * base,
+    gb = {"base weights (bf16)": base_bytes * base,
           "hypernet + grads + Adam (fp32)": 16 * hyper,
           "ΔW and its gradient (fp32)": 8 * sum(a * b for a, b in shapes.values()),
-          "cached hidden states (bf16)": 2 * tokens_cached * C,
-          "activations of the edited blocks (bf16, est.)": 2 * step_tokens * n_tail * 24 * C,
+          "cached hidden states (bf16)": base_bytes * tokens_cached * C,
+          "activations of the edited blocks (bf16, est.)": base_bytes * step_tokens * n_tail * 24 * C,
           "hypernet activations (fp32, est.)": 4 * step_tokens * 2 * len(shapes) * 12 * cfg.d_m,
           "LM head at scored positions (fp32)": 4 * 3 * step_tokens // 4 * V}
     gb = {k: v / 1e9 for k, v in gb.items()}
@@ -138,7 +147,7 @@ def main() -> None:
     parser.add_argument("--latent-dim", type=int, default=512, help="latent width when no --ckpt")
     parser.add_argument("--data-dir", default="data", help="CounterFact lives here")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per figure (median reported)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    add_device_args(parser)
     parser.add_argument("--meta", action="store_true", help="only sizes and memory estimates, on the meta device")
     parser.add_argument("--out", default="bench.json", help="where the figures go")
     args = parser.parse_args()
@@ -156,10 +165,15 @@ def main() -> None:
         json.dump({"meta": rows}, open(args.out, "w"), indent=1)
         return
 
-    model, tokenizer = load_model(args.model, device=args.device)
+    try:
+        model, tokenizer = load_model(args.model, args.dtype, args.device)
+    except ModelError as err:
+        raise SystemExit(f"error: {err}")
     names = edit_module_names(model)
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     if args.ckpt:
-        _, _, hypernet, _ = load_editor(args.ckpt, args.device)
+        _, _, hypernet, _ = load_editor(args.ckpt, args.device, dtype=args.dtype)
     else:
         hypernet = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, cfg).to(args.device).eval()
     records = load("counterfact", args.data_dir)["train"]
@@ -171,12 +185,12 @@ def main() -> None:
         chunk = records[:n]
         prompts, targets = [r.prompt for r in chunk], [r.target for r in chunk]
 
-        def edit():  # requests -> applied weight updates (the restore, one copy_ per module, is timed too)
+        def edit():  # requests -> weight updates ready to apply (hooks.functional_edit applies them as hooks)
             runner = Runner(model, tokenizer, names, cache=False)
-            restore(model, apply_delta(model, editor(runner, runner.batch(prompts, targets))))
+            editor(runner, runner.batch(prompts, targets))
 
         def floor():
-            plain_pass(model, names, {k: v.to(args.device) for k, v in encode(tokenizer, prompts, targets).items()})
+            plain_pass(model, names, {k: to_device(v, model.device) for k, v in encode(tokenizer, prompts, targets).items()})
         t_edit, t_floor = median_seconds(edit, args.repeats), median_seconds(floor, args.repeats)
         figures[f"edit_n{n}"] = {"edit_ms": 1000 * t_edit, "floor_ms": 1000 * t_floor, "ratio": t_edit / t_floor}
     figures["edit_peak_memory_MB"] = peak_memory_mb(args.device)
@@ -196,18 +210,18 @@ def main() -> None:
     batch, others = records[200:208], records[300:308]
 
     def train_once(batch, others):
-        loss, _ = train_step(runner, hypernet, batch, others, LossWeights())
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+        loss, parts = train_step(runner, hypernet, batch, others, LossWeights())
+        update(hypernet, optimizer, loss, parts, clip=1.0)
 
     def step():
         train_once(batch, others)
 
-    edit_rows = encode(tokenizer, [r.prompt for r in batch], [r.target for r in batch])
-    gen_rows = encode(tokenizer, [q for r in batch for q, _ in r.generality], [a for r in batch for _, a in r.generality])
-    loc_rows = encode(tokenizer, [q for r in batch for q, _ in r.locality] + [o.prompt for o in others],
-                      [a for r in batch for _, a in r.locality] + [o.old_target for o in others])
+    def rows(prompts, targets):
+        return {k: to_device(v, model.device) for k, v in encode(tokenizer, prompts, targets).items()}
+    edit_rows = rows([r.prompt for r in batch], [r.target for r in batch])
+    gen_rows = rows([q for r in batch for q, _ in r.generality], [a for r in batch for _, a in r.generality])
+    loc_rows = rows([q for r in batch for q, _ in r.locality] + [o.prompt for o in others],
+                    [a for r in batch for _, a in r.locality] + [o.old_target for o in others])
 
     def plain():
         for rows in (edit_rows, gen_rows, loc_rows):
@@ -224,9 +238,13 @@ def main() -> None:
     t_cold = median_seconds(cold_step, args.repeats)
     figures["train_step_cold"] = {"step_ms": 1000 * t_cold, "ratio": t_cold / t_plain, "steps_per_min": 60 / t_cold}
     figures["train_peak_memory_MB"] = peak_memory_mb(args.device)
+    step_tokens = sum(rows_["attention_mask"].sum().item() for rows_ in (edit_rows, gen_rows, loc_rows))
+    figures["meta_estimate_GB"] = meta_estimate(args.model, hypernet.cfg, tokens_cached=runner.hidden.size, step_tokens=step_tokens,
+                                                base_bytes=torch.finfo(model.dtype).bits // 8)["total_GB"]
     hypernet.eval()
 
-    print(f"| figure ({args.model}, {args.device}, median of {args.repeats}) | IBKE | floor / plain | ratio |")
+    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    print(f"| figure ({args.model}, {args.dtype}, {device}, median of {args.repeats}) | IBKE | floor / plain | ratio |")
     print("|---|---|---|---|")
     for n in (1, 8, 64):
         f = figures[f"edit_n{n}"]
@@ -238,7 +256,8 @@ def main() -> None:
     k = figures["train_step_counts"]
     print(f"| warm step: host syncs / ops / computing ops | {k['host_syncs']} / {k['ops']} / {k['computing_ops']} | | |")
     print(f"| evaluation throughput, n = 1 | {figures['eval_edits_per_s']:.1f} edits/s | | |")
-    print(f"| peak memory: editing / training | {figures['edit_peak_memory_MB']:.0f} MB / {figures['train_peak_memory_MB']:.0f} MB | | |")
+    print(f"| peak memory: editing / training | {figures['edit_peak_memory_MB']:.0f} MB / {figures['train_peak_memory_MB']:.0f} MB "
+          f"| --meta estimate {1000 * figures['meta_estimate_GB']:.0f} MB | |")
     json.dump({"args": vars(args), **figures}, open(args.out, "w"), indent=1)
     print(f"wrote {args.out}")
 

@@ -35,7 +35,7 @@ from data import DataError, EditRequest, load, split_val
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import answer_nll
-from model import ModelError, Runner, index, load_model, take, weight_shape
+from model import ModelError, Runner, add_device_args, check_device, index, load_model, take, weight_shape
 
 METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p"]
 
@@ -195,12 +195,14 @@ def multihop(runner: Runner, deltas: dict, records: list[EditRequest], max_new_t
 # -----------------------------------------------------------------------------
 # rebuilding from a checkpoint
 
-def load_editor(path: str, device: str = "cpu", model_name: str | None = None) -> tuple:
-    """(model, tokenizer, hypernet, checkpoint) from the checkpoint alone."""
+def load_editor(path: str, device: str = "cpu", model_name: str | None = None, dtype: str | None = None) -> tuple:
+    """(model, tokenizer, hypernet, checkpoint) from the checkpoint alone (dtype: the base model's,
+    default the one trained with)."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"no checkpoint at {path}; train one with `python train.py --out DIR`")
+    check_device(device, dtype or "float32")
     ckpt = torch.load(path, map_location=device, weights_only=False)
-    model, tokenizer = load_model(model_name or ckpt["model"], ckpt["config"].get("dtype", "float32"), device)
+    model, tokenizer = load_model(model_name or ckpt["model"], dtype or ckpt["config"].get("dtype", "float32"), device)
     shapes = {n: tuple(s) for n, s in ckpt["shapes"].items()}
     found = {}
     for n in shapes:
@@ -244,12 +246,12 @@ def main() -> None:
     parser.add_argument("--ft-steps", type=int, default=25, help="FT-L: Adam steps on the edit prompts")
     parser.add_argument("--ft-lr", type=float, default=5e-4, help="FT-L: learning rate")
     parser.add_argument("--model", default=None, help="override the checkpoint's model (must have the same edited modules)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    add_device_args(parser, dtype_default=None)
     parser.add_argument("--out", default="results.json", help="where the summary goes (per-batch progress: <out>.partial.jsonl)")
     args = parser.parse_args()
 
     try:
-        model, tokenizer, hypernet, ckpt = load_editor(args.ckpt, args.device, args.model)
+        model, tokenizer, hypernet, ckpt = load_editor(args.ckpt, args.device, args.model, args.dtype)
         data_name = args.data or ckpt["config"]["data"]
         splits = load(data_name, args.data_dir)
         if args.split == "val":
@@ -269,7 +271,7 @@ def main() -> None:
     else:
         records = records[args.skip:][:args.limit]
         batches = [records[i:i + args.edits_per_batch] for i in range(0, len(records), args.edits_per_batch)]
-    signature = {k: getattr(args, k) for k in ("ckpt", "split", "skip", "edits_per_batch", "method", "ft_steps", "ft_lr")}
+    signature = {k: getattr(args, k) for k in ("ckpt", "split", "skip", "edits_per_batch", "method", "ft_steps", "ft_lr", "dtype")}
     signature["data"] = data_name
     partial = args.out + ".partial.jsonl"
     done = []

@@ -115,8 +115,41 @@ def load_tokenizer(name: str):
     return tokenizer
 
 
+DTYPES = ["float32", "bfloat16", "float16"]
+DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_device_args(parser: argparse.ArgumentParser, dtype_default: str | None = "float32") -> None:
+    """--device and --dtype, meaning the same in every script."""
+    parser.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda or cuda:N (default: cuda where a GPU is visible)")
+    parser.add_argument("--dtype", default=dtype_default, choices=DTYPES,
+                        help="base model dtype (the hypernetwork and every ΔW stay float32)"
+                             + ("" if dtype_default else "; default: the checkpoint's"))
+
+
+def check_device(device: str, dtype: str = "float32") -> torch.device:
+    """The torch.device for --device, or a ModelError that says what is wrong."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ModelError(f"--device {device!r} is not a device ({err}); use cpu or cuda") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"--device {device} but no CUDA GPU is visible to torch {torch.__version__} "
+                         f"(the CPU wheel, or no driver); use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelError(f"--device {device} but only {torch.cuda.device_count()} GPU(s) are visible")
+    if dev.type not in ("cpu", "cuda"):
+        raise ModelError(f"--device {device}: only cpu and cuda are supported")
+    if dtype not in DTYPES:
+        raise ModelError(f"--dtype {dtype!r}: one of {', '.join(DTYPES)}")
+    if dev.type == "cpu" and dtype == "float16":
+        print("note: float16 matrix products are slow on most CPUs (~6x float32 here); bfloat16 or float32 run faster")
+    return dev
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, object]:
     """(model, tokenizer): frozen, in eval mode, every parameter with requires_grad=False."""
+    check_device(device, dtype)
     t0 = time.time()
     path = model_path(name)
     try:
@@ -431,14 +464,15 @@ if __name__ == "__main__":
     parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex on full names (default: the EDIT_TABLE entry)")
     parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all)")
     parser.add_argument("--prompt", default="The capital of France is", help="prompt to complete greedily")
+    add_device_args(parser)
     args = parser.parse_args()
     try:
-        model, tokenizer = load_model(args.model)
+        model, tokenizer = load_model(args.model, args.dtype, args.device)
         names = edit_module_names(model, args.edit_modules, args.edit_layers)
     except ModelError as err:
         raise SystemExit(f"error: {err}")
     for n in names:
         print(f"  edits {n}  W: {weight_shape(model.get_submodule(n))}")
-    ids = tokenizer(args.prompt, return_tensors="pt")
+    ids = tokenizer(args.prompt, return_tensors="pt").to(model.device)
     out = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     print(repr(args.prompt), "->", repr(tokenizer.decode(out[0, ids["input_ids"].shape[1]:])))

@@ -31,7 +31,7 @@ from evaluate import ibke_editor, measure, summarise
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl
-from model import ModelError, Runner, edit_module_names, load_model, positions, take, weight_shape
+from model import ModelError, Runner, add_device_args, edit_module_names, load_model, positions, take, weight_shape
 
 # -----------------------------------------------------------------------------
 # config
@@ -65,8 +65,7 @@ parser.add_argument("--val-every", type=int, default=250, help="validate every k
 parser.add_argument("--log-every", type=int, default=10, help="read the step's numbers off the device, print and log them every k steps (reading makes the host wait)")
 parser.add_argument("--val-size", type=int, default=200, help="records held out of the train split for validation")
 parser.add_argument("--patience", type=int, default=4, help="stop after this many validations without a better F1")
-parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="base model dtype (the hypernetwork stays float32)")
+add_device_args(parser)
 parser.add_argument("--seed", type=int, default=0, help="seed for sampling, initialisation and the split")
 parser.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                     help="continue from <out>/latest.pt, or from CKPT (another run's checkpoint: a second phase written to --out, "
@@ -103,6 +102,16 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
         parts["GS"] = correct[at_gen:at_loc].mean() if gen else correct.new_tensor(float("nan"))
         parts["LS"] = (logits[at_loc:].argmax(-1) == pre_loc.argmax(-1)).float().mean()
     return loss, parts
+
+
+def update(hypernet: IBKE, optimizer: torch.optim.Optimizer, loss: torch.Tensor, parts: dict, clip: float) -> None:
+    """Backward, clip, Adam. A non-finite loss or gradient skips the update on the device (fused Adam
+    reads found_inf) instead of being checked on the host: the step never waits for the device."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(hypernet.parameters(), clip)
+    optimizer.found_inf = (~(torch.isfinite(parts["loss"]) & torch.isfinite(parts["grad_norm"]))).float()
+    optimizer.step()
 
 
 LOC_KEYS = {"relation": lambda r: r.relation,      # the edit's prompt with another subject
@@ -258,12 +267,7 @@ def main() -> None:
         n = sampler.randint(1, args.batch_size)                                   # dynamic batch size
         batch, others = draw(sampler, train_records, n, args.extra_loc, args.loc_from, groups)
         loss, parts = train_step(runner, hypernet, batch, others, weights, args.tokens)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(hypernet.parameters(), args.clip)
-        # a non-finite loss or gradient skips the update on the device: fused Adam reads found_inf
-        optimizer.found_inf = (~(torch.isfinite(parts["loss"]) & torch.isfinite(parts["grad_norm"]))).float()
-        optimizer.step()
+        update(hypernet, optimizer, loss, parts, args.clip)
         parts["eta"] = hypernet.editors[next(iter(hypernet.editors))].log_eta.detach().exp().mean()
         step += 1
         pending.append((step, n, parts))

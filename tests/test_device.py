@@ -5,9 +5,6 @@ validation). HostTensors tags every tensor a factory makes without `device=` as 
 any op where a host-made tensor meets one of the model's tensors without having been moved (`.to`,
 model.to_device); host-made tensors may meet each other (host-side bookkeeping) and 0-d ones anything
 (a CPU scalar may join a CUDA op)."""
-import json
-import os
-
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -19,7 +16,7 @@ from evaluate import ft_editor, ibke_editor, measure, multihop, no_editor
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
 from model import Runner, edit_module_names, weight_shape
-from train import train_step
+from train import train_step, update
 
 FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange,
              torch.rand, torch.randn, torch.randint, torch.eye, torch.linspace, torch.from_numpy}
@@ -74,11 +71,7 @@ def test_training_step_makes_every_tensor_on_the_models_device(tiny_setup, data_
     with HostTensors():
         for _ in range(2):                                                   # cold, then warm (from the caches)
             loss, parts = train_step(runner, editor, records[:3], records[3:6], LossWeights())
-            optimizer.zero_grad()
-            loss.backward()
-            parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(editor.parameters(), 1.0)
-            optimizer.found_inf = (~(torch.isfinite(parts["loss"]) & torch.isfinite(parts["grad_norm"]))).float()
-            optimizer.step()
+            update(editor, optimizer, loss, parts, clip=1.0)
 
 
 def test_evaluation_makes_every_tensor_on_the_models_device(tiny_setup, data_dir):

@@ -1,0 +1,109 @@
+"""On a CUDA GPU (skipped without one): the paths users run, in float32 and bfloat16, on tiny GPT-2 and
+Llama models and on the default model; the same ΔW and logits as on the CPU; a warm training step
+that never waits for the device (torch.cuda.set_sync_debug_mode("error")).
+
+    python -m pytest tests/test_cuda.py -v
+"""
+import json
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, reorder_rtol, tiny
+from data import load
+from evaluate import ibke_editor, measure
+from hooks import dense
+from hypernet import IBKE, EditorConfig
+from losses import LossWeights
+from model import Runner, edit_module_names, load_model, weight_shape
+from test_editor import perturb_zero_init
+from test_pipeline import TINY_EDITOR, run, tiny_folders  # noqa: F401 (a fixture)
+from train import train_step, update
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DATA_DIR = os.environ.get("IBKE_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama", "smollm2-135m"])
+def model_name(request, tiny_folders):  # noqa: F811
+    return tiny_folders.get(request.param, request.param)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_train_resume_evaluate_and_bench_on_cuda(model_name, dtype, tmp_path):
+    small = TINY_EDITOR if "tiny" in model_name else ["--d-m", "64", "--latent-dim", "64"]
+    common = ["--model", model_name, "--data-dir", DATA_DIR, "--device", "cuda", "--dtype", dtype, *small,
+              "--val-every", "2", "--val-size", "4", "--batch-size", "4", "--log-every", "2"]
+    run("train.py", *common, "--steps", "2", "--out", tmp_path / "run")            # through one validation
+    run("train.py", "--resume", "--steps", "4", "--out", tmp_path / "run")
+    ckpt = torch.load(tmp_path / "run" / "latest.pt", weights_only=False)
+    assert ckpt["step"] == 4 and ckpt["cuda_rng"] is not None
+    evaluations = [("n1", ["--limit", "2"]), ("n8", ["--limit", "8", "--edits-per-batch", "8"]),
+                   ("mquake", ["--data", "mquake", "--limit", "1"]), ("ft", ["--method", "ft", "--ft-steps", "2", "--limit", "2"])]
+    for name, flags in evaluations:
+        run("evaluate.py", "--ckpt", tmp_path / "run" / "best.pt", "--data-dir", DATA_DIR, "--device", "cuda",
+            *flags, "--out", tmp_path / f"{name}.json")
+        summary = json.load(open(tmp_path / f"{name}.json"))["summary"]
+        assert 0 <= summary["ES"] <= 1, (name, summary)
+    if model_name == "smollm2-135m":
+        run("bench.py", "--device", "cuda", "--dtype", dtype, "--repeats", "2", "--data-dir", DATA_DIR,
+            "--out", tmp_path / "bench.json")
+        assert json.load(open(tmp_path / "bench.json"))["train_step_counts"]["host_syncs"] == 0
+
+
+def editor_for(model):
+    names = edit_module_names(model)
+    torch.manual_seed(0)
+    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names},
+                  EditorConfig(d_m=32, latent_len=3, latent_dim=16, heads=2)).eval()   # z = μ: deterministic
+    perturb_zero_init(editor)
+    return names, editor
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_cpu_and_cuda_give_the_same_edit_and_logits(kind, gpt2_tokenizer):
+    records = load("counterfact", DATA_DIR)["eval"][:3]
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = tiny(kind, init=0.2)
+        model.resize_token_embeddings(len(gpt2_tokenizer))
+        model.requires_grad_(False).to(device)
+        names, editor = editor_for(model)
+        runner = Runner(model, gpt2_tokenizer, names, cache=False)
+        metrics, _, deltas = measure(runner, ibke_editor(editor.to(device)), records)
+        results[device] = ({n: dense(d).cpu() for n, d in deltas.items()}, metrics)
+    width, depth = getattr(model.config, "intermediate_size", None) or 4 * model.config.hidden_size, model.config.num_hidden_layers
+    for n, delta in results["cpu"][0].items():         # the same sums, in other orders on another device
+        torch.testing.assert_close(results["cuda"][0][n], delta, rtol=0, atol=reorder_rtol(width, 2 * depth) * delta.abs().max().item())
+    assert results["cuda"][1] == results["cpu"][1]     # per-record metrics (argmax agreements) the same
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["llama", "smollm2-135m"])
+def test_warm_training_step_never_waits_for_the_gpu(kind, dtype, gpt2_tokenizer):
+    if kind == "smollm2-135m":
+        model, tokenizer = load_model(kind, str(dtype).split(".")[1], "cuda")
+    else:
+        model, tokenizer = tiny(kind, init=0.2), gpt2_tokenizer
+        model.resize_token_embeddings(len(tokenizer))
+        model.requires_grad_(False).to("cuda", dtype)
+    names, editor = editor_for(model)
+    editor.to("cuda").train()
+    optimizer = torch.optim.Adam(editor.parameters(), lr=1e-4, fused=True)
+    records = load("counterfact", DATA_DIR)["train"][:16]
+    runner = Runner(model, tokenizer, names, cache=True)
+
+    def step():
+        loss, parts = train_step(runner, editor, records[:8], records[8:16], LossWeights())
+        update(editor, optimizer, loss, parts, clip=1.0)
+        return parts
+    step()                                             # cold: fills the caches (may wait: new texts, new shapes)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        parts = step()                                 # warm: any host-device synchronisation raises
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(parts["loss"]).item()
