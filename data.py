@@ -11,6 +11,9 @@ Every record becomes one EditRequest: the edit prompt q_e and new answer o_e, ge
 A MQuAKE case becomes one request per requested rewrite, all sharing the case's id and its
 multi-hop questions, so that evaluation applies them as one batch.
 
+Texts are cut for teacher forcing: a prompt keeps its last 128 tokens (with the answer), an answer
+its first MAX_ANSWER = 32 (CounterFact's are 1-5, zsRE's up to ~15).
+
 zsRE split: the full MEND files (zsre_mend_train.json, zsre_mend_eval.json) are used when present.
 With only a train file (e.g. the 1k subset), a seeded split holds out 20% as eval:
 random.Random(0).shuffle of the record indices, the first len // 5 go to eval.
@@ -45,6 +48,7 @@ FILES = {
     "mquake/MQuAKE-CF-3k.json": ("https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets/MQuAKE-CF-3k.json", None),
     "mquake/MQuAKE-T.json": ("https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets/MQuAKE-T.json", None),
 }
+MAX_ANSWER = 32  # tokens kept of an answer (see the docstring)
 UNIEDIT_REPO = "qizhou/UniEdit"  # a Hugging Face dataset: uniedit/{train,test}/<discipline>.json
 DATASETS = ["counterfact", "zsre", "mquake", "mquake-cf3k", "mquake-t", "uniedit"]
 
@@ -101,24 +105,40 @@ def download(url: str, dest: str, sha256: str | None = None) -> None:
 
 
 def ensure(data_dir: str, *relpaths: str) -> list[str]:
-    """Full paths of the files, downloading each missing one from FILES."""
-    paths = []
-    for rel in relpaths:
-        path = os.path.join(data_dir, rel)
-        if not os.path.exists(path):
-            url, sha256 = FILES[rel]
-            print(f"{path} is missing; downloading it from {url}")
+    """Full paths of the files, downloading each missing one from FILES; if any cannot be had, the
+    error names every missing file with its URL."""
+    paths = [os.path.join(data_dir, rel) for rel in relpaths]
+    missing = [(rel, path) for rel, path in zip(relpaths, paths) if not os.path.exists(path)]
+    for folder in {os.path.dirname(path) for _, path in missing}:
+        if os.path.islink(folder) and not os.path.exists(folder):
+            raise DataError(f"{folder} is a link to {os.readlink(folder)}, which does not exist; "
+                            f"fix or remove the link (the files go in {folder}/)")
+    failed = []
+    for rel, path in missing:
+        url, sha256 = FILES[rel]
+        print(f"{path} is missing; downloading it from {url}")
+        try:
             download(url, path, sha256)
-        paths.append(path)
+        except DataError as err:
+            failed.append((rel, path, url, str(err).splitlines()[0]))
+    if failed:
+        files = "\n".join(f"  {path}  <-  {url}" for _, path, url, _ in failed)
+        raise DataError(f"{len(failed)} data file(s) missing and not downloadable ({failed[0][3]}).\n"
+                        f"Download them by hand to these paths, or point --data-dir at a folder that has them:\n{files}")
     return paths
 
 
 def read_json(path: str) -> list | dict:
     try:
         with open(path) as f:
-            return json.load(f)
+            data = json.load(f)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path} is not valid JSON ({err}); delete it and run again to re-download it.") from None
+        rel = os.path.relpath(path, os.path.dirname(os.path.dirname(path))).replace(os.sep, "/")
+        fix = f"replace it with {FILES[rel][0]}" if rel in FILES else "replace it with the original file"
+        raise DataError(f"{path} is not valid JSON ({err}); {fix}.") from None
+    if not data:
+        raise DataError(f"{path} holds no records; replace it with the original file")
+    return data
 
 
 def need(record: dict, key: str, where: str):
@@ -128,62 +148,87 @@ def need(record: dict, key: str, where: str):
     return record[key]
 
 
+class EmptyText(DataError):
+    """A prompt or answer that is empty or null: the record is left out, with a note."""
+
+
+def text(record: dict, key: str, where: str) -> str:
+    """record[key] as a non-empty string, else EmptyText naming file, index and field (scored, an
+    empty prompt or answer would count as a failure and move the averages without a word)."""
+    value = need(record, key, where)
+    if not isinstance(value, str) or not value.strip():
+        raise EmptyText(f"{where}: field '{key}' is {'empty' if isinstance(value, str) else repr(value)}")
+    return value
+
+
+def records_of(path: str, build) -> list:
+    """[build(record, where)] over a file's records; one with an empty or null prompt or answer is
+    None (left out by `load`, after any split, so the splits stay the same) and named in a note."""
+    out, left_out = [], []
+    data = read_json(path)
+    for i, r in enumerate(data.items() if isinstance(data, dict) else data):
+        try:
+            out.append(build(r, f"{path} record {i}", i))
+        except EmptyText as err:
+            out.append(None)
+            left_out.append(str(err).replace(path + " ", ""))
+    if left_out:
+        print(f"note: left out {len(left_out)} record(s) of {path} with an empty prompt or answer: {'; '.join(left_out[:5])}"
+              + (" ..." if len(left_out) > 5 else ""))
+    return out
+
+
 # -----------------------------------------------------------------------------
 # one loader per benchmark: file -> list[EditRequest]
 
-def read_counterfact(path: str) -> list[EditRequest]:
-    out = []
-    for i, r in enumerate(read_json(path)):
-        w = f"{path} record {i}"
-        target = need(r, "target_new", w)
-        out.append(EditRequest(need(r, "prompt", w), target, [(need(r, "rephrase_prompt", w), target)],
-                               [(need(r, "locality_prompt", w), need(r, "locality_ground_truth", w))],
-                               old_target=r.get("ground_truth"), case_id=str(r.get("case_id", i)),
-                               subject=r.get("subject", "")))
-    return out
+def read_counterfact(path: str) -> list[EditRequest | None]:
+    def build(r, w, i):
+        target = text(r, "target_new", w)
+        return EditRequest(text(r, "prompt", w), target, [(text(r, "rephrase_prompt", w), target)],
+                           [(text(r, "locality_prompt", w), text(r, "locality_ground_truth", w))],
+                           old_target=r.get("ground_truth"), case_id=str(r.get("case_id", i)), subject=r.get("subject", ""))
+    return records_of(path, build)
 
 
-def read_zsre(path: str) -> list[EditRequest]:
-    out = []
-    for i, r in enumerate(read_json(path)):
-        w = f"{path} record {i}"
-        target, answers = need(r, "alt", w), need(r, "answers", w)
-        out.append(EditRequest(need(r, "src", w), target, [(need(r, "rephrase", w), target)],
-                               [(need(r, "loc", w), need(r, "loc_ans", w))],
-                               old_target=answers[0] if answers else None, case_id=str(i),
-                               subject=r.get("subject", "")))
-    return out
+def read_zsre(path: str) -> list[EditRequest | None]:
+    def build(r, w, i):
+        target, answers = text(r, "alt", w), need(r, "answers", w)
+        return EditRequest(text(r, "src", w), target, [(text(r, "rephrase", w), target)],
+                           [(text(r, "loc", w), text(r, "loc_ans", w))],
+                           old_target=answers[0] if answers else None, case_id=str(i), subject=r.get("subject", ""))
+    return records_of(path, build)
 
 
-def read_mquake(path: str) -> list[EditRequest]:
-    out = []
-    for i, case in enumerate(read_json(path)):
-        w = f"{path} record {i}"
+def read_mquake(path: str) -> list[list[EditRequest] | None]:
+    """Per case, its requests (one per requested rewrite); a case with an empty text is left out whole."""
+    def build(case, w, i):
         case_id = str(case.get("case_id", i))
         questions = need(case, "questions", w)
-        answers = [need(case, "new_answer", w)] + list(case.get("new_answer_alias", []))
+        answers = [text(case, "new_answer", w)] + list(case.get("new_answer_alias", []))
+        out = []
         for j, rw in enumerate(need(case, "requested_rewrite", w)):
             wj = f"{w} requested_rewrite[{j}]"
-            target = need(need(rw, "target_new", wj), "str", wj + ".target_new")
-            prompt = need(rw, "prompt", wj).format(need(rw, "subject", wj))
+            target = text(need(rw, "target_new", wj), "str", wj + ".target_new")
+            prompt = text(rw, "prompt", wj).format(text(rw, "subject", wj))
             generality = [(rw["question"], target)] if rw.get("question") else []
             out.append(EditRequest(prompt, target, generality, [], need(rw, "target_true", wj).get("str"),
                                    case_id, questions, answers, rw["subject"]))
-    return out
+        return out
+    return records_of(path, build)
 
 
-def read_uniedit(folder: str) -> list[EditRequest]:
+def read_uniedit(folder: str) -> list[EditRequest | None]:
     """One folder of UniEdit (train/ or test/): {discipline}.json, each {id: {edit, generality, locality}}."""
     out = []
     for name in sorted(f for f in os.listdir(folder) if f.endswith(".json")):
-        path = os.path.join(folder, name)
-        for i, (key, r) in enumerate(read_json(path).items()):
-            w = f"{path} record {i} ('{key}')"
+        def build(item, w, i):
+            key, r = item
             edit = need(r, "edit", w)
-            pairs = {part: [(need(g, "prompt", f"{w} {part}"), need(g, "target", f"{w} {part}"))
+            pairs = {part: [(text(g, "prompt", f"{w} {part}"), text(g, "target", f"{w} {part}"))
                             for g in need(r, part, w).values()] for part in ("generality", "locality")}
-            out.append(EditRequest(need(edit, "prompt", w + " edit"), need(edit, "target", w + " edit"),
-                                   pairs["generality"], pairs["locality"], case_id=f"{name[:-5]}-{key}"))
+            return EditRequest(text(edit, "prompt", w + " edit"), text(edit, "target", w + " edit"),
+                               pairs["generality"], pairs["locality"], case_id=f"{name[:-5]}-{key}")
+        out += records_of(os.path.join(folder, name), build)
     return out
 
 
@@ -215,17 +260,25 @@ def load_zsre(data_dir: str) -> dict[str, list[EditRequest]]:
     return {"train": [train[i] for i in sorted(order[n_eval:])], "eval": [train[i] for i in sorted(order[:n_eval])]}
 
 
-def load(name: str, data_dir: str = "data") -> dict[str, list[EditRequest]]:
-    """{split: [EditRequest]} for one benchmark; splits are 'train' and 'eval' (MQuAKE: 'eval' only)."""
+def load(name: str, data_dir: str = "data", split: str | None = None) -> dict[str, list[EditRequest]]:
+    """{split: [EditRequest]} for one benchmark; splits are 'train' and 'eval' (MQuAKE: 'eval' only).
+    split: read (and download) only that one where the benchmark keeps it in its own file.
+    Records with an empty prompt or answer are left out (with a note), after the split."""
+    splits = _load(name, data_dir, split)
+    return {k: [r for r in v if r is not None] for k, v in splits.items()}
+
+
+def _load(name: str, data_dir: str, split: str | None) -> dict[str, list]:
     if name == "counterfact":
-        train, edit = ensure(data_dir, "counterfact/counterfact-train.json", "counterfact/counterfact-edit.json")
-        return {"train": read_counterfact(train), "eval": read_counterfact(edit)}
+        files = {"train": "counterfact/counterfact-train.json", "eval": "counterfact/counterfact-edit.json"}
+        wanted = [split] if split in files else list(files)
+        return {k: read_counterfact(path) for k, path in zip(wanted, ensure(data_dir, *(files[k] for k in wanted)))}
     if name == "zsre":
         return load_zsre(data_dir)
     if name.startswith("mquake"):
         file = {"mquake": "MQuAKE-hard", "mquake-cf3k": "MQuAKE-CF-3k", "mquake-t": "MQuAKE-T"}.get(name)
         if file:
-            return {"eval": read_mquake(ensure(data_dir, f"mquake/{file}.json")[0])}
+            return {"eval": [r for case in read_mquake(ensure(data_dir, f"mquake/{file}.json")[0]) if case for r in case]}
     if name == "uniedit":
         return load_uniedit(data_dir)
     raise DataError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
@@ -263,7 +316,7 @@ def tokenize(tokenizer, prompts: list[str], targets: list[str], bos: bool | None
     whole_ids = tokenizer(wholes, add_special_tokens=False)["input_ids"]
     rows = []
     for p, w, t in zip(prompt_ids, whole_ids, targets):
-        answer = w[len(p):] if w[:len(p)] == p else tokenizer(" " + t, add_special_tokens=False)["input_ids"]
+        answer = (w[len(p):] if w[:len(p)] == p else tokenizer(" " + t, add_special_tokens=False)["input_ids"])[:MAX_ANSWER]
         p = (head + p)[-(max_len - len(answer)):]
         rows.append((p + answer, len(p)))
     return rows

@@ -18,10 +18,16 @@ Metrics, token-level and teacher-forced (EasyEdit/MALMEN convention), per record
        1[P(true) > P(new)] on q_l (P = mean log-probability per answer token); S_p their harmonic mean
   MQuAKE  all edits of a case as one batch, greedy answers to its 3 questions; solved if one of
        them contains the new answer or an alias as whole words
-Results are appended per batch to <out>.partial.jsonl, so an interrupted run resumes.
+Results are appended per batch to <out>.partial.jsonl, so an interrupted run resumes (if nothing the
+numbers depend on changed: the checkpoint's content, the records, every flag); when the run is
+complete they move into --out, which is never a file evaluate.py did not write. Prompts keep their
+last 128 tokens, answers their first 32 (data.MAX_ANSWER).
 """
 import argparse
+import dataclasses
+import hashlib
 import json
+import math
 import os
 import re
 import statistics
@@ -195,13 +201,35 @@ def multihop(runner: Runner, deltas: dict, records: list[EditRequest], max_new_t
 # -----------------------------------------------------------------------------
 # rebuilding from a checkpoint
 
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable, or not one train.py wrote."""
+
+
+CKPT_KEYS = ("hypernet", "optimizer", "step", "config", "editor", "model", "shapes")
+
+
+def read_checkpoint(path: str, device: str = "cpu") -> dict:
+    """The dict train.py saves, or CheckpointError: "not a checkpoint of this project: PATH (reason)"."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no checkpoint at {path}; train one with `python train.py --out DIR`")
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder; give a checkpoint file in it (best.pt or latest.pt)")
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # truncated zip, empty file, another pickle: all mean the same to a user
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
+        raise CheckpointError(f"not a checkpoint of this project: {path} ({type(err).__name__}: {reason})") from None
+    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise CheckpointError(f"not a checkpoint of this project: {path} (it has no {', '.join(missing)})")
+    return ckpt
+
+
 def load_editor(path: str, device: str = "cpu", model_name: str | None = None, dtype: str | None = None) -> tuple:
     """(model, tokenizer, hypernet, checkpoint) from the checkpoint alone (dtype: the base model's,
     default the one trained with)."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; train one with `python train.py --out DIR`")
     check_device(device, dtype or "float32")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = read_checkpoint(path, device)
     model, tokenizer = load_model(model_name or ckpt["model"], dtype or ckpt["config"].get("dtype", "float32"), device)
     shapes = {n: tuple(s) for n, s in ckpt["shapes"].items()}
     found = {}
@@ -233,6 +261,68 @@ def write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Ranges of the flags and the --out file, before any work: one line naming the problem."""
+    rules = [(args.limit is None or args.limit >= 1, f"--limit {args.limit}: give at least 1 (leave it out for all records)"),
+             (args.skip >= 0, f"--skip {args.skip}: give 0 or more"),
+             (args.edits_per_batch >= 1, f"--edits-per-batch {args.edits_per_batch}: give at least 1"),
+             (args.ft_steps >= 1, f"--ft-steps {args.ft_steps}: give at least 1"),
+             (math.isfinite(args.ft_lr) and args.ft_lr > 0, f"--ft-lr {args.ft_lr}: give a positive finite learning rate")]
+    for ok, problem in rules:
+        if not ok:
+            raise SystemExit(f"error: {problem}")
+    out = args.out
+    if os.path.isdir(out):
+        raise SystemExit(f"error: --out {out} is a folder; give a file name for the results (e.g. {os.path.join(out, 'results.json')})")
+    if os.path.exists(out) and not is_results(out):
+        raise SystemExit(f"error: --out {out} exists and is not a results file of evaluate.py; it would be overwritten. "
+                         f"Give another --out")
+    try:                                                        # can --out be written? (before the work)
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        existed = os.path.exists(out + ".partial.jsonl")
+        with open(out + ".partial.jsonl", "a"):
+            pass
+        if not existed:
+            os.remove(out + ".partial.jsonl")
+    except OSError as err:
+        raise SystemExit(f"error: cannot write --out {out} ({err.strerror or err})")
+
+
+def is_results(path: str) -> bool:
+    """Whether path is a results file this script wrote (one it may replace)."""
+    try:
+        with open(path) as f:
+            return {"summary", "args"} <= json.load(f).keys()
+    except (OSError, ValueError, AttributeError):                 # unreadable, not JSON (a checkpoint), not a dict
+        return False
+
+
+def resumable(partial: str, signature: dict, n_batches: int) -> list[dict]:
+    """The batches an interrupted run of the same evaluation finished (its first line is the
+    signature); a cut last line is dropped and redone; another evaluation's file is started afresh."""
+    if not os.path.exists(partial) or os.path.getsize(partial) == 0:
+        return []
+    lines = open(partial).read().split("\n")
+    parsed = []
+    for i, line in enumerate(lines):
+        try:
+            parsed.append(json.loads(line))
+        except ValueError:
+            if any(rest.strip() for rest in lines[i + 1:]) or i == 0:     # not just a cut last line
+                print(f"note: {partial} is damaged at line {i + 1}; starting afresh")
+                return []
+            break
+    if parsed[0] != signature:
+        changed = sorted(k for k in signature.keys() | parsed[0].keys() if signature.get(k) != parsed[0].get(k))
+        print(f"note: {partial} holds another evaluation ({', '.join(changed)} differ); starting afresh")
+        return []
+    done = parsed[1:n_batches + 1]
+    print(f"resuming: {len(done)} of {n_batches} batches already in {partial}")
+    with open(partial, "w") as f:                               # without a cut last line
+        f.writelines(json.dumps(line) + "\n" for line in parsed[:len(done) + 1])
+    return done
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or latest.pt)")
@@ -249,16 +339,20 @@ def main() -> None:
     add_device_args(parser, dtype_default=None)
     parser.add_argument("--out", default="results.json", help="where the summary goes (per-batch progress: <out>.partial.jsonl)")
     args = parser.parse_args()
+    check_args(args)
+    partial = args.out + ".partial.jsonl"
 
     try:
         model, tokenizer, hypernet, ckpt = load_editor(args.ckpt, args.device, args.model, args.dtype)
         data_name = args.data or ckpt["config"]["data"]
-        splits = load(data_name, args.data_dir)
+        splits = load(data_name, args.data_dir, split="train" if args.split == "val" else args.split)
+        if (args.split if args.split != "val" else "train") not in splits:
+            raise DataError(f"{data_name} has no {args.split} split (it has: {', '.join(splits)})")
         if args.split == "val":
             records = split_val(splits["train"], ckpt["config"]["val_size"], ckpt["config"]["seed"])[1]
         else:
             records = splits[args.split]
-    except (DataError, ModelError, FileNotFoundError, KeyError) as err:
+    except (DataError, ModelError, CheckpointError) as err:
         raise SystemExit(f"error: {err}")
     names = list(hypernet.shapes)
     editor = {"ibke": lambda: ibke_editor(hypernet, ckpt["config"].get("tokens", "all")),
@@ -266,24 +360,26 @@ def main() -> None:
     runner = Runner(model, tokenizer, names, cache=False)
 
     if data_name.startswith("mquake"):  # a batch is a case
-        cases = list(dict.fromkeys(r.case_id for r in records))[args.skip:][:args.limit]
+        cases = list(dict.fromkeys(r.case_id for r in records))
+        total, cases = len(cases), cases[args.skip:][:args.limit]
         batches = [[r for r in records if r.case_id == c] for c in cases]
     else:
-        records = records[args.skip:][:args.limit]
+        total, records = len(records), records[args.skip:][:args.limit]
         batches = [records[i:i + args.edits_per_batch] for i in range(0, len(records), args.edits_per_batch)]
-    signature = {k: getattr(args, k) for k in ("ckpt", "split", "skip", "edits_per_batch", "method", "ft_steps", "ft_lr", "dtype")}
-    signature["data"] = data_name
-    partial = args.out + ".partial.jsonl"
-    done = []
-    if os.path.exists(partial):
-        lines = [json.loads(line) for line in open(partial)]
-        if lines and lines[0] == signature:
-            done = lines[1:len(batches) + 1]
-            print(f"resuming: {len(done)} of {len(batches)} batches already in {partial}")
-    if not done:
-        with open(partial, "w") as f:
+    if not batches:
+        raise SystemExit(f"error: --skip {args.skip} leaves no records of {data_name} {args.split} ({total} in all)")
+
+    # everything the numbers depend on: the checkpoint's content, the records, every flag but --out
+    content = hashlib.sha256()
+    with open(args.ckpt, "rb") as f:
+        while chunk := f.read(1 << 24):
+            content.update(chunk)
+    signature = {**{k: v for k, v in vars(args).items() if k != "out"}, "data": data_name, "ckpt_sha256": content.hexdigest(),
+                 "records_sha256": hashlib.sha256(repr([dataclasses.astuple(r) for b in batches for r in b]).encode()).hexdigest()}
+    done = resumable(partial, signature, len(batches))
+    with open(partial, "w" if not done else "a") as f:
+        if not done:
             f.write(json.dumps(signature) + "\n")
-    with open(partial, "a") as f:
         for batch in tqdm(batches[len(done):], desc=f"{args.method} n={args.edits_per_batch}", initial=len(done), total=len(batches)):
             results, seconds, deltas = measure(runner, editor, batch)
             line = {"results": results, "seconds": seconds, "edits": len(batch)}
@@ -299,7 +395,9 @@ def main() -> None:
     if data_name.startswith("mquake"):
         summary["MH"] = statistics.fmean(line["results"][0]["MH"] for line in done)
     summary["ms_per_edit"] = 1000 * sum(line["seconds"] for line in done) / sum(line["edits"] for line in done)
-    write_json(args.out, {"summary": summary, "args": vars(args), "trained": {k: ckpt[k] for k in ("model", "step")}})
+    write_json(args.out, {"summary": summary, "args": vars(args), "trained": {k: ckpt[k] for k in ("model", "step")},
+                          "signature": signature, "batches": done})
+    os.remove(partial)                                        # finished: the batches are in --out
     name = f"{args.method} n={args.edits_per_batch}" if not data_name.startswith("mquake") else f"{args.method} {data_name}"
     print(table([(name, summary)]))
     print(f"wrote {args.out}")

@@ -165,7 +165,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="model whose edited modules size the hypernetwork")
     parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex (default: model.EDIT_TABLE)")
-    parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks")
+    parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all of them); --edit-modules patterns too")
     parser.add_argument("--d-m", type=int, default=EditorConfig.d_m, help="hypernetwork width d_m")
     parser.add_argument("--latent-len", type=int, default=EditorConfig.latent_len, help="l_m")
     parser.add_argument("--latent-dim", type=int, default=EditorConfig.latent_dim, help="latent width Z")

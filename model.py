@@ -92,6 +92,9 @@ def model_path(name: str) -> str:
         if not os.path.exists(os.path.join(cache, "config.json")):
             _export_builtin(name, cache)
         return cache
+    if os.path.isdir(name) and not os.path.exists(os.path.join(name, "config.json")):
+        raise ModelError(f"--model {name} is a folder without config.json; a model folder holds config.json, "
+                         f"the weights and the tokenizer (as save_pretrained writes them)")
     return name
 
 
@@ -193,8 +196,8 @@ def edit_module_names(model: nn.Module, edit_modules: str | None = None, edit_la
     """Names of the edited FFN matrices, bottom to top.
 
     edit_modules: None = the EDIT_TABLE default; else comma-separated suffixes (`mlp.c_fc,mlp.c_proj`)
-    searched in the last `edit_layers` blocks (0 = all), or, if no suffix matches, one regular
-    expression searched in full module names (`layers\\.2[89]\\.mlp\\.up_proj`).
+    or, if no suffix matches, one regular expression searched in full module names
+    (`layers\\.2[89]\\.mlp\\.up_proj`); either way in the last `edit_layers` blocks (0 = all).
     """
     kind = model.config.model_type
     if edit_modules is None and kind not in EDIT_TABLE:
@@ -203,14 +206,21 @@ def edit_module_names(model: nn.Module, edit_modules: str | None = None, edit_la
     suffixes = EDIT_TABLE[kind][1] if edit_modules is None else [s.strip() for s in edit_modules.split(",")]
     path = blocks_path(model)
     n_blocks = len(model.get_submodule(path))
-    first = 0 if edit_layers <= 0 else max(n_blocks - edit_layers, 0)
+    if not 0 <= edit_layers <= n_blocks:
+        raise ModelError(f"--edit-layers {edit_layers}: this {kind} model has {n_blocks} blocks; give 1..{n_blocks} "
+                         f"(the last K blocks), or 0 for all of them")
+    first = 0 if edit_layers == 0 else n_blocks - edit_layers
     linear = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D))]
     names = [f"{path}.{i}.{s}" for i in range(first, n_blocks) for s in suffixes if f"{path}.{i}.{s}" in linear]
-    if not names and edit_modules is not None:
+    if not names and edit_modules is not None:                     # a pattern, in the same blocks
+        blocks = tuple(f"{path}.{i}." for i in range(first, n_blocks))
         try:
-            names = [n for n in linear if re.search(edit_modules, n)]
+            names = [n for n in linear if re.search(edit_modules, n) and n.startswith(blocks)]
         except re.error as err:
             raise ModelError(f"--edit-modules '{edit_modules}' is neither a module name nor a valid pattern ({err})")
+        if not names and any(re.search(edit_modules, n) for n in linear):
+            raise ModelError(f"--edit-modules '{edit_modules}' matches modules only outside the last {edit_layers} "
+                             f"blocks; raise --edit-layers (0: all {n_blocks})")
     if not names:
         in_block = sorted({n[len(path) + 1:].split(".", 1)[1] for n in linear if n.startswith(path + ".")})
         raise ModelError(f"--edit-modules '{edit_modules}' matches no linear module of this {kind} model. "
@@ -462,7 +472,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub name (gpt2-xl, Qwen/Qwen3-0.6B) or a local folder")
     parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex on full names (default: the EDIT_TABLE entry)")
-    parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all)")
+    parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all of them)")
     parser.add_argument("--prompt", default="The capital of France is", help="prompt to complete greedily")
     add_device_args(parser)
     args = parser.parse_args()

@@ -20,6 +20,8 @@ import json
 import math
 import os
 import random
+import signal
+import sys
 import time
 from dataclasses import asdict
 
@@ -27,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from data import DataError, EditRequest, load, split_val
-from evaluate import ibke_editor, measure, summarise
+from evaluate import CheckpointError, ibke_editor, measure, read_checkpoint, summarise
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl
@@ -60,8 +62,10 @@ parser.add_argument("--no-ib", action="store_true", help="ablation: deterministi
 parser.add_argument("--no-scale", action="store_true", help="ablation: token scale s ≡ 1")
 parser.add_argument("--tokens", default="all", choices=["all", "answer"], help="tokens whose (h, u) the hypernetwork reads")
 parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex (default: model.EDIT_TABLE)")
-parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks")
+parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all of them); --edit-modules patterns too")
 parser.add_argument("--val-every", type=int, default=250, help="validate every k steps")
+parser.add_argument("--save-every", type=int, default=100, help="write latest.pt every k steps (and at each validation, at the end, on Ctrl-C / SIGTERM)")
+parser.add_argument("--overwrite", action="store_true", help="train into an --out that holds a run, replacing it (else refused: --resume continues it)")
 parser.add_argument("--log-every", type=int, default=10, help="read the step's numbers off the device, print and log them every k steps (reading makes the host wait)")
 parser.add_argument("--val-size", type=int, default=200, help="records held out of the train split for validation")
 parser.add_argument("--patience", type=int, default=4, help="stop after this many validations without a better F1")
@@ -104,14 +108,43 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     return loss, parts
 
 
+DIVERGED = 1e4  # a loss above this has diverged: a uniform guess over 50k tokens costs ln 50000 ≈ 11 per term
+
+
 def update(hypernet: IBKE, optimizer: torch.optim.Optimizer, loss: torch.Tensor, parts: dict, clip: float) -> None:
-    """Backward, clip, Adam. A non-finite loss or gradient skips the update on the device (fused Adam
-    reads found_inf) instead of being checked on the host: the step never waits for the device."""
+    """Backward, clip, Adam. A non-finite or diverged loss (> DIVERGED) or a non-finite gradient skips
+    the update on the device (fused Adam reads found_inf) instead of being checked on the host: the
+    step never waits for the device."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(hypernet.parameters(), clip)
-    optimizer.found_inf = (~(torch.isfinite(parts["loss"]) & torch.isfinite(parts["grad_norm"]))).float()
+    optimizer.found_inf = (~(torch.isfinite(parts["loss"]) & (parts["loss"] < DIVERGED) & torch.isfinite(parts["grad_norm"]))).float()
     optimizer.step()
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Ranges and combinations of the flags, and --out, before any work: one line naming the problem."""
+    finite_positive = {"lr": args.lr, "clip": args.clip, "eta_init": args.eta_init}
+    at_least_1 = {"steps": args.steps, "batch_size": args.batch_size, "val_every": args.val_every, "val_size": args.val_size,
+                  "patience": args.patience, "log_every": args.log_every, "save_every": args.save_every, "d_m": args.d_m,
+                  "latent_len": args.latent_len, "latent_dim": args.latent_dim, "heads": args.heads}
+    rules = [(v >= 1, f"--{k.replace('_', '-')} {v}: give at least 1") for k, v in at_least_1.items()]
+    rules += [(math.isfinite(v) and v > 0, f"--{k.replace('_', '-')} {v}: give a positive finite number") for k, v in finite_positive.items()]
+    rules += [(math.isfinite(v) and v >= 0, f"--{k.replace('_', '-')} {v}: give 0 or a positive finite weight")
+              for k, v in {"c_edit": args.c_edit, "c_gen": args.c_gen, "c_loc": args.c_loc, "beta": args.beta}.items()]
+    rules += [(args.extra_loc >= 0, f"--extra-loc {args.extra_loc}: give 0 or more"),
+              (args.edit_layers >= 0, f"--edit-layers {args.edit_layers}: give the number of last blocks to edit, or 0 for all"),
+              (args.heads < 1 or args.d_m % args.heads == 0, f"--heads {args.heads} must divide --d-m {args.d_m} (each head gets d_m / heads)"),
+              (not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out} is a file; give a folder for best.pt, latest.pt and log.jsonl")]
+    for ok, problem in rules:
+        if not ok:
+            raise SystemExit(f"error: {problem}")
+    held = [f for f in ("latest.pt", "best.pt", "log.jsonl") if os.path.exists(os.path.join(args.out, f))]
+    continuing = args.resume is not None and os.path.abspath(args.resume or os.path.join(args.out, "latest.pt")) == \
+        os.path.abspath(os.path.join(args.out, "latest.pt"))
+    if held and not continuing and not args.overwrite:
+        raise SystemExit(f"error: --out {args.out} holds a run ({', '.join(held)}); continue it with --resume, "
+                         f"replace it with --overwrite, or give another --out")
 
 
 LOC_KEYS = {"relation": lambda r: r.relation,      # the edit's prompt with another subject
@@ -149,13 +182,15 @@ def loc_groups(records: list[EditRequest], loc_from: str) -> dict:
 
 def main() -> None:
     args = parser.parse_args()
+    check_args(args)
 
     latest_path, best_path = os.path.join(args.out, "latest.pt"), os.path.join(args.out, "best.pt")
     ckpt, new_phase, source = None, False, args.resume or latest_path
     if args.resume is not None:
-        if not os.path.exists(source):
-            raise SystemExit(f"error: --resume but no checkpoint at {source}")
-        ckpt = torch.load(source, map_location="cpu", weights_only=False)
+        try:
+            ckpt = read_checkpoint(source)
+        except CheckpointError as err:
+            raise SystemExit(f"error: --resume: {err}")
         new_phase = os.path.abspath(source) != os.path.abspath(latest_path)
         defaults, unset = vars(parser.parse_args([])), object()  # given flags: those not left at `unset`
         given = {k: v for k, v in vars(parser.parse_args(namespace=argparse.Namespace(**dict.fromkeys(defaults, unset)))).items()
@@ -164,7 +199,8 @@ def main() -> None:
             if k in given and given[k] != ckpt["config"].get(k):
                 raise SystemExit(f"error: {source} is a checkpoint of {k} {ckpt['config'].get(k)!r}, not {given[k]!r}; "
                                  f"the checkpoint fixes --{k.replace('_', '-')}: drop the flag, or train anew")
-        args = argparse.Namespace(**{**defaults, **ckpt["config"], **given})
+        args = argparse.Namespace(**{**defaults, **ckpt["config"], **given, "overwrite": given.get("overwrite", False)})
+        check_args(args)
 
     # -------------------------------------------------------------------------
     # setup
@@ -174,7 +210,7 @@ def main() -> None:
     try:
         model, tokenizer = load_model(args.model, args.dtype, args.device)
         names = edit_module_names(model, args.edit_modules, args.edit_layers)
-        records = load(args.data, args.data_dir)
+        records = load(args.data, args.data_dir, split="train")
     except (DataError, ModelError) as err:
         raise SystemExit(f"error: {err}")
     if "train" not in records:
@@ -209,6 +245,19 @@ def main() -> None:
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
         print(f"resumed {source} at step {step} (best F1 {best_f1:.3f})")
     os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "log.jsonl")
+    if args.overwrite:                                      # asked for: the run that was here goes
+        for f in (latest_path, best_path, log_path):
+            if os.path.exists(f):
+                os.remove(f)
+    elif ckpt is not None and not new_phase and os.path.exists(log_path):   # the log as of the checkpoint
+        lines = [line for line in open(log_path) if line.strip()]
+        kept = [line for line in lines if json.loads(line)["step"] <= step]
+        if len(kept) < len(lines):
+            print(f"log.jsonl: dropped {len(lines) - len(kept)} lines after step {step} (they are redone)")
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(kept)
+            os.replace(log_path + ".tmp", log_path)
     print(f"editing {len(names)} modules of {args.model}: {', '.join(names)}")
     print(f"hypernetwork: {sum(p.numel() for p in hypernet.parameters()) / 1e6:.1f}M parameters; "
           f"{len(train_records)} train / {len(val_records)} val records of {args.data}")
@@ -224,7 +273,7 @@ def main() -> None:
         os.replace(path + ".tmp", path)
 
     def log(line: dict) -> None:
-        with open(os.path.join(args.out, "log.jsonl"), "a") as f:
+        with open(log_path, "a") as f:
             f.write(json.dumps(line) + "\n")
 
     def validate() -> dict[str, float]:
@@ -250,18 +299,28 @@ def main() -> None:
         ms = 1000 * (time.perf_counter() - last_read) / len(pending)
         for (s, n, _), row in zip(pending, values):
             parts = dict(zip(keys, row))
-            finite = math.isfinite(parts["loss"]) and math.isfinite(parts["grad_norm"])
+            finite = math.isfinite(parts["loss"]) and parts["loss"] < DIVERGED and math.isfinite(parts["grad_norm"])
             nonfinite, consecutive_nonfinite = nonfinite + (not finite), 0 if finite else consecutive_nonfinite + 1
             log({"step": s, "n": n, **{k: round(v, 4) for k, v in parts.items()}, "ms": round(ms)})
         bar.write(f"step {s}: n {n} | loss {parts['loss']:.3f} (edit {parts['edit']:.3f} gen {parts['gen']:.3f} "
                   f"loc {parts['loc']:.4f} itm {parts['itm']:.3f}) | ES {parts['ES']:.2f} GS {parts['GS']:.2f} "
-                  f"LS {parts['LS']:.2f} | {ms:.0f}ms/step" + (f" | {nonfinite} non-finite steps skipped" if nonfinite else ""))
+                  f"LS {parts['LS']:.2f} | {ms:.0f}ms/step" + (f" | {nonfinite} non-finite or diverged steps skipped" if nonfinite else ""))
         pending.clear()
         last_read = time.perf_counter()
         if consecutive_nonfinite >= 5:
             save(latest_path)
-            raise SystemExit(f"error: {consecutive_nonfinite} non-finite losses in a row up to step {s}; "
+            raise SystemExit(f"error: {consecutive_nonfinite} non-finite or diverged (> {DIVERGED:g}) losses in a row up to step {s}; "
                              f"lower --lr or --eta-init" + (f", or resume from {best_path}" if os.path.exists(best_path) else ""))
+
+    stop = []                                               # Ctrl-C / SIGTERM: finish the step, save, exit
+
+    def on_signal(signum, frame):
+        if stop:                                            # a second one: stop at once
+            raise KeyboardInterrupt
+        stop.append(signal.Signals(signum).name)
+        bar.write(f"{stop[0]}: saving latest.pt after this step (again to stop at once)")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, on_signal)
 
     while step < args.steps:
         n = sampler.randint(1, args.batch_size)                                   # dynamic batch size
@@ -274,6 +333,16 @@ def main() -> None:
         bar.update(1)
         if step % args.log_every == 0:
             read_pending()
+        if stop:
+            read_pending()
+            save(latest_path)
+            bar.close()
+            print(f"stopped by {stop[0]} at step {step}: saved {latest_path}; continue with "
+                  f"python train.py --out {args.out} --resume", file=sys.stderr)
+            sys.exit(130 if stop[0] == "SIGINT" else 143)
+        if step % args.save_every == 0 and step % args.val_every != 0:
+            read_pending()
+            save(latest_path)
 
         if step % args.val_every == 0 or step == args.steps:
             read_pending()
@@ -292,7 +361,8 @@ def main() -> None:
     read_pending()
     bar.close()
     save(latest_path)
-    print(f"done at step {step}; best validation F1 {best_f1:.3f} in {best_path}")
+    print(f"done at step {step}; " + (f"best validation F1 {best_f1:.3f} in {best_path}" if os.path.exists(best_path)
+                                      else f"no validation in this run (--val-every {args.val_every}); {latest_path} holds it"))
 
 
 if __name__ == "__main__":

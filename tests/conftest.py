@@ -4,6 +4,7 @@ import importlib.util
 import math
 import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -68,3 +69,44 @@ def smollm():
     """The real default model (SmolLM2-135M-Instruct): (model, tokenizer)."""
     from model import load_model
     return load_model("smollm2-135m")
+
+
+# -----------------------------------------------------------------------------
+# tiny local models and a tiny trained run, for the scripts end to end
+
+TINY_EDITOR = ["--d-m", "32", "--latent-dim", "16", "--latent-len", "2", "--heads", "2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_folders(tmp_path_factory, gpt2_tokenizer):
+    """Two tiny models as local folders with a real GPT-2 tokenizer: GPT-2 and (other shapes) Llama."""
+    folders = {}
+    for kind in ("gpt2", "llama"):
+        model = tiny(kind)
+        model.resize_token_embeddings(len(gpt2_tokenizer))
+        folder = tmp_path_factory.mktemp(f"tiny-{kind}")
+        model.save_pretrained(folder)
+        gpt2_tokenizer.save_pretrained(folder)
+        folders[kind] = str(folder)
+    return folders
+
+
+def run(script, *args, check=True):
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    if check and out.returncode != 0:
+        raise AssertionError(f"{script} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_folders, tmp_path_factory):
+    """6 steps, validated at 3 and 6, then resumed to 10; and 10 steps without interruption."""
+    data_dir = os.environ.get("IBKE_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
+    common = ["--model", tiny_folders["gpt2"], "--data-dir", data_dir, "--val-every", "3", "--val-size", "6",
+              "--batch-size", "3", "--eta-init", "1e-2", *TINY_EDITOR]
+    out = tmp_path_factory.mktemp("train")
+    run("train.py", *common, "--steps", "6", "--out", out / "a")
+    shutil.copy(out / "a" / "latest.pt", out / "step6.pt")
+    run("train.py", "--resume", "--steps", "10", "--out", out / "a")
+    run("train.py", *common, "--steps", "10", "--out", out / "b")
+    return out, data_dir

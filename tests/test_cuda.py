@@ -18,7 +18,7 @@ from hypernet import IBKE, EditorConfig
 from losses import LossWeights
 from model import Runner, edit_module_names, load_model, weight_shape
 from test_editor import perturb_zero_init
-from test_pipeline import TINY_EDITOR, run, tiny_folders  # noqa: F401 (a fixture)
+from conftest import TINY_EDITOR, run
 from train import train_step, update
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -26,7 +26,7 @@ DATA_DIR = os.environ.get("IBKE_DATA_DIR", os.path.join(ROOT, "..", "shared", "d
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "smollm2-135m"])
-def model_name(request, tiny_folders):  # noqa: F811
+def model_name(request, tiny_folders):
     return tiny_folders.get(request.param, request.param)
 
 

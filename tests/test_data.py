@@ -19,11 +19,12 @@ def test_counterfact_real_files(data_dir):
     assert r.locality == [("Michel Rocard is a native speaker of", "French")]
 
 
-def test_zsre_subset_gets_seeded_split(data_dir):
+def test_zsre_subset_gets_seeded_split(data_dir, capsys):
     splits = load("zsre", data_dir)
-    assert (len(splits["train"]), len(splits["eval"])) == (800, 200)
+    assert "left out 2 record(s)" in capsys.readouterr().out              # records 534 and 723: empty 'alt'
+    assert (len(splits["train"]), len(splits["eval"])) == (798, 200)      # both were in train: the split is as before
     ids = [r.case_id for r in splits["train"] + splits["eval"]]
-    assert sorted(ids, key=int) == [str(i) for i in range(1000)]          # a partition of the 1000 records
+    assert sorted(ids, key=int) == [str(i) for i in range(1000) if i not in (534, 723)]   # a partition
     assert [r.case_id for r in load("zsre", data_dir)["eval"]] == [r.case_id for r in splits["eval"]]  # seeded
     r = next(r for r in splits["train"] + splits["eval"] if r.case_id == "0")
     assert (r.prompt, r.target, r.old_target) == ("What is the product made by UniFirst?", "unmanned aircraft", "uniform")
@@ -35,7 +36,7 @@ def test_zsre_uses_official_eval_when_present(data_dir, tmp_path):
     records = json.load(open(tmp_path / "zsre" / "zsre_mend_train-1k.json"))
     json.dump(records[:7], open(tmp_path / "zsre" / "zsre_mend_eval.json", "w"))
     splits = load("zsre", str(tmp_path))
-    assert (len(splits["train"]), len(splits["eval"])) == (1000, 7)
+    assert (len(splits["train"]), len(splits["eval"])) == (998, 7)       # 2 with an empty answer left out
 
 
 def test_mquake_hard(data_dir):

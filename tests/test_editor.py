@@ -7,7 +7,7 @@ from transformers.pytorch_utils import Conv1D
 from conftest import reorder_rtol, tiny
 from data import encode, load
 from hooks import apply_delta, functional_edit, grad_decomposition, restore
-from hypernet import IBKE, EditorConfig, ShapeEditor
+from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, gaussian_kl, ibke_loss, locality_kl, scored
 from model import edit_module_names, weight_shape
 

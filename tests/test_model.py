@@ -21,7 +21,13 @@ def test_default_edit_modules_per_architecture():
 def test_edit_modules_override_by_suffix_and_pattern():
     m = tiny("llama")
     assert edit_module_names(m, "mlp.gate_proj", edit_layers=1) == ["model.layers.3.mlp.gate_proj"]
-    assert edit_module_names(m, r"layers\.[01]\.mlp\.down_proj") == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert edit_module_names(m, r"layers\.[01]\.mlp\.down_proj", edit_layers=0) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert edit_module_names(m, "mlp", edit_layers=1) == [f"model.layers.3.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    for layers in (-1, 5):
+        with pytest.raises(ModelError, match="has 4 blocks; give 1..4"):
+            edit_module_names(m, edit_layers=layers)
+    with pytest.raises(ModelError, match="only outside the last 3 blocks"):
+        edit_module_names(m, r"layers\.0\.mlp\.down_proj")
 
 
 def test_unknown_module_and_architecture_errors_list_what_exists():
@@ -54,7 +60,7 @@ def test_default_model_completes_paris_and_reloads_from_the_cache(smollm):
 
 
 def test_run_from_block_gives_the_full_models_logits(tiny_model):
-    from model import Runner, hidden_before, run_from_block
+    from model import hidden_before, run_from_block
     ids = torch.randint(1, 100, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 5:] = 0

@@ -1,23 +1,16 @@
 """train.py and evaluate.py end to end on tiny local models: the loss goes down, the checkpoint
 rebuilds the editor, training and evaluation resume, another model's checkpoint is refused."""
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, tiny
+from conftest import run, tiny
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl, scored
 from model import edit_module_names, weight_shape
 from test_editor import random_batch
-
-TINY_EDITOR = ["--d-m", "32", "--latent-dim", "16", "--latent-len", "2", "--heads", "2"]
-
 
 def test_training_steps_lower_the_loss():
     """The loop of train.py, on a fixed batch of a tiny model: Adam on the hypernetwork lowers L."""
@@ -43,41 +36,6 @@ def test_training_steps_lower_the_loss():
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-5:]) / 5 < 0.3 * sum(losses[:5]) / 5, losses
-
-
-@pytest.fixture(scope="module")
-def tiny_folders(tmp_path_factory, gpt2_tokenizer):
-    """Two tiny models as local folders with a real GPT-2 tokenizer: GPT-2 and (other shapes) Llama."""
-    folders = {}
-    for kind in ("gpt2", "llama"):
-        model = tiny(kind)
-        model.resize_token_embeddings(len(gpt2_tokenizer))
-        folder = tmp_path_factory.mktemp(f"tiny-{kind}")
-        model.save_pretrained(folder)
-        gpt2_tokenizer.save_pretrained(folder)
-        folders[kind] = str(folder)
-    return folders
-
-
-def run(script, *args, check=True):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
-    if check and out.returncode != 0:
-        raise AssertionError(f"{script} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_folders, tmp_path_factory):
-    """6 steps, validated at 3 and 6, then resumed to 10; and 10 steps without interruption."""
-    data_dir = os.environ.get("IBKE_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
-    common = ["--model", tiny_folders["gpt2"], "--data-dir", data_dir, "--val-every", "3", "--val-size", "6",
-              "--batch-size", "3", "--eta-init", "1e-2", *TINY_EDITOR]
-    out = tmp_path_factory.mktemp("train")
-    run("train.py", *common, "--steps", "6", "--out", out / "a")
-    shutil.copy(out / "a" / "latest.pt", out / "step6.pt")
-    run("train.py", "--resume", "--steps", "10", "--out", out / "a")
-    run("train.py", *common, "--steps", "10", "--out", out / "b")
-    return out, data_dir
 
 
 def test_checkpoint_rebuilds_editor_with_same_validation_numbers(trained):
@@ -135,14 +93,19 @@ def test_interrupted_evaluation_resumes(trained):
     out, data_dir = trained
     args = ["--ckpt", out / "b" / "latest.pt", "--data-dir", data_dir, "--limit", "6", "--edits-per-batch", "2"]
     run("evaluate.py", *args, "--out", out / "full.json")
-    lines = open(out / "full.json.partial.jsonl").readlines()
-    assert len(lines) == 1 + 3
-    with open(out / "cut.json.partial.jsonl", "w") as f:               # as if stopped after batch 1
-        f.writelines(lines[:2])
+    full = json.load(open(out / "full.json"))
+    assert len(full["batches"]) == 3 and not (out / "full.json.partial.jsonl").exists()   # finished: nothing stray
+    lines = [json.dumps(full["signature"]) + "\n", json.dumps(full["batches"][0]) + "\n", json.dumps(full["batches"][1])[:40]]
+    with open(out / "cut.json.partial.jsonl", "w") as f:               # as if stopped while writing batch 2
+        f.writelines(lines)
     resumed = run("evaluate.py", *args, "--out", out / "cut.json")
-    assert "resuming: 1 of 3 batches" in resumed.stdout
-    full, cut = (json.load(open(out / f))["summary"] for f in ("full.json", "cut.json"))
-    assert {k: v for k, v in full.items() if k != "ms_per_edit"} == {k: v for k, v in cut.items() if k != "ms_per_edit"}
+    assert "resuming: 1 of 3 batches" in resumed.stdout                 # the cut line dropped and redone
+    cut = json.load(open(out / "cut.json"))
+    assert {k: v for k, v in full["summary"].items() if k != "ms_per_edit"} == {k: v for k, v in cut["summary"].items() if k != "ms_per_edit"}
+    with open(out / "cut.json.partial.jsonl", "w") as f:               # another checkpoint's partial file
+        f.writelines(lines[:2])
+    other = run("evaluate.py", *args[:1], out / "a" / "latest.pt", *args[2:], "--out", out / "cut.json")
+    assert "holds another evaluation (ckpt, ckpt_sha256 differ); starting afresh" in other.stdout
 
 
 def test_evaluation_skip_takes_a_later_slice(trained):
@@ -150,8 +113,7 @@ def test_evaluation_skip_takes_a_later_slice(trained):
     args = ["--ckpt", out / "b" / "latest.pt", "--data-dir", data_dir, "--edits-per-batch", "2"]
     run("evaluate.py", *args, "--limit", "6", "--out", out / "first6.json")
     run("evaluate.py", *args, "--skip", "2", "--limit", "4", "--out", out / "skip2.json")
-    first6, skip2 = ([json.loads(l)["results"] for l in open(out / f"{f}.json.partial.jsonl").readlines()[1:]]
-                     for f in ("first6", "skip2"))
+    first6, skip2 = ([b["results"] for b in json.load(open(out / f"{f}.json"))["batches"]] for f in ("first6", "skip2"))
     assert len(skip2) == 2 and skip2 == first6[1:] and first6[0] != first6[1]   # the slices differ
 
 

@@ -1,0 +1,182 @@
+"""Bad input and bad luck: each probe ends in one line naming the problem (no traceback), or in what
+the user meant, and nothing already written changes. Argument probes run the scripts' main() in
+this process; a signal needs a real process."""
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import evaluate
+import train
+from conftest import ROOT, TINY_EDITOR, run
+from data import DataError, load, tokenize
+
+
+def snapshot(folder) -> dict:
+    """Every file under folder: its size and sha256."""
+    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest())
+            for d, _, files in os.walk(folder) for f in files}
+
+
+def fails(main, argv, message, monkeypatch) -> str:
+    """main() with argv exits with one line holding `message` (not a traceback)."""
+    monkeypatch.setattr(sys, "argv", ["script", *map(str, argv)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    text = str(exit_.value.code)
+    assert message in text, text
+    assert text.startswith("error: ")
+    return text
+
+
+@pytest.fixture
+def setting(trained, tiny_folders):
+    """A finished tiny run (out/b: best.pt, latest.pt, log.jsonl) and the flags that train it."""
+    out, data_dir = trained
+    common = ["--model", tiny_folders["gpt2"], "--data-dir", data_dir, *TINY_EDITOR, "--val-size", "6", "--batch-size", "3"]
+    return out, data_dir, common
+
+
+TRAIN_ARGS = [  # (flags, message)
+    (["--steps", "0"], "--steps 0: give at least 1"),
+    (["--batch-size", "0"], "--batch-size 0: give at least 1"),
+    (["--val-every", "0"], "--val-every 0: give at least 1"),
+    (["--val-size", "0"], "--val-size 0: give at least 1"),
+    (["--latent-len", "0"], "--latent-len 0: give at least 1"),
+    (["--heads", "3"], "--heads 3 must divide --d-m 32"),
+    (["--extra-loc", "-1"], "--extra-loc -1: give 0 or more"),
+    (["--lr", "nan"], "--lr nan: give a positive finite number"),
+    (["--edit-layers", "-1"], "--edit-layers -1"),
+    (["--edit-layers", "999"], "has 4 blocks; give 1..4"),
+]
+
+
+@pytest.mark.parametrize("flags,message", TRAIN_ARGS, ids=[" ".join(f) for f, _ in TRAIN_ARGS])
+def test_train_argument_probes(setting, tmp_path, monkeypatch, flags, message):
+    out, _, common = setting
+    before = snapshot(out)
+    fails(train.main, [*common, "--out", tmp_path / "new", *flags], message, monkeypatch)
+    assert snapshot(out) == before and not os.listdir(tmp_path)
+
+
+def test_train_never_clobbers_a_run(setting, tmp_path, monkeypatch):
+    out, data_dir, common = setting
+    before = snapshot(out / "b")
+    fails(train.main, [*common, "--steps", "2", "--out", out / "b"], "holds a run (latest.pt, best.pt, log.jsonl)", monkeypatch)
+    fails(train.main, ["--resume", out / "a" / "latest.pt", "--out", out / "b"], "holds a run", monkeypatch)  # a second phase too
+    (tmp_path / "file").write_text("x")
+    fails(train.main, [*common, "--out", tmp_path / "file"], "is a file; give a folder", monkeypatch)
+    assert snapshot(out / "b") == before
+    shutil.copytree(out / "b", tmp_path / "b")
+    run("train.py", *common, "--steps", "2", "--val-every", "2", "--out", tmp_path / "b", "--overwrite")   # asked for
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
+    assert steps == [1, 2, 2] and torch.load(tmp_path / "b" / "latest.pt", weights_only=False)["step"] == 2
+    run("train.py", *common, "--steps", "2", "--val-every", "2", "--out", tmp_path / "deep" / "er")      # missing parents: made
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut here", b"not a checkpoint", "pickle"])
+def test_unreadable_checkpoints_get_one_line(setting, tmp_path, monkeypatch, content):
+    out, data_dir, _ = setting
+    path = tmp_path / "bad.pt"
+    if content == "pickle":
+        torch.save({"weights": torch.zeros(2)}, path)                     # a foreign checkpoint
+    else:
+        path.write_bytes(content if content != b"PK\x03\x04 cut here" else open(out / "b" / "best.pt", "rb").read()[:4096])
+    before = snapshot(tmp_path)
+    fails(evaluate.main, ["--ckpt", path, "--data-dir", data_dir, "--out", tmp_path / "r.json"],
+          f"not a checkpoint of this project: {path}", monkeypatch)
+    fails(train.main, ["--resume", path, "--out", tmp_path / "p2"], f"not a checkpoint of this project: {path}", monkeypatch)
+    assert snapshot(tmp_path) == before
+
+
+EVALUATE_ARGS = [
+    (["--limit", "0"], "--limit 0: give at least 1"),
+    (["--limit", "-1"], "--limit -1"),
+    (["--edits-per-batch", "0"], "--edits-per-batch 0: give at least 1"),
+    (["--skip", "20000"], "--skip 20000 leaves no records of counterfact eval (10000 in all)"),
+    (["--data", "mquake", "--split", "train"], "mquake has no train split (it has: eval)"),
+]
+
+
+@pytest.mark.parametrize("flags,message", EVALUATE_ARGS, ids=[" ".join(f) for f, _ in EVALUATE_ARGS])
+def test_evaluate_argument_probes(setting, tmp_path, monkeypatch, flags, message):
+    out, data_dir, _ = setting
+    before = snapshot(out)
+    fails(evaluate.main, ["--ckpt", out / "b" / "best.pt", "--data-dir", data_dir, "--out", tmp_path / "r.json", *flags], message, monkeypatch)
+    assert snapshot(out) == before and not os.listdir(tmp_path)
+
+
+def test_evaluate_never_writes_over_what_it_did_not_write(setting, tmp_path, monkeypatch):
+    out, data_dir, _ = setting
+    before = snapshot(out)
+    args = ["--ckpt", out / "b" / "best.pt", "--data-dir", data_dir, "--limit", "1"]
+    fails(evaluate.main, [*args, "--out", out / "b" / "best.pt"], "is not a results file of evaluate.py", monkeypatch)
+    fails(evaluate.main, [*args, "--out", out / "b"], "is a folder", monkeypatch)
+    assert snapshot(out) == before
+    run("evaluate.py", *args, "--out", tmp_path / "new" / "r.json")                 # a missing folder is made
+    run("evaluate.py", *args, "--out", tmp_path / "new" / "r.json")                 # its own results: replaced
+    assert os.listdir(tmp_path / "new") == ["r.json"]                               # no partial file left
+
+
+def test_data_probes(data_dir, tmp_path, capsys, gpt2_tokenizer):
+    os.makedirs(tmp_path / "empty" / "counterfact")
+    json.dump([], open(tmp_path / "empty" / "counterfact" / "counterfact-edit.json", "w"))
+    with pytest.raises(DataError, match="counterfact-edit.json holds no records"):
+        load("counterfact", str(tmp_path / "empty"), split="eval")
+    records = json.load(open(os.path.join(data_dir, "counterfact", "counterfact-edit.json")))[:4]
+    records[1]["target_new"], records[2]["prompt"] = None, " "
+    os.makedirs(tmp_path / "bad" / "counterfact")
+    json.dump(records, open(tmp_path / "bad" / "counterfact" / "counterfact-edit.json", "w"))
+    assert len(load("counterfact", str(tmp_path / "bad"), split="eval")["eval"]) == 2     # no train file needed
+    note = capsys.readouterr().out
+    assert "left out 2 record(s)" in note and "record 1: field 'target_new' is None" in note and "record 2: field 'prompt' is empty" in note
+    os.makedirs(tmp_path / "dangling")
+    os.symlink(tmp_path / "nowhere", tmp_path / "dangling" / "counterfact")
+    with pytest.raises(DataError, match="is a link to .*nowhere, which does not exist"):
+        load("counterfact", str(tmp_path / "dangling"))
+    (ids, start), = tokenize(gpt2_tokenizer, ["Q:"], ["word " * 1000])              # answers are capped
+    assert len(ids) - start == 32
+
+
+def test_model_folder_without_config(tmp_path):
+    from model import ModelError, load_model
+    with pytest.raises(ModelError, match="folder without config.json"):
+        load_model(str(tmp_path))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
+def test_cuda_without_a_gpu(setting, tmp_path, monkeypatch):
+    out, data_dir, common = setting
+    fails(train.main, [*common, "--device", "cuda", "--out", tmp_path / "x"], "no CUDA GPU is visible", monkeypatch)
+    fails(evaluate.main, ["--ckpt", out / "b" / "best.pt", "--device", "cuda", "--out", tmp_path / "r.json"], "no CUDA GPU is visible", monkeypatch)
+
+
+def test_sigint_saves_latest_and_resume_keeps_the_log_in_step(setting, tmp_path):
+    """Ctrl-C mid-run: latest.pt holds the last step, one line says so; --resume drops the log lines
+    written after it and redoes those steps."""
+    _, data_dir, common = setting
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, common), "--steps", "100000", "--val-every", "100000",
+           "--save-every", "100000", "--log-every", "1", "--out", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "stopped by SIGINT at step" in stderr
+    step = torch.load(tmp_path / "run" / "latest.pt", weights_only=False)["step"]
+    assert step == len(log.read_text().splitlines()) >= 3                    # every step logged, none lost
+    with open(log, "a") as f:                                                # as if steps ran after the save
+        f.write(json.dumps({"step": step + 1, "loss": 0.0}) + "\n")
+    run("train.py", "--resume", "--steps", step + 2, "--out", tmp_path / "run")
+    steps = [json.loads(line)["step"] for line in open(log) if '"val"' not in line]
+    assert steps == list(range(1, step + 3))
