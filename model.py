@@ -360,8 +360,9 @@ class Runner:
         self.block = first_edited_block(model, names)
         self.device = model.device
         width = model.config.hidden_size
-        self.hidden, self.hidden_at = Store(width, model.dtype, self.device), {}   # entering the block: text -> offset
-        self.final, self.final_at = Store(width, model.dtype, self.device), {}     # final norm, scored positions
+        if cache:
+            self.hidden, self.hidden_at = Store(width, model.dtype, self.device), {}   # entering the block: text -> offset
+            self.final, self.final_at = Store(width, model.dtype, self.device), {}     # final norm: text -> (offset, n)
 
     def batch(self, prompts: list[str], targets: list[str]) -> dict:
         """Device tensors input_ids, attention_mask, labels (B, T) and hidden (B, T, C); host lists

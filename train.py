@@ -358,6 +358,7 @@ def main() -> None:
             if bad_validations >= args.patience:
                 bar.write(f"early stop: no better validation F1 in {args.patience} validations")
                 break
+            last_read = time.perf_counter()                 # ms/step counts training steps only
     read_pending()
     bar.close()
     save(latest_path)
