@@ -88,3 +88,19 @@ def test_evaluation_makes_every_tensor_on_the_models_device(tiny_setup, data_dir
         runner = Runner(model, tokenizer, names, cache=False)
         deltas = measure(runner, ibke_editor(editor), case)[2]
         multihop(runner, deltas, case, max_new_tokens=2)
+
+
+def test_warm_training_step_reads_nothing_off_the_device(tiny_setup, data_dir):
+    """On a GPU every value read (.item(), .tolist(), bool of a tensor), nonzero and boolean-mask
+    index makes the host wait; a warm step has none (bench.HostSyncs counts them on any device)."""
+    from bench import HostSyncs
+    model, tokenizer, names, editor = tiny_setup
+    records = load("counterfact", data_dir)["train"][:16]
+    runner = Runner(model, tokenizer, names, cache=True)
+    optimizer = torch.optim.Adam(editor.parameters(), lr=1e-4, fused=True)
+    editor.train()
+    for counting in (False, True):                                            # cold (fills the caches), then warm
+        with HostSyncs() as syncs:
+            loss, parts = train_step(runner, editor, records[:4], records[8:12], LossWeights())
+            update(editor, optimizer, loss, parts, clip=1.0)
+    assert dict(syncs.calls) == {}
