@@ -180,3 +180,19 @@ def test_sigint_saves_latest_and_resume_keeps_the_log_in_step(setting, tmp_path)
     run("train.py", "--resume", "--steps", step + 2, "--out", tmp_path / "run")
     steps = [json.loads(line)["step"] for line in open(log) if '"val"' not in line]
     assert steps == list(range(1, step + 3))
+
+
+def test_a_diverged_loss_skips_the_update_on_the_device():
+    """A loss of 4e15 is finite but diverged: update() leaves the parameters and Adam's step count
+    alone, as for NaN, and a sound loss still steps."""
+    weight = torch.nn.Parameter(torch.ones(3))
+    net = torch.nn.Module()
+    net.weight = weight
+    optimizer = torch.optim.Adam([weight], lr=0.1, fused=True)
+    for scale, moves in ((4e15, False), (float("nan"), False), (1.0, True)):
+        before = weight.detach().clone()
+        loss = scale * weight.sum()
+        parts = {"loss": loss.detach()}
+        train.update(net, optimizer, loss, parts, clip=1.0)
+        assert (not torch.equal(weight.detach(), before)) == moves, scale
+    assert optimizer.state[weight]["step"].item() == 1
