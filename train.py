@@ -12,7 +12,8 @@ Train the IBKE hypernetwork (IBKE.md §3): a plain PyTorch loop.
 Each step: draw n ∈ 1..batch-size edits ("dynamic" batches), decompose the edit loss's gradient on
 the frozen model (hooks.py), turn it into ΔW (hypernet.py), apply ΔW functionally, and minimise
 SG + IL + ITM (losses.py) with Adam. Validation (single edits, evaluate.py's metrics) every
---val-every steps; best.pt keeps the best validation F1, latest.pt the newest state.
+--val-every steps; best.pt keeps the best validation F1, latest.pt the newest state (also every
+--save-every steps and on Ctrl-C). Prompts keep their last 128 tokens, answers their first 32.
 """
 import argparse
 import bisect

@@ -98,6 +98,7 @@ def test_offline_error_names_file_url_and_place(tmp_path, monkeypatch):
     message = str(err.value)
     assert "counterfact-train.json" in message and url in message
     assert str(tmp_path / "counterfact" / "counterfact-train.json") in message
+    assert "2 data file(s) missing" in message and str(tmp_path / "counterfact" / "counterfact-edit.json") in message  # every one
 
 
 def test_malformed_record_names_file_index_field(data_dir, tmp_path):

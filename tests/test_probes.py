@@ -145,6 +145,12 @@ def test_data_probes(data_dir, tmp_path, capsys, gpt2_tokenizer):
     assert len(ids) - start == 32
 
 
+def test_float16_on_cpu_gets_a_note(capsys):
+    from model import check_device
+    check_device("cpu", "float16")
+    assert "float16 matrix products are slow on most CPUs" in capsys.readouterr().out
+
+
 def test_model_folder_without_config(tmp_path):
     from model import ModelError, load_model
     with pytest.raises(ModelError, match="folder without config.json"):
