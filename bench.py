@@ -29,7 +29,8 @@ from evaluate import ibke_editor, load_editor, measure
 from hooks import grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
-from model import ModelError, Runner, add_device_args, edit_module_names, load_model, meta_model, to_device, weight_shape
+from model import ModelError, add_device_args, edit_module_names, load_model, meta_model, weight_shape
+from runner import Runner, to_device
 from train import train_step, update
 
 

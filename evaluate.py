@@ -41,7 +41,8 @@ from data import DataError, EditRequest, load, split_val
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import answer_nll
-from model import ModelError, Runner, add_device_args, check_device, index, load_model, take, weight_shape
+from model import ModelError, add_device_args, check_device, load_model, weight_shape
+from runner import Runner, index, take
 
 METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p"]
 

@@ -54,7 +54,7 @@ def grad_decomposition(model: nn.Module, names: list[str], batch: dict[str, torc
     tokens: "all" keeps every non-padding token; "answer" only the scored ones (those whose next
     token is an answer token). h and u are zero outside the mask.
     forward: batch -> scored logits (N, V), targets (N,), rows (N,) (see losses.scored); default the
-    full model. model.Runner.scored_logits is the fast one: it starts at the first edited block.
+    full model. runner.Runner.scored_logits is the fast one: it starts at the first edited block.
     """
     forward = forward or (lambda b: scored(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]))
     labels = batch["labels"]

@@ -34,7 +34,8 @@ from evaluate import CheckpointError, ibke_editor, measure, read_checkpoint, sum
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl
-from model import ModelError, Runner, add_device_args, edit_module_names, load_model, positions, take, weight_shape
+from model import ModelError, add_device_args, edit_module_names, load_model, weight_shape
+from runner import Runner, positions, take
 
 # -----------------------------------------------------------------------------
 # config

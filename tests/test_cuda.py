@@ -16,7 +16,8 @@ from evaluate import ibke_editor, measure
 from hooks import dense
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
-from model import Runner, edit_module_names, load_model, weight_shape
+from model import edit_module_names, load_model, weight_shape
+from runner import Runner
 from test_editor import perturb_zero_init
 from conftest import TINY_EDITOR, run
 from train import train_step, update

@@ -3,7 +3,7 @@ which here is also the model's device, so nothing fails; on a GPU the same line 
 once indexed a device tensor with `torch.tensor(loc)` and every GPU run died at its first
 validation). HostTensors tags every tensor a factory makes without `device=` as host-made, and fails
 any op where a host-made tensor meets one of the model's tensors without having been moved (`.to`,
-model.to_device); host-made tensors may meet each other (host-side bookkeeping) and 0-d ones anything
+runner.to_device); host-made tensors may meet each other (host-side bookkeeping) and 0-d ones anything
 (a CPU scalar may join a CUDA op)."""
 import pytest
 import torch
@@ -15,7 +15,8 @@ from data import load
 from evaluate import ft_editor, ibke_editor, measure, multihop, no_editor
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
-from model import Runner, edit_module_names, weight_shape
+from model import edit_module_names, weight_shape
+from runner import Runner
 from train import train_step, update
 
 FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange,

@@ -10,7 +10,8 @@ from evaluate import ibke_editor
 from hooks import dense, functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl, scored
-from model import Runner, edit_module_names, length_groups, take, weight_shape
+from model import edit_module_names, weight_shape
+from runner import Runner, length_groups, take
 from test_editor import perturb_zero_init
 from train import train_step
 

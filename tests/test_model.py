@@ -60,7 +60,7 @@ def test_default_model_completes_paris_and_reloads_from_the_cache(smollm):
 
 
 def test_run_from_block_gives_the_full_models_logits(tiny_model):
-    from model import hidden_before, run_from_block
+    from runner import hidden_before, run_from_block
     ids = torch.randint(1, 100, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 5:] = 0
@@ -77,7 +77,7 @@ def test_run_from_block_gives_the_full_models_logits(tiny_model):
 def test_runner_scored_logits_equal_full_model_on_real_model(smollm, data_dir):
     from data import encode, load
     from losses import scored
-    from model import Runner
+    from runner import Runner
     model, tokenizer = smollm
     records = load("counterfact", data_dir)["eval"][:4]
     prompts = [r.prompt for r in records] + [r.locality[0][0] for r in records]

@@ -1,0 +1,243 @@
+"""
+Running the frozen base model fast (IBKE.md §3, training and evaluation): the blocks below the
+first edited module are frozen and never edited, so for a given text they always compute the same
+hidden states. Compute them once, run only the edited blocks and above, and apply the LM head only
+where a loss or metric is read.
+
+    python -m pytest tests/test_model.py tests/test_fast.py     # equal to full-model passes
+
+Every length and answer position is known on the host from tokenisation (data.tokenize), so a warm
+training step never waits for the device (bench.py counts the waits: none).
+"""
+import torch
+import torch.nn as nn
+
+from data import pad, tokenize
+from model import blocks_path
+
+class _Stop(Exception):
+    pass
+
+
+def first_edited_block(model: nn.Module, names: list[str]) -> int:
+    prefix = blocks_path(model) + "."
+    return min(int(n[len(prefix):].split(".")[0]) for n in names)
+
+
+def attention_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """(B, T) right-padding mask -> (B, 1, T, T) additive causal bias, or None where nothing is padding
+    (then the model takes its causal path). Given ready, transformers uses it as is, instead of
+    asking the device whether the mask has padding (a host-device sync per forward)."""
+    if attention_mask is None:
+        return None
+    T = attention_mask.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    allowed = causal & attention_mask.bool()[:, None, :]                                  # (B, T, T)
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+@torch.no_grad()
+def hidden_before(model: nn.Module, block: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Hidden states entering block `block` (B, T, C); the blocks above are not run."""
+    def stop(module, args, kwargs):
+        raise _Stop(args[0] if args else kwargs["hidden_states"])
+    handle = model.get_submodule(blocks_path(model))[block].register_forward_pre_hook(stop, with_kwargs=True)
+    try:
+        model.base_model(input_ids=input_ids, attention_mask=attention_bias(attention_mask, model.dtype), use_cache=False)
+    except _Stop as hidden:
+        return hidden.args[0]
+    finally:
+        handle.remove()
+    raise RuntimeError(f"block {block} was never reached")
+
+
+class _NoPosition(nn.Module):  # GPT-2 adds absolute position embeddings to inputs_embeds; the cache has them
+    def forward(self, position_ids):
+        return torch.zeros(())
+
+
+def run_from_block(model: nn.Module, block: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """The model from block `block` up, given the hidden states entering it: final-norm output (B, T, C).
+    Works by handing the base model a block list that starts at `block` and the hidden states as
+    inputs_embeds (GPT-2, GPT-J, GPT-NeoX, Llama, Qwen, Mistral)."""
+    path = blocks_path(model)
+    parent, attr = model.get_submodule(path.rsplit(".", 1)[0]) if "." in path else model, path.rsplit(".", 1)[-1]
+    blocks = getattr(parent, attr)
+    base = model.base_model
+    wpe = getattr(base, "wpe", None)
+    setattr(parent, attr, blocks[block:])
+    if wpe is not None:
+        base.wpe = _NoPosition()
+    try:
+        return base(inputs_embeds=hidden, attention_mask=attention_bias(attention_mask, hidden.dtype), use_cache=False).last_hidden_state
+    finally:
+        setattr(parent, attr, blocks)
+        if wpe is not None:
+            base.wpe = wpe
+
+
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor onto `device` without making the host wait for it (pinned, non-blocking)."""
+    if torch.device(device).type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True)
+    return x.to(device)
+
+
+def index(values: list[int], device: torch.device) -> torch.Tensor:
+    """A host list of indices as a long tensor on `device`."""
+    return to_device(torch.tensor(values, dtype=torch.long), device)
+
+
+def positions(batch: dict) -> tuple[list[int], list[int]]:
+    """Host lists (rows, cols) of a batch's scored positions, row-major: those whose next token is
+    an answer token (losses.scored_positions, read off the host lengths instead of the labels)."""
+    rows, cols = [], []
+    for b, (start, length) in enumerate(zip(batch["starts"], batch["lengths"])):
+        span = range(max(start, 1) - 1, length - 1)                       # position t predicts t + 1
+        rows += [b] * len(span)
+        cols += span
+    return rows, cols
+
+
+class Store:
+    """Rows of one width in one growing device tensor, addressed by offset. Row 0 stays zero, so
+    gathering it gives padding. Capacity doubles: few allocations, one gather per batch."""
+
+    def __init__(self, width: int, dtype: torch.dtype, device: torch.device, capacity: int = 4096):
+        self.data = torch.zeros(capacity, width, dtype=dtype, device=device)
+        self.size = 1
+
+    def append(self, rows: torch.Tensor) -> int:
+        """Store rows (N, width); returns the offset of the first."""
+        if self.size + len(rows) > len(self.data):
+            grown = self.data.new_zeros(max(2 * len(self.data), self.size + len(rows)), self.data.shape[1])
+            grown[:self.size] = self.data[:self.size]
+            self.data = grown
+        self.data[self.size:self.size + len(rows)] = rows
+        self.size += len(rows)
+        return self.size - len(rows)
+
+
+class Runner:
+    """Runs the frozen model on (prompt, answer) texts from the first edited block up.
+
+    `batch` tokenises (data.tokenize) and attaches the hidden states entering that block, computed
+    once per text when `cache` is on (training revisits texts; evaluation sees each once, and
+    reuses one batch for the edit, pre-edit and post-edit passes). `scored_logits` runs rows of
+    similar length together (length_groups) and applies the LM head only where a loss or metric is
+    read, as losses.scored does on full logits; `frozen_logits` gives the unedited model's, keeping
+    their final hidden states per text.
+    Every length and position is known on the host from tokenisation, so a warm training step never
+    waits for the device; cached states live in two Stores on the device, gathered by index.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, names: list[str], cache: bool = True, max_len: int = 128):
+        self.model, self.tokenizer, self.max_len, self.cache = model, tokenizer, max_len, cache
+        self.block = first_edited_block(model, names)
+        self.device = model.device
+        width = model.config.hidden_size
+        if cache:
+            self.hidden, self.hidden_at = Store(width, model.dtype, self.device), {}   # entering the block: text -> offset
+            self.final, self.final_at = Store(width, model.dtype, self.device), {}     # final norm: text -> (offset, n)
+
+    def batch(self, prompts: list[str], targets: list[str]) -> dict:
+        """Device tensors input_ids, attention_mask, labels (B, T) and hidden (B, T, C); host lists
+        keys, lengths, starts (where each answer begins)."""
+        rows = tokenize(self.tokenizer, prompts, targets, max_len=self.max_len)
+        batch = {k: to_device(v, self.device) for k, v in pad(rows, self.tokenizer.pad_token_id).items()}
+        batch.update(keys=list(zip(prompts, targets)), lengths=[len(ids) for ids, _ in rows], starts=[s for _, s in rows])
+        keys, lengths = batch["keys"], batch["lengths"]
+        store, at = (self.hidden, self.hidden_at) if self.cache else (Store(self.model.config.hidden_size, self.model.dtype, self.device, 256), {})
+        todo = list({key: b for b, key in reversed(list(enumerate(keys))) if key not in at}.values())
+        for group in length_groups([lengths[b] for b in todo]):                  # texts of similar length together
+            part = take(batch, [todo[g] for g in group])
+            hidden = hidden_before(self.model, self.block, part["input_ids"], padding(part))   # (b, t, C)
+            t = hidden.shape[1]
+            valid = [j * t + i for j, n in enumerate(part["lengths"]) for i in range(n)]
+            offset = store.append(hidden.flatten(0, 1)[index(valid, self.device)])
+            for key, n in zip(part["keys"], part["lengths"]):
+                at[key], offset = offset, offset + n
+        T = batch["input_ids"].shape[1]
+        gather = [at[key] + t if t < n else 0 for key, n in zip(keys, lengths) for t in range(T)]
+        batch["hidden"] = store.data[index(gather, self.device)].view(len(keys), T, -1)      # (B, T, C)
+        return batch
+
+    def scored_logits(self, batch: dict, split: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> logits (N, V), targets (N,), rows (N,) at the scored positions (see losses.scored).
+        split: run rows of similar length together (padding costs as much as text); False runs one
+        pass, as hooks.capture needs."""
+        rows, cols = (index(x, self.device) for x in positions(batch))
+        return self.model.get_output_embeddings()(self._final(batch, split)), batch["labels"][rows, cols + 1], rows
+
+    def _final(self, batch: dict, split: bool = True) -> torch.Tensor:
+        """Final-norm states (N, C) at the scored positions, in losses.scored's row-major order."""
+        lengths = batch["lengths"]
+        groups = length_groups(lengths) if split else [list(range(len(lengths)))]
+        first = [0]                                              # row b's first position in row-major order
+        for start, n in zip(batch["starts"], lengths):
+            first.append(first[-1] + max(n - max(start, 1), 0))
+        states, order = [], []
+        for group in groups:
+            part = take(batch, group)
+            rows, cols = positions(part)
+            final = run_from_block(self.model, self.block, part["hidden"], padding(part))   # (b, t, C)
+            states.append(final[index(rows, self.device), index(cols, self.device)])
+            order += [first[group[r]] + c - (max(part["starts"][r], 1) - 1) for r, c in zip(rows, cols)]
+        states = torch.cat(states) if len(states) > 1 else states[0]
+        if order == list(range(len(order))):
+            return states
+        return states[index(sorted(range(len(order)), key=order.__getitem__), self.device)]   # (N, C)
+
+    @torch.no_grad()
+    def frozen_logits(self, batch: dict) -> torch.Tensor:
+        """The unedited model's logits (N, V) at the scored positions: the IL reference p_θ(·|q_l)."""
+        if not self.cache:
+            return self.scored_logits(batch)[0]
+        keys = batch["keys"]
+        todo = list({key: b for b, key in reversed(list(enumerate(keys))) if key not in self.final_at}.values())
+        if todo:
+            part = take(batch, todo)
+            offset = self.final.append(self._final(part))
+            for key, start, n in zip(part["keys"], part["starts"], part["lengths"]):
+                self.final_at[key] = (offset, max(n - max(start, 1), 0))
+                offset += self.final_at[key][1]
+        gather = [i for key in keys for i in range(self.final_at[key][0], sum(self.final_at[key]))]
+        return self.model.get_output_embeddings()(self.final.data[index(gather, self.device)])   # (N, V)
+
+
+def take(batch: dict, rows: list[int] | slice) -> dict:
+    """Rows of a Runner batch, without the columns that are padding in all of them (right padding).
+    A contiguous range is sliced; other rows are gathered by one index."""
+    if isinstance(rows, list) and rows and rows == list(range(rows[0], rows[-1] + 1)):
+        rows = slice(rows[0], rows[-1] + 1)
+    pick = rows if isinstance(rows, slice) else None
+    part = {}
+    for k, v in batch.items():
+        if torch.is_tensor(v):
+            if pick is None:
+                pick = index(rows, v.device)
+            part[k] = v[pick]
+        else:
+            part[k] = v[rows] if isinstance(rows, slice) else [v[i] for i in rows]
+    width = max(part["lengths"])
+    return {k: v[:, :width] if torch.is_tensor(v) else v for k, v in part.items()}
+
+
+def padding(part: dict) -> torch.Tensor | None:
+    """The part's attention mask where it has padding, else None (the model's causal path)."""
+    return part["attention_mask"] if min(part["lengths"]) < max(part["lengths"]) else None
+
+
+def length_groups(lengths: list[int], slack: float = 1.25, free: int = 128) -> list[list[int]]:
+    """Row indices grouped by length, so that no group pads more than `slack` × its text, or `free`
+    positions (less padding than that costs less than one more pass through the blocks)."""
+    groups, tokens = [], 0
+    for b in sorted(range(len(lengths)), key=lambda b: lengths[b]):
+        padded, text = (len(groups[-1]) + 1) * lengths[b] if groups else 0, tokens + lengths[b]
+        if groups and padded <= max(slack * text, text + free):
+            groups[-1].append(b)
+            tokens += lengths[b]
+        else:
+            groups.append([b])
+            tokens = lengths[b]
+    return groups
