@@ -109,10 +109,13 @@ def ensure(data_dir: str, *relpaths: str) -> list[str]:
     error names every missing file with its URL."""
     paths = [os.path.join(data_dir, rel) for rel in relpaths]
     missing = [(rel, path) for rel, path in zip(relpaths, paths) if not os.path.exists(path)]
-    for folder in {os.path.dirname(path) for _, path in missing}:
-        if os.path.islink(folder) and not os.path.exists(folder):
-            raise DataError(f"{folder} is a link to {os.readlink(folder)}, which does not exist; "
-                            f"fix or remove the link (the files go in {folder}/)")
+    for _, path in missing:                                    # a dangling link on the way (data/, data/zsre/)
+        folder = os.path.dirname(path)
+        while folder and folder != os.path.dirname(folder):
+            if os.path.islink(folder) and not os.path.exists(folder):
+                raise DataError(f"{folder} is a link to {os.readlink(folder)}, which does not exist; "
+                                f"fix or remove the link (the files go in {os.path.dirname(path)}/)")
+            folder = os.path.dirname(folder)
     failed = []
     for rel, path in missing:
         url, sha256 = FILES[rel]

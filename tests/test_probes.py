@@ -141,6 +141,9 @@ def test_data_probes(data_dir, tmp_path, capsys, gpt2_tokenizer):
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling" / "counterfact")
     with pytest.raises(DataError, match="is a link to .*nowhere, which does not exist"):
         load("counterfact", str(tmp_path / "dangling"))
+    os.symlink(tmp_path / "nowhere", tmp_path / "data")                      # data/ itself dangling
+    with pytest.raises(DataError, match=f"{tmp_path / 'data'} is a link to .*nowhere, which does not exist"):
+        load("counterfact", str(tmp_path / "data"))
     (ids, start), = tokenize(gpt2_tokenizer, ["Q:"], ["word " * 1000])              # answers are capped
     assert len(ids) - start == 32
 
