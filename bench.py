@@ -180,6 +180,9 @@ def main() -> None:
     records = load("counterfact", args.data_dir)["train"]
     figures = {}
 
+    def rows(prompts, targets):  # plain full-model rows on the model's device
+        return {k: to_device(v, model.device) for k, v in encode(tokenizer, prompts, targets).items()}
+
     # edit latency against the floor
     editor = ibke_editor(hypernet)
     for n in (1, 8, 64):
@@ -191,7 +194,7 @@ def main() -> None:
             editor(runner, runner.batch(prompts, targets))
 
         def floor():
-            plain_pass(model, names, {k: to_device(v, model.device) for k, v in encode(tokenizer, prompts, targets).items()})
+            plain_pass(model, names, rows(prompts, targets))
         t_edit, t_floor = median_seconds(edit, args.repeats), median_seconds(floor, args.repeats)
         figures[f"edit_n{n}"] = {"edit_ms": 1000 * t_edit, "floor_ms": 1000 * t_floor, "ratio": t_edit / t_floor}
     figures["edit_peak_memory_MB"] = peak_memory_mb(args.device)
@@ -217,8 +220,6 @@ def main() -> None:
     def step():
         train_once(batch, others)
 
-    def rows(prompts, targets):
-        return {k: to_device(v, model.device) for k, v in encode(tokenizer, prompts, targets).items()}
     edit_rows = rows([r.prompt for r in batch], [r.target for r in batch])
     gen_rows = rows([q for r in batch for q, _ in r.generality], [a for r in batch for _, a in r.generality])
     loc_rows = rows([q for r in batch for q, _ in r.locality] + [o.prompt for o in others],

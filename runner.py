@@ -9,6 +9,8 @@ where a loss or metric is read.
 Every length and answer position is known on the host from tokenisation (data.tokenize), so a warm
 training step never waits for the device (bench.py counts the waits: none).
 """
+import itertools
+
 import torch
 import torch.nn as nn
 
@@ -88,15 +90,26 @@ def index(values: list[int], device: torch.device) -> torch.Tensor:
     return to_device(torch.tensor(values, dtype=torch.long), device)
 
 
+def scored_span(start: int, length: int) -> range:
+    """A row's scored positions, those whose next token is an answer token (position t predicts
+    t + 1), from where its answer starts and its length."""
+    return range(max(start, 1) - 1, length - 1)
+
+
 def positions(batch: dict) -> tuple[list[int], list[int]]:
-    """Host lists (rows, cols) of a batch's scored positions, row-major: those whose next token is
-    an answer token (losses.scored_positions, read off the host lengths instead of the labels)."""
+    """Host lists (rows, cols) of a batch's scored positions, row-major (losses.scored_positions,
+    read off the host lengths instead of the labels)."""
     rows, cols = [], []
     for b, (start, length) in enumerate(zip(batch["starts"], batch["lengths"])):
-        span = range(max(start, 1) - 1, length - 1)                       # position t predicts t + 1
+        span = scored_span(start, length)
         rows += [b] * len(span)
         cols += span
     return rows, cols
+
+
+def _uncached(keys: list, cached: dict) -> list[int]:
+    """The first row of each text in `keys` that `cached` does not hold yet."""
+    return list({key: b for b, key in reversed(list(enumerate(keys))) if key not in cached}.values())
 
 
 class Store:
@@ -148,7 +161,7 @@ class Runner:
         batch.update(keys=list(zip(prompts, targets)), lengths=[len(ids) for ids, _ in rows], starts=[s for _, s in rows])
         keys, lengths = batch["keys"], batch["lengths"]
         store, at = (self.hidden, self.hidden_at) if self.cache else (Store(self.model.config.hidden_size, self.model.dtype, self.device, 256), {})
-        todo = list({key: b for b, key in reversed(list(enumerate(keys))) if key not in at}.values())
+        todo = _uncached(keys, at)
         for group in length_groups([lengths[b] for b in todo]):                  # texts of similar length together
             part = take(batch, [todo[g] for g in group])
             hidden = hidden_before(self.model, self.block, part["input_ids"], padding(part))   # (b, t, C)
@@ -173,16 +186,15 @@ class Runner:
         """Final-norm states (N, C) at the scored positions, in losses.scored's row-major order."""
         lengths = batch["lengths"]
         groups = length_groups(lengths) if split else [list(range(len(lengths)))]
-        first = [0]                                              # row b's first position in row-major order
-        for start, n in zip(batch["starts"], lengths):
-            first.append(first[-1] + max(n - max(start, 1), 0))
+        counts = [len(scored_span(start, n)) for start, n in zip(batch["starts"], lengths)]
+        first = list(itertools.accumulate(counts, initial=0))   # row b's first position in row-major order
         states, order = [], []
         for group in groups:
             part = take(batch, group)
             rows, cols = positions(part)
             final = run_from_block(self.model, self.block, part["hidden"], padding(part))   # (b, t, C)
             states.append(final[index(rows, self.device), index(cols, self.device)])
-            order += [first[group[r]] + c - (max(part["starts"][r], 1) - 1) for r, c in zip(rows, cols)]
+            order += [first[b] + j for b in group for j in range(counts[b])]                  # where they go
         states = torch.cat(states) if len(states) > 1 else states[0]
         if order == list(range(len(order))):
             return states
@@ -194,12 +206,12 @@ class Runner:
         if not self.cache:
             return self.scored_logits(batch)[0]
         keys = batch["keys"]
-        todo = list({key: b for b, key in reversed(list(enumerate(keys))) if key not in self.final_at}.values())
+        todo = _uncached(keys, self.final_at)
         if todo:
             part = take(batch, todo)
             offset = self.final.append(self._final(part))
             for key, start, n in zip(part["keys"], part["starts"], part["lengths"]):
-                self.final_at[key] = (offset, max(n - max(start, 1), 0))
+                self.final_at[key] = (offset, len(scored_span(start, n)))
                 offset += self.final_at[key][1]
         gather = [i for key in keys for i in range(self.final_at[key][0], sum(self.final_at[key]))]
         return self.model.get_output_embeddings()(self.final.data[index(gather, self.device)])   # (N, V)

@@ -101,7 +101,7 @@ def run(script, *args, check=True):
 @pytest.fixture(scope="session")
 def trained(tiny_folders, tmp_path_factory):
     """6 steps, validated at 3 and 6, then resumed to 10; and 10 steps without interruption."""
-    data_dir = os.environ.get("IBKE_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
+    data_dir = DATA_DIR
     common = ["--model", tiny_folders["gpt2"], "--data-dir", data_dir, "--val-every", "3", "--val-size", "6",
               "--batch-size", "3", "--eta-init", "1e-2", *TINY_EDITOR]
     out = tmp_path_factory.mktemp("train")

@@ -5,12 +5,11 @@ that never waits for the device (torch.cuda.set_sync_debug_mode("error")).
     python -m pytest tests/test_cuda.py -v
 """
 import json
-import os
 
 import pytest
 import torch
 
-from conftest import ROOT, reorder_rtol, tiny
+from conftest import DATA_DIR, reorder_rtol, tiny
 from data import load
 from evaluate import ibke_editor, measure
 from hooks import dense
@@ -23,7 +22,6 @@ from conftest import TINY_EDITOR, run
 from train import train_step, update
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-DATA_DIR = os.environ.get("IBKE_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "smollm2-135m"])
