@@ -30,7 +30,7 @@ class EditorConfig:
     latent_dim: int = 1920    # Z, width of each latent vector
     heads: int = 8            # attention heads in encoder and decoder
     ib: bool = True           # False: deterministic latent z = μ and no KL (--no-ib)
-    token_scale: bool = True  # False: s_i ≡ 1 (--no-scale)
+    token_scale: bool = True  # False: s_i ≡ 1/2, the scale's start value (--no-scale)
     eta_init: float = 1e-2    # initial step size η_m (DAFNet starts at 1e-4; after our normalisation that edits nothing)
 
 
@@ -116,8 +116,8 @@ class ShapeEditor(nn.Module):
         h_tilde, u_tilde = x_tilde.split([self.d_in, self.d_out], -1)
         if self.cfg.token_scale:
             s = torch.sigmoid(self.scale(r)).view(M, E, T)                     # token scale
-        else:
-            s = x.new_ones(M, E, T)
+        else:  # the scale's start value σ(0) = 1/2, held: the same first update as with the scale (a clean ablation)
+            s = x.new_full((M, E, T), 0.5)
         return h_tilde, u_tilde, s, kl
 
     def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:

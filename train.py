@@ -61,7 +61,7 @@ parser.add_argument("--latent-dim", type=int, default=512, help="width of each l
 parser.add_argument("--heads", type=int, default=EditorConfig.heads, help="attention heads in the hypernetwork")
 parser.add_argument("--eta-init", type=float, default=EditorConfig.eta_init, help="initial step size η of every edited module")
 parser.add_argument("--no-ib", action="store_true", help="ablation: deterministic latent z = μ, no ITM term")
-parser.add_argument("--no-scale", action="store_true", help="ablation: token scale s ≡ 1")
+parser.add_argument("--no-scale", action="store_true", help="ablation: no token scale, s ≡ 1/2 (its start value, so the first updates match the default's)")
 parser.add_argument("--tokens", default="all", choices=["all", "answer"], help="tokens whose (h, u) the hypernetwork reads")
 parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex (default: model.EDIT_TABLE)")
 parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all of them); --edit-modules patterns too")

@@ -155,7 +155,7 @@ def perturb_zero_init(editor):
             layer.weight.data = 0.1 * torch.randn(layer.weight.shape, generator=g)
 
 
-def test_no_scale_gives_unit_scale_and_no_ib_is_deterministic():
+def test_no_scale_holds_the_start_scale_and_no_ib_is_deterministic():
     _, _, shapes, decomposition, mask = decomposed()
     for cfg_kw in ({"token_scale": False}, {"ib": False}, {}):
         editor = IBKE(shapes, EditorConfig(**{**SMALL.__dict__, **cfg_kw})).train()
@@ -165,13 +165,25 @@ def test_no_scale_gives_unit_scale_and_no_ib_is_deterministic():
         u = torch.stack([decomposition[n][1] for n in group])
         (h1, _, s, kl), (h2, _, _, kl2) = net.edit_vectors(h, u, mask), net.edit_vectors(h, u, mask)
         if cfg_kw == {"token_scale": False}:
-            assert (s == 1).all()
+            assert (s == 0.5).all()                                      # σ(0): the scale's start value
         elif cfg_kw == {"ib": False}:
             assert torch.equal(h1, h2) and (kl == 0).all() and (kl2 == 0).all()   # z = μ, no KL
         else:
             assert not torch.equal(h1, h2) and (kl > 0).all()           # z sampled while training
             net.eval()
             assert torch.equal(net.edit_vectors(h, u, mask)[0], net.edit_vectors(h, u, mask)[0])  # z = μ at eval
+
+
+def test_no_scale_starts_with_the_same_update_as_the_scale():
+    """A clean ablation: untrained, s ≡ 1/2 gives exactly the default's ΔW (its scale starts at σ(0))."""
+    _, _, shapes, decomposition, mask = decomposed()
+    deltas = []
+    for scale in (True, False):
+        torch.manual_seed(0)
+        editor = IBKE(shapes, EditorConfig(**{**SMALL.__dict__, "token_scale": scale})).eval()
+        deltas.append(editor(decomposition, mask)[0])
+    for name in deltas[0]:
+        assert deltas[0][name].abs().max() > 0 and torch.equal(deltas[0][name], deltas[1][name])
 
 
 def test_itm_kl_closed_form():

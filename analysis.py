@@ -1,0 +1,330 @@
+"""
+The paper's experiments, reproduced (IBKE.md §6): sweeps and ablations as grids of train.py runs ×
+seeds, each trained and evaluated into results/runs/<run>/seed<k>/, then one table (mean ± std over
+seeds) and figures.
+
+    python analysis.py list                               # the experiments, their runs and flags
+    python analysis.py run beta                           # the β sweep: 4 runs × 2 seeds × 2000 steps
+    python analysis.py run all --jobs 8 --device cuda     # every experiment, 8 runs at a time on one GPU
+    python analysis.py latent                             # each edit's mean latent μ, default and --no-ib
+    python analysis.py report                             # results/README.md and the figures results/*.png
+
+Every run of an experiment gets the same budget: --steps training steps, validation every
+--val-every (no early stop), best.pt by validation F1 (200 records held out of the train split),
+then evaluation at n = 1 on CounterFact-edit records --eval-skip … --eval-skip + --eval-limit
+(never used while choosing anything). A run with eval.json is done and skipped, one with latest.pt
+resumes: `run` picks up after an interruption, and machines can share the work (--only).
+A run shared by experiments (default) is trained once. `report` and `latent`'s plot need
+matplotlib and scikit-learn (requirements.txt), training and evaluation do not.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+# experiment -> [(run, train.py flags, x for its plot)]; a run name means the same flags everywhere
+EXPERIMENTS = {
+    "beta": [("beta=0.01", ["--beta", "0.01"], 0.01), ("default", [], 0.1),
+             ("beta=0.3", ["--beta", "0.3"], 0.3), ("beta=1", ["--beta", "1"], 1.0)],
+    "latent_len": [("l_m=1", ["--latent-len", "1"], 1), ("default", [], 10), ("l_m=20", ["--latent-len", "20"], 20)],
+    "ablation": [("default", [], None), ("no-ib", ["--no-ib"], None), ("no-scale", ["--no-scale"], None)],
+    "c_loc": [("c_loc=0.3", ["--c-loc", "0.3"], 0.3), ("default", [], 1.0),
+              ("c_loc=3", ["--c-loc", "3"], 3.0), ("c_loc=10", ["--c-loc", "10"], 10.0)],
+    "width": [("default", [], 512), ("d_m=1920", ["--d-m", "1920", "--latent-dim", "1920"], 1920)],   # the paper's width
+}
+FLAGS = {run: flags for runs in EXPERIMENTS.values() for run, flags, _ in runs}
+SHOWN = ["F1", "ES", "GS", "LS", "NS_p"]
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument("command", choices=["list", "run", "latent", "report"], help="what to do")
+parser.add_argument("experiment", nargs="?", default="all", help=f"'all' or one of: {', '.join(EXPERIMENTS)}")
+parser.add_argument("--out", default="results", help="folder for the runs, the table and the figures")
+parser.add_argument("--steps", type=int, default=2000, help="training steps of every run (the budget)")
+parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of every run")
+parser.add_argument("--val-every", type=int, default=250, help="validate every k steps (the validation curves)")
+parser.add_argument("--eval-skip", type=int, default=1000, help="evaluate on CounterFact-edit records from this one on")
+parser.add_argument("--eval-limit", type=int, default=1000, help="... this many of them")
+parser.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU: the cores are shared out among them)")
+parser.add_argument("--only", default=None, help="comma-separated run names: run only these (to share the work out)")
+parser.add_argument("--device", default=None, help="passed to train.py and evaluate.py (cpu, cuda, cuda:1)")
+parser.add_argument("--dtype", default=None, help="passed to train.py and evaluate.py (float32, bfloat16)")
+parser.add_argument("--data-dir", default="data", help="folder holding the benchmark files")
+parser.add_argument("--train-args", default="", help="more train.py flags for every run, e.g. \"--model gpt2-xl --d-m 1920\"")
+parser.add_argument("--latent-runs", default="default,no-ib", help="latent: the runs (seed: the first of --seeds) whose latents are mapped")
+parser.add_argument("--latent-n", type=int, default=300, help="latent: edits per dataset (CounterFact, zsRE, MQuAKE)")
+
+
+def run_dir(out: str, run: str, seed: int) -> str:
+    return os.path.join(out, "runs", run, f"seed{seed}")
+
+
+def runs_of(experiment: str) -> list[str]:
+    if experiment != "all" and experiment not in EXPERIMENTS:
+        raise SystemExit(f"error: no experiment '{experiment}'; there are: all, {', '.join(EXPERIMENTS)}")
+    names = [r for e, runs in EXPERIMENTS.items() if experiment in ("all", e) for r, _, _ in runs]
+    return list(dict.fromkeys(names))
+
+
+# -----------------------------------------------------------------------------
+# run: train, then evaluate, each run in its own folder; what is done is skipped
+
+def commands(args: argparse.Namespace, run: str, seed: int) -> list[list[str]]:
+    """The train.py and evaluate.py command lines of one run (train resumes from latest.pt)."""
+    d = run_dir(args.out, run, seed)
+    common = ["--data-dir", args.data_dir] + (["--device", args.device] if args.device else []) + \
+             (["--dtype", args.dtype] if args.dtype else [])
+    train = [sys.executable, "train.py", "--out", d, "--seed", str(seed), "--steps", str(args.steps),
+             "--val-every", str(args.val_every), "--patience", str(10 ** 9), *FLAGS[run], *args.train_args.split(), *common]
+    if os.path.exists(os.path.join(d, "latest.pt")):
+        train.append("--resume")
+    evaluate = [sys.executable, "evaluate.py", "--ckpt", os.path.join(d, "best.pt"), "--skip", str(args.eval_skip),
+                "--limit", str(args.eval_limit), "--out", os.path.join(d, "eval.json"), *common[2:]]
+    return [train, evaluate]
+
+
+def execute(args: argparse.Namespace, run: str, seed: int) -> tuple[str, int, str]:
+    d = run_dir(args.out, run, seed)
+    if os.path.exists(os.path.join(d, "eval.json")):
+        return run, seed, "done before"
+    os.makedirs(d, exist_ok=True)
+    env = dict(os.environ, TQDM_MININTERVAL="60")                          # a short log file
+    if (args.device or "cpu").startswith("cpu") and args.jobs > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    with open(os.path.join(d, "run.log"), "a") as log:
+        for cmd in commands(args, run, seed):
+            log.write("$ " + " ".join(cmd) + "\n")
+            log.flush()
+            if subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode != 0:
+                return run, seed, f"FAILED: {' '.join(cmd[1:3])}; see {log.name}"
+    with open(os.path.join(d, "eval.json")) as f:
+        return run, seed, f"F1 {json.load(f)['summary']['F1']:.3f}"
+
+
+def run(args: argparse.Namespace) -> None:
+    names = runs_of(args.experiment)
+    if args.only:
+        wanted = args.only.split(",")
+        unknown = [r for r in wanted if r not in names]
+        if unknown:
+            raise SystemExit(f"error: --only {','.join(unknown)}: not runs of {args.experiment} ({', '.join(names)})")
+        names = wanted
+    jobs = [(r, s) for s in args.seeds for r in names]                       # every run's first seed first
+    print(f"{len(jobs)} runs ({len(names)} settings × seeds {args.seeds}), {args.steps} steps each, {args.jobs} at a time")
+    failed = 0
+    with ThreadPoolExecutor(args.jobs) as pool:
+        for r, s, outcome in pool.map(lambda job: execute(args, *job), jobs):
+            print(f"{r} seed {s}: {outcome}", flush=True)
+            failed += outcome.startswith("FAILED")
+    if failed:
+        raise SystemExit(f"error: {failed} runs failed (their run.log says why); run the same command again to retry them")
+
+
+# -----------------------------------------------------------------------------
+# report: table and figures from what the runs wrote
+
+def collect(out: str) -> dict[str, list[dict]]:
+    """run -> per finished seed: its eval summary, validation curve [(step, F1)] and steps."""
+    found = {}
+    for r in FLAGS:
+        for seed_dir in sorted(os.listdir(os.path.join(out, "runs", r))) if os.path.isdir(os.path.join(out, "runs", r)) else []:
+            d = os.path.join(out, "runs", r, seed_dir)
+            if not os.path.exists(os.path.join(d, "eval.json")):
+                continue
+            with open(os.path.join(d, "eval.json")) as f:
+                summary = json.load(f)["summary"]
+            lines = [json.loads(line) for line in open(os.path.join(d, "log.jsonl")) if line.strip()]
+            curve = [(x["step"], x["val"]["F1"]) for x in lines if "val" in x]
+            found.setdefault(r, []).append({"seed": seed_dir, "summary": summary, "curve": curve,
+                                            "steps": max(x["step"] for x in lines)})
+    return found
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def table(found: dict, runs: list[str]) -> str:
+    lines = ["| run | seeds | steps | " + " | ".join(SHOWN) + " |", "|---" * (len(SHOWN) + 3) + "|"]
+    for r in runs:
+        if r not in found:
+            continue
+        cells = []
+        for k in SHOWN:
+            m, s = spread([x["summary"][k] for x in found[r] if k in x["summary"]] or [float("nan")])
+            cells.append(f"{m:.3f} ± {s:.3f}")
+        lines.append(f"| {r} | {len(found[r])} | {min(x['steps'] for x in found[r])} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def figures(found: dict, out: str) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    made = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, name), dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    for experiment, xlabel, log in (("beta", "β (ITM weight)", True), ("latent_len", "l_m (latent vectors)", False)):
+        runs = [(r, x) for r, _, x in EXPERIMENTS[experiment] if r in found]
+        if len(runs) < 2:
+            continue
+        fig, axes = plt.subplots(1, 4, figsize=(13, 3))
+        for ax, k in zip(axes, ["F1", "ES", "GS", "LS"]):
+            xs = [x for _, x in runs]
+            stats = [spread([s["summary"][k] for s in found[r]]) for r, _ in runs]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3)
+            for r, x in runs:
+                ax.scatter([x] * len(found[r]), [s["summary"][k] for s in found[r]], s=8, color="grey", zorder=3)
+            ax.set(xlabel=xlabel, title=k, xscale="log" if log else "linear")
+            ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        save(fig, f"{experiment}.png")
+
+    runs = [r for r, _, _ in EXPERIMENTS["ablation"] if r in found]
+    if runs:
+        fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 3.5))
+        keys = ["F1", "ES", "GS", "LS", "NS_p"]
+        for i, r in enumerate(runs):
+            stats = [spread([s["summary"][k] for s in found[r]]) for k in keys]
+            bars.bar(np.arange(len(keys)) + 0.8 * i / len(runs), [m for m, _ in stats], 0.8 / len(runs),
+                     yerr=[s for _, s in stats], capsize=2, label=r)
+            steps = sorted({st for s in found[r] for st, _ in s["curve"]})
+            per_step = [[f for s in found[r] for st, f in s["curve"] if st == step] for step in steps]
+            curves.plot(steps, [statistics.fmean(v) for v in per_step], marker=".", label=r)
+            curves.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.2)
+        bars.set_xticks(np.arange(len(keys)) + 0.4 - 0.4 / len(runs), keys)
+        bars.set(ylim=(0, 1), title="held-out CounterFact, n = 1 (mean ± std over seeds)")
+        curves.set(xlabel="step", ylabel="validation F1", title="validation F1 (mean; band: min–max over seeds)")
+        bars.legend(), curves.legend()
+        save(fig, "ablation.png")
+
+    runs = [(r, x) for r, _, x in EXPERIMENTS["c_loc"] if r in found]
+    if len(runs) >= 2:
+        fig, ax = plt.subplots(figsize=(4.5, 4))
+        for r, x in runs:
+            (gm, gs), (lm, ls) = (spread([s["summary"][k] for s in found[r]]) for k in ("GS", "LS"))
+            ax.errorbar(lm, gm, xerr=ls, yerr=gs, marker="o", capsize=3)
+            ax.annotate(f"c_loc {x:g}", (lm, gm), textcoords="offset points", xytext=(5, 5))
+        ax.set(xlabel="LS (locality)", ylabel="GS (generality)", title="the trade-off as c_loc varies")
+        save(fig, "c_loc.png")
+    return made
+
+
+def latent_figures(out: str) -> list[str]:
+    """PCA and t-SNE of each edit's mean latent, by domain and by CounterFact relation, per run."""
+    path = os.path.join(out, "latent.npz")
+    if not os.path.exists(path):
+        return []
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.manifold import TSNE
+    z = np.load(path, allow_pickle=False)
+    domain, relation = z["domain"], z["relation"]
+    runs = [k[3:] for k in z.files if k.startswith("mu_")]
+    cf = domain == "counterfact"
+    top = [r for r, _ in sorted(((r, (relation[cf] == r).sum()) for r in set(relation[cf])), key=lambda t: -t[1])[:8]]
+    fig, axes = plt.subplots(len(runs), 4, figsize=(16, 3.8 * len(runs)), squeeze=False)
+    for row, r in zip(axes, runs):
+        mu = z["mu_" + r] - z["mu_" + r].mean(0)
+        pca = mu @ np.linalg.svd(mu, full_matrices=False)[2][:2].T           # first two principal components
+        tsne = TSNE(2, init="pca", perplexity=30, random_state=0).fit_transform(mu)
+        for ax, xy, method in ((row[0], pca, "PCA"), (row[1], tsne, "t-SNE")):
+            for d in dict.fromkeys(domain):
+                ax.scatter(*xy[domain == d].T, s=5, label=d)
+            ax.set(title=f"{r}: {method}, by dataset", xticks=[], yticks=[])
+            ax.legend(markerscale=3, fontsize=7)
+        for ax, xy, method in ((row[2], pca, "PCA"), (row[3], tsne, "t-SNE")):
+            ax.scatter(*xy[cf & ~np.isin(relation, top)].T, s=3, color="lightgrey")
+            for rel in top:
+                ax.scatter(*xy[relation == rel].T, s=5, label=rel.replace("{}", "…")[:28])
+            ax.set(title=f"{r}: {method}, CounterFact by relation", xticks=[], yticks=[])
+            ax.legend(markerscale=3, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "latent.png"), dpi=110)
+    plt.close(fig)
+    return ["latent.png"]
+
+
+def report(args: argparse.Namespace) -> None:
+    found = collect(args.out)
+    if not found:
+        raise SystemExit(f"error: no finished run in {args.out}/runs; start them with `python analysis.py run all`")
+    made = figures(found, args.out) + latent_figures(args.out)
+    parts = [f"# IBKE experiments ({args.out}/)\n", "Made by `python analysis.py report`; mean ± sample std over seeds; "
+             "held-out CounterFact-edit records at n = 1; steps = the fewest any seed ran.\n"]
+    for experiment, runs in EXPERIMENTS.items():
+        parts += [f"## {experiment}\n", table(found, [r for r, _, _ in runs]) + "\n"]
+    parts += [f"![{name}]({name})\n" for name in made]
+    with open(os.path.join(args.out, "README.md.tmp"), "w") as f:
+        f.write("\n".join(parts))
+    os.replace(os.path.join(args.out, "README.md.tmp"), os.path.join(args.out, "README.md"))
+    print("\n".join(parts))
+    print(f"wrote {args.out}/README.md and {', '.join(made) or 'no figures'}")
+
+
+# -----------------------------------------------------------------------------
+# latent: each edit's mean latent μ (over queries and modules of one shape; shapes concatenated)
+
+def latent(args: argparse.Namespace) -> None:
+    import torch
+    from data import load
+    from evaluate import ibke_editor, load_editor
+    from runner import Runner
+    edits = {"counterfact": load("counterfact", args.data_dir, "eval")["eval"][args.eval_skip:][:args.latent_n],
+             "zsre": load("zsre", args.data_dir, "eval")["eval"][:args.latent_n],
+             "mquake": load("mquake", args.data_dir, "eval")["eval"][:args.latent_n]}
+    records = [(d, r) for d, rs in edits.items() for r in rs]
+    arrays = {"domain": np.array([d for d, _ in records]), "relation": np.array([r.relation or "" for _, r in records])}
+    for name in args.latent_runs.split(","):
+        ckpt = os.path.join(run_dir(args.out, name, args.seeds[0]), "best.pt")
+        model, tokenizer, hypernet, saved = load_editor(ckpt, args.device or "cpu", dtype=args.dtype)
+        runner, edit = Runner(model, tokenizer, list(hypernet.shapes), cache=False), ibke_editor(hypernet, saved["config"].get("tokens", "all"))
+        seen = {key: [] for key in hypernet.editors}
+        hooks = [net.to_mu.register_forward_hook(lambda m, i, o, key=key: seen[key].append(o.detach()))
+                 for key, net in hypernet.editors.items()]
+        for i in range(0, len(records), 16):
+            chunk = [r for _, r in records[i:i + 16]]
+            edit(runner, runner.batch([r.prompt for r in chunk], [r.target for r in chunk]))
+        for h in hooks:
+            h.remove()
+        groups = [torch.cat([o.view(len(hypernet.groups[key]), -1, *o.shape[1:]).mean((0, 2)) for o in seen[key]])
+                  for key in hypernet.editors]                               # per shape: (edits, Z)
+        arrays["mu_" + name] = torch.cat(groups, 1).float().cpu().numpy()
+        print(f"{name}: latents of {len(records)} edits from {ckpt}")
+    np.savez(os.path.join(args.out, "latent.npz"), **arrays)
+    print(f"wrote {args.out}/latent.npz" + (f" and {', '.join(latent_figures(args.out))}" if _can_plot() else ""))
+
+
+def _can_plot() -> bool:
+    try:
+        import matplotlib, sklearn  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def main() -> None:
+    args = parser.parse_args()
+    if args.command == "list":
+        for e, runs in EXPERIMENTS.items():
+            print(f"{e}: " + "; ".join(f"{r} ({' '.join(f) or 'the defaults'})" for r, f, _ in runs))
+    elif args.command == "run":
+        run(args)
+    elif args.command == "latent":
+        latent(args)
+    else:
+        report(args)
+
+
+if __name__ == "__main__":
+    main()
