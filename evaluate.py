@@ -142,26 +142,33 @@ def rows_of(records: list[EditRequest]) -> tuple[list[str], list[str], list[tupl
     return prompts, targets, kinds
 
 
-def measure(runner: Runner, editor: Callable, records: list[EditRequest]) -> tuple[list[dict], float, dict]:
-    """Apply the edits of `records` as one batch: per-record metrics, the seconds the edit took, the ΔW."""
+def measure(runner: Runner, editor: Callable, records: list[EditRequest], rows_per_pass: int = 512) -> tuple[list[dict], float, dict]:
+    """Apply the edits of `records` as one batch: per-record metrics, the seconds the edit took, the ΔW.
+    The rows are scored rows_per_pass at a time (the edit rows in the first pass), so memory does not
+    grow with the number of edits."""
     prompts, targets, kinds = rows_of(records)
-    batch = runner.batch(prompts, targets)
     n = len(records)
-    loc = [b for b, (kind, _) in enumerate(kinds) if kind == "loc"]
-    pre = None
-    if loc:
-        with torch.no_grad():                          # pre-edit logits: needed at the locality rows only
-            pre_logits, pre_targets, pre_rows = runner.scored_logits(take(batch, loc))
-        pre = (pre_logits, pre_targets, index(loc, runner.device)[pre_rows])   # rows numbered as in batch
+    bounds = [0] + list(range(max(n, rows_per_pass), len(prompts), rows_per_pass)) + [len(prompts)]
+    first = runner.batch(prompts[:bounds[1]], targets[:bounds[1]])
     start = time.perf_counter()
-    deltas = editor(runner, take(batch, slice(0, n)))
+    deltas = editor(runner, take(first, slice(0, n)))
     if runner.device.type == "cuda":
         torch.cuda.synchronize()                       # the edit's time, not its launch
     seconds = time.perf_counter() - start
-    with functional_edit(runner.model, deltas), torch.no_grad():
-        post = runner.scored_logits(batch)
-    s = {k: v.tolist() for k, v in score_rows(pre, post, len(prompts)).items()}       # one read per batch
-    acc, agree, nll = s["acc"], s["agree"], s["nll"]   # per row; nll: mean NLL per answer token
+    s = {"acc": [], "agree": [], "nll": []}            # per row; nll: mean NLL per answer token
+    for a, b in zip(bounds, bounds[1:]):
+        batch = first if a == 0 else runner.batch(prompts[a:b], targets[a:b])
+        loc = [r for r in range(b - a) if kinds[a + r][0] == "loc"]
+        pre = None
+        if loc:
+            with torch.no_grad():                      # pre-edit logits: needed at the locality rows only
+                pre_logits, pre_targets, pre_rows = runner.scored_logits(take(batch, loc))
+            pre = (pre_logits, pre_targets, index(loc, runner.device)[pre_rows])   # rows numbered as in batch
+        with functional_edit(runner.model, deltas), torch.no_grad():
+            post = runner.scored_logits(batch)
+        for k, v in score_rows(pre, post, b - a).items():                # one read per pass
+            s[k] += v.tolist()
+    acc, agree, nll = s["acc"], s["agree"], s["nll"]
     of = {}                                            # (kind, record) -> its rows
     for b, key in enumerate(kinds):
         of.setdefault(key, []).append(b)

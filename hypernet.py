@@ -9,8 +9,9 @@ Per edited module m, with weights shared by all modules of the same shape (d_in,
   2. project     t_i = W_in x_i + b_in + emb_m
   3. encode φ1   A_e = CrossAttn(P, T_e, T_e); z_e = μ_e + σ_e ⊙ ε  (ITM: KL to N(0, I))
   4. decode φ2   r_i = CrossAttn(t_i, z_e, z_e) + MLP;  [h̃_i; ũ_i] = x_i + W_out r_i;  s_i = σ(w_s·r_i + b_s)
-  5. update      ΔW_m = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i
-Dimension letters: M modules of one shape, E edits, T tokens, D = d_in + d_out, C = d_m,
+  5. update      ΔW_m = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i         (--aggregate sum; IBKE.md §3)
+                 or the ridge solve over all edits' tokens                  (--aggregate ridge; MALMEN)
+Dimension letters: M modules of one shape, E edits, T tokens, N = E·T, D = d_in + d_out, C = d_m,
 L = l_m (latent length), Z = latent dim.
 """
 import argparse
@@ -32,6 +33,8 @@ class EditorConfig:
     ib: bool = True           # False: deterministic latent z = μ and no KL (--no-ib)
     token_scale: bool = True  # False: s_i ≡ 1/2, the scale's start value (--no-scale)
     eta_init: float = 1e-2    # initial step size η_m (DAFNet starts at 1e-4; after our normalisation that edits nothing)
+    aggregate: str = "sum"    # how the edits of a batch combine: "sum" of their updates, or a "ridge" solve (step 5)
+    ridge_init: float = 1.0   # initial λ_m of the ridge solve (relative: λ → ∞ is the sum, λ → 0 interpolation)
 
 
 class RunningNorm(nn.Module):
@@ -86,6 +89,8 @@ class ShapeEditor(nn.Module):
         self.out = nn.Linear(C, D)
         self.scale = nn.Linear(C, 1)
         self.log_eta = nn.Parameter(torch.full((n_modules,), math.log(cfg.eta_init)))
+        if cfg.aggregate == "ridge":
+            self.log_lambda = nn.Parameter(torch.full((n_modules,), math.log(cfg.ridge_init)))
         for layer in (self.out, self.scale, self.to_logvar):  # identity start: h̃ = ĥ, ũ = û, equal s, σ = 1
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -120,14 +125,41 @@ class ShapeEditor(nn.Module):
             s = x.new_full((M, E, T), 0.5)
         return h_tilde, u_tilde, s, kl
 
-    def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Step 5, factored: ΔW_m = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i = A_mᵀ B_m with
-        A_m = −η_m s_i / |e| · h̃_i and B_m = ũ_i stacked over the K = E·T tokens.
-        -> A (M, K, d_in), B (M, K, d_out), KL (E,)."""
+    def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Step 5. Keys k_i = √w_i h̃_i and value shifts v_i = −η_m √w_i ũ_i, w_i = s_i / |e|, stacked over
+        the N = E·T tokens into K (M, N, d_in), V (M, N, d_out). "sum": ΔW_m = KᵀV = −η_m Σ_e (1/|e|)
+        Σ_{i∈e} s_i h̃_iᵀ ũ_i, returned as its factors. "ridge": see ridge().
+        -> (A (M, N, d_in), B (M, N, d_out)) with ΔW = AᵀB, or (None, ΔW (M, d_in, d_out)); KL (E,)."""
         h_tilde, u_tilde, s, kl = self.edit_vectors(h, u, mask)
-        weight = s * mask / mask.sum(1, keepdim=True).clamp_min(1)             # s_i / |e|  (M, E, T)
-        weight = -self.log_eta.exp()[:, None, None] * weight
-        return (h_tilde * weight[..., None]).flatten(1, 2), u_tilde.flatten(1, 2), kl
+        root_w = s.sqrt() * mask / mask.sum(1, keepdim=True).clamp_min(1).sqrt()   # √(s_i / |e|)  (M, E, T)
+        K = (h_tilde * root_w[..., None]).flatten(1, 2)                        # (M, N, d_in)
+        V = -self.log_eta.exp()[:, None, None] * (u_tilde * root_w[..., None]).flatten(1, 2)   # (M, N, d_out)
+        if self.cfg.aggregate == "sum":
+            return K, V, kl
+        return (*ridge(K, V, self.log_lambda.exp(), mask.sum()), kl)
+
+
+def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The edits of a batch as one least-squares update (MALMEN's normal equation, with IBKE's keys and
+    value shifts): ΔW = (1 + λ) c (KᵀK + λ c I)⁻¹ KᵀV, c = mean_i |k_i|² (λ is relative to the keys'
+    size). It is the ridge solution of min Σ_i |k_i ΔW − (1 + λ) c v_i|² + λ c |ΔW|²; λ → ∞ gives the
+    sum KᵀV, λ → 0 makes each key's change c v_i, its own (the sum adds every other key's k_j·k_i v_j).
+    K (M, N, d_in), V (M, N, d_out), λ (M,), n_tokens: the N tokens that are not padding (padding
+    rows of K and V are zero). Solved in float64 by Cholesky: the N × N (Woodbury) form
+    ΔW = Kᵀ [(1 + λ) c (KKᵀ + λ c I)⁻¹ V], kept as factors, when N ≤ d_in; else the d_in × d_in one.
+    -> (K, B) with ΔW = KᵀB, or (None, ΔW (M, d_in, d_out))."""
+    M, N, d_in = K.shape
+    c = (K.double() ** 2).sum((1, 2)) / n_tokens.clamp_min(1)                 # mean |k_i|²  (M,)
+    lam = lam.double()
+    gain, ridge_term = ((1 + lam) * c)[:, None, None], (lam * c)[:, None, None]
+    K64, V64 = K.double(), V.double()
+    if N <= d_in:
+        gram = K64 @ K64.transpose(1, 2) + ridge_term * torch.eye(N, dtype=K64.dtype, device=K.device)   # (M, N, N)
+        B = torch.cholesky_solve(gain * V64, torch.linalg.cholesky(gram))                            # (M, N, d_out)
+        return K, B.to(V.dtype)
+    gram = K64.transpose(1, 2) @ K64 + ridge_term * torch.eye(d_in, dtype=K64.dtype, device=K.device)   # (M, d_in, d_in)
+    delta = torch.cholesky_solve(gain * (K64.transpose(1, 2) @ V64), torch.linalg.cholesky(gram))   # (M, d_in, d_out)
+    return None, delta.to(V.dtype)
 
 
 class IBKE(nn.Module):
@@ -145,17 +177,21 @@ class IBKE(nn.Module):
     def forward(self, decomposition: dict[str, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
                 factored: bool | None = False):
         """{name: (h (E, T, d_in), u (E, T, d_out))}, mask (E, T) -> ({name: ΔW (d_in, d_out)}, ITM KL ()).
-        factored: give each ΔW as its factors (A (K, d_in), B (K, d_out)), ΔW = AᵀB, never forming it:
-        x ΔW = (x Aᵀ) B costs K (d_in + d_out) against d_in d_out a token, less for the K ≈ 100 tokens
-        of a training step. None: factors where they cost less (K (d_in + d_out) < d_in d_out)."""
+        factored: give each ΔW as its factors (A (N, d_in), B (N, d_out)), ΔW = AᵀB, never forming it:
+        x ΔW = (x Aᵀ) B costs N (d_in + d_out) against d_in d_out a token, less for the N ≈ 100 tokens
+        of a training step. None: factors where they cost less (N (d_in + d_out) < d_in d_out). The
+        ridge's d_in × d_in form (N > d_in) is always dense."""
         deltas, kls = {}, []
         for key, names in self.groups.items():
             h = torch.stack([decomposition[n][0] for n in names]).float()     # (M, E, T, d_in)
             u = torch.stack([decomposition[n][1] for n in names]).float()     # (M, E, T, d_out)
-            A, B, kl = self.editors[key](h, u, mask)                           # (M, K, d_in), (M, K, d_out)
-            K, d_in, d_out = A.shape[1], A.shape[2], B.shape[2]
-            as_factors = factored if factored is not None else K * (d_in + d_out) < d_in * d_out
-            deltas.update(zip(names, zip(A, B) if as_factors else A.transpose(1, 2) @ B))
+            A, B, kl = self.editors[key](h, u, mask)                           # (M, N, d_in), (M, N, d_out)
+            if A is None:                                                      # the ridge's dense form
+                deltas.update(zip(names, B))
+            else:
+                N, d_in, d_out = A.shape[1], A.shape[2], B.shape[2]
+                as_factors = factored if factored is not None else N * (d_in + d_out) < d_in * d_out
+                deltas.update(zip(names, zip(A, B) if as_factors else A.transpose(1, 2) @ B))
             kls.append(kl)
         return deltas, torch.stack(kls).mean()                                 # KL: mean over groups and edits
 

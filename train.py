@@ -35,7 +35,7 @@ from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl
 from model import ModelError, add_device_args, edit_module_names, load_model, weight_shape
-from runner import Runner, positions, take
+from runner import Runner, positions, scored_span, take
 
 # -----------------------------------------------------------------------------
 # config
@@ -47,12 +47,20 @@ parser.add_argument("--data-dir", default="data", help="folder holding (or recei
 parser.add_argument("--out", default="out/ibke", help="folder for best.pt, latest.pt and log.jsonl")
 parser.add_argument("--steps", type=int, default=1500, help="training steps")
 parser.add_argument("--batch-size", type=int, default=8, help="most edits per step; each step draws n from 1..batch-size")
+parser.add_argument("--sample-n", default="uniform", choices=["uniform", "log"], help="how n is drawn: uniformly, or log-uniformly (P(n) ∝ log((n+1)/n): single edits keep their share of a large --batch-size)")
+parser.add_argument("--chunk", type=int, default=16, help="edits whose losses are backpropagated together (memory grows with it, not with n; the gradient is the same)")
+parser.add_argument("--aggregate", default="sum", choices=["sum", "ridge"], help="how a batch's edits combine: the sum of their updates (IBKE), or one ridge solve over all their tokens (MALMEN's, with IBKE's keys and values; for many edits at once)")
+parser.add_argument("--ridge-init", type=float, default=EditorConfig.ridge_init, help="--aggregate ridge: initial λ of every module, relative to the keys' size (large: the sum)")
 parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
+parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="learning rate over the run: constant, or a cosine from --lr down to 0 at --steps")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
 parser.add_argument("--c-edit", type=float, default=1.0, help="SG weight on the edit prompt's NLL")
 parser.add_argument("--c-gen", type=float, default=1.0, help="SG weight on the generality prompts' NLL")
 parser.add_argument("--c-loc", type=float, default=1.0, help="IL weight on KL(pre || post) at the locality tokens")
 parser.add_argument("--beta", type=float, default=0.1, help="ITM weight on the latent's KL to N(0, I)")
+parser.add_argument("--c-loc-end", type=float, default=None, help="c_loc at the last step, reached linearly from --c-loc after --ramp-start (default: --c-loc throughout)")
+parser.add_argument("--c-gen-end", type=float, default=None, help="c_gen at the last step, likewise (default: --c-gen throughout)")
+parser.add_argument("--ramp-start", type=float, default=0.5, help="fraction of --steps after which c_loc and c_gen move towards their -end values")
 parser.add_argument("--extra-loc", type=int, default=1, help="per edit, this many other records' prompts join the IL term as unrelated inputs (0: only each record's locality prompt)")
 parser.add_argument("--loc-from", default="relation", choices=["relation", "answer", "any"], help="where the --extra-loc records come from: 'relation', the same prompt with another subject (the edit must not spread to them); 'answer', another subject whose true answer is the edit's old answer (CounterFact's neighbourhood case); else any; or 'any' record")
 parser.add_argument("--d-m", type=int, default=512, help="hypernetwork width d_m (paper: 1920; 512 fits a CPU run)")
@@ -70,6 +78,7 @@ parser.add_argument("--save-every", type=int, default=100, help="write latest.pt
 parser.add_argument("--overwrite", action="store_true", help="train into an --out that holds a run, replacing it (else refused: --resume continues it)")
 parser.add_argument("--log-every", type=int, default=10, help="read the step's numbers off the device, print and log them every k steps (reading makes the host wait)")
 parser.add_argument("--val-size", type=int, default=200, help="records held out of the train split for validation")
+parser.add_argument("--val-n", type=int, default=1, help="also validate with this many edits at once (> 1); best.pt then has the best mean of the two F1s")
 parser.add_argument("--patience", type=int, default=4, help="stop after this many validations without a better F1")
 add_device_args(parser)
 parser.add_argument("--seed", type=int, default=0, help="seed for sampling, initialisation and the split")
@@ -77,37 +86,82 @@ parser.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT
                     help="continue from <out>/latest.pt, or from CKPT (another run's checkpoint: a second phase written to --out, "
                          "with its own best F1); flags given here override the checkpoint's, except those fixing the hypernetwork")
 FIXED = ("model", "data", "seed", "val_size", "d_m", "latent_len", "latent_dim", "heads", "no_ib", "no_scale", "tokens",
-         "edit_modules", "edit_layers")  # the checkpoint's architecture, base model and validation split
+         "edit_modules", "edit_layers", "aggregate")  # the checkpoint's architecture, base model and validation split
 
 
 def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others: list[EditRequest],
-               weights: LossWeights, tokens: str = "all"):
-    """One step of IBKE.md §3 on n edits: the loss (with its graph), its parts and the batch's ES/GS/LS
-    (0-d tensors, not read here: a warm step never waits for the device).
-    others: records whose edit prompts join the IL term as unrelated inputs (--extra-loc)."""
+               weights: LossWeights, tokens: str = "all", chunk: int = 0):
+    """One step of IBKE.md §3 on n edits, its backward in two stages (as MALMEN's): the edited model's
+    losses, `chunk` edits at a time (0: all), are backpropagated here to ΔW, held as leaves; the
+    returned surrogate's backward then takes ΔW's gradient through the hypernetwork once. Memory grows
+    with the chunk, not with n, and the gradient is the loss's.
+    others: per edit, len(others) // n records whose edit prompts join the IL term as unrelated inputs
+    (--extra-loc). -> (surrogate, parts: loss, its terms, the batch's ES/GS/LS as 0-d tensors, not
+    read here: a warm step never waits for the device)."""
     n = len(batch)
-    gen = [pair for r in batch for pair in r.generality]
-    loc = [pair for r in batch for pair in r.locality] + [(o.prompt, o.old_target or o.target) for o in others]
-    rows = [(r.prompt, r.target) for r in batch] + gen + loc                  # edit | gen | loc rows
+    extra = len(others) // n
+
+    def pairs(kind: int, i: int) -> list[tuple[str, str]]:                   # edit i's rows of one kind
+        r = batch[i]
+        return [[(r.prompt, r.target)], r.generality,
+                r.locality + [(o.prompt, o.old_target or o.target) for o in others[i * extra:(i + 1) * extra]]][kind]
+    rows, of = [], [[], [], []]                                               # of[kind][i]: edit i's rows
+    for kind in range(3):                                                     # edit | gen | loc rows
+        for i in range(n):
+            of[kind].append(list(range(len(rows), len(rows) + len(pairs(kind, i)))))
+            rows += pairs(kind, i)
     tensors = runner.batch([p for p, _ in rows], [t for _, t in rows])
-    first_loc = n + len(gen)
-    row_of = positions(tensors)[0]                                           # scored positions, row-major:
-    at_gen, at_loc = bisect.bisect_left(row_of, n), bisect.bisect_left(row_of, first_loc)   # edit | gen | loc
+    counts = [len(scored_span(a, b)) for a, b in zip(tensors["starts"], tensors["lengths"])]
+    n_gen = sum(map(len, of[1]))
+    n_loc = sum(counts[b] for rs in of[2] for b in rs)                           # scored locality positions
     decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), take(tensors, slice(0, n)), tokens,
                                              forward=lambda b: runner.scored_logits(b, split=False))
     deltas, itm = hypernet(decomposition, mask, factored=True)               # ΔW = AᵀB per module, ITM KL
-    pre_loc = runner.frozen_logits(take(tensors, slice(first_loc, None)))    # p_θ(·|q_l), no graph
-    with functional_edit(runner.model, deltas):
-        logits, targets, row_ids = runner.scored_logits(tensors)             # post-edit, all rows
-    nll = answer_nll(logits, targets, row_ids, len(rows))                     # (rows,)
-    loss, parts = ibke_loss(nll[:n].mean(), nll[n:first_loc].mean() if gen else nll.new_zeros(()),
-                            locality_kl(pre_loc, logits[at_loc:]), itm, weights)
-    with torch.no_grad():
-        correct = (logits.argmax(-1) == targets).float()
-        parts["ES"] = correct[:at_gen].mean()
-        parts["GS"] = correct[at_gen:at_loc].mean() if gen else correct.new_tensor(float("nan"))
-        parts["LS"] = (logits[at_loc:].argmax(-1) == pre_loc.argmax(-1)).float().mean()
-    return loss, parts
+    outputs = [t for d in deltas.values() for t in (d if isinstance(d, tuple) else (d,))]
+    leaves = [t.detach().requires_grad_() for t in outputs]
+    it = iter(leaves)
+    held = {name: tuple(next(it) for _ in d) if isinstance(d, tuple) else next(it) for name, d in deltas.items()}
+    sums = torch.zeros(6, device=runner.device)   # the edit, gen, loc terms; ES, GS, LS hits
+    for first in range(0, n, chunk or n):
+        edits = range(first, min(first + (chunk or n), n))
+        picked = [b for kind in range(3) for i in edits for b in of[kind][i]]
+        part = take(tensors, picked)
+        k, g = len(edits), sum(len(of[1][i]) for i in edits)
+        row_of = positions(part)[0]                                          # scored positions, row-major:
+        at_gen, at_loc = bisect.bisect_left(row_of, k), bisect.bisect_left(row_of, k + g)   # edit | gen | loc
+        with functional_edit(runner.model, held):
+            logits, targets, row_ids = runner.scored_logits(part)           # post-edit
+        nll = answer_nll(logits, targets, row_ids, len(picked))               # (rows,)
+        terms = [nll[:k].sum() / n, nll[k:k + g].sum() / max(n_gen, 1)]
+        if len(picked) > k + g:
+            pre_loc = runner.frozen_logits(take(part, slice(k + g, len(picked))))   # p_θ(·|q_l), no graph
+            terms.append(locality_kl(pre_loc, logits[at_loc:]) * (len(row_of) - at_loc) / n_loc)   # its share of the mean
+        else:
+            pre_loc, terms = logits[:0], terms + [nll.new_zeros(())]
+        (weights.c_edit * terms[0] + weights.c_gen * terms[1] + weights.c_loc * terms[2]).backward()   # into ΔW
+        with torch.no_grad():
+            correct = logits.argmax(-1) == targets
+            agree = logits[at_loc:].argmax(-1) == pre_loc.argmax(-1)
+            sums += torch.stack([*(t.detach() for t in terms), correct[:at_gen].sum(), correct[at_gen:at_loc].sum(), agree.sum()])
+    surrogate = sum((t * leaf.grad).sum() for t, leaf in zip(outputs, leaves) if leaf.grad is not None) + weights.beta * itm
+    _, parts = ibke_loss(sums[0], sums[1], sums[2], itm, weights)
+    n_edit, n_gen_pos = (sum(counts[b] for rs in of[kind] for b in rs) for kind in (0, 1))
+    parts["ES"] = sums[3] / n_edit
+    parts["GS"] = sums[4] / n_gen_pos if n_gen_pos else sums.new_tensor(float("nan"))
+    parts["LS"] = sums[5] / max(n_loc, 1)
+    return surrogate, parts
+
+
+def schedule(args: argparse.Namespace, step: int) -> tuple[float, LossWeights]:
+    """The learning rate and the loss weights for the step after `step` steps: a cosine learning rate
+    (--lr-schedule), c_loc and c_gen moving linearly to their -end values after --ramp-start."""
+    t = step / args.steps
+    lr = args.lr * (0.5 * (1 + math.cos(math.pi * t)) if args.lr_schedule == "cosine" else 1.0)
+    ramp = min(1.0, max(0.0, (t - args.ramp_start) / (1 - args.ramp_start)))
+
+    def at(start: float, end: float | None) -> float:
+        return start if end is None else start + (end - start) * ramp
+    return lr, LossWeights(args.c_edit, at(args.c_gen, args.c_gen_end), at(args.c_loc, args.c_loc_end), 0.0 if args.no_ib else args.beta)
 
 
 DIVERGED = 1e4  # a loss above this has diverged: a uniform guess over 50k tokens costs ln 50000 ≈ 11 per term
@@ -126,14 +180,17 @@ def update(hypernet: IBKE, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
 
 def check_args(args: argparse.Namespace) -> None:
     """Ranges and combinations of the flags, and --out, before any work: one line naming the problem."""
-    finite_positive = {"lr": args.lr, "clip": args.clip, "eta_init": args.eta_init}
+    finite_positive = {"lr": args.lr, "clip": args.clip, "eta_init": args.eta_init, "ridge_init": args.ridge_init}
     at_least_1 = {"steps": args.steps, "batch_size": args.batch_size, "val_every": args.val_every, "val_size": args.val_size,
                   "patience": args.patience, "log_every": args.log_every, "save_every": args.save_every, "d_m": args.d_m,
+                  "chunk": args.chunk, "val_n": args.val_n,
                   "latent_len": args.latent_len, "latent_dim": args.latent_dim, "heads": args.heads}
     rules = [(v >= 1, f"--{k.replace('_', '-')} {v}: give at least 1") for k, v in at_least_1.items()]
     rules += [(math.isfinite(v) and v > 0, f"--{k.replace('_', '-')} {v}: give a positive finite number") for k, v in finite_positive.items()]
     rules += [(math.isfinite(v) and v >= 0, f"--{k.replace('_', '-')} {v}: give 0 or a positive finite weight")
-              for k, v in {"c_edit": args.c_edit, "c_gen": args.c_gen, "c_loc": args.c_loc, "beta": args.beta}.items()]
+              for k, v in {"c_edit": args.c_edit, "c_gen": args.c_gen, "c_loc": args.c_loc, "beta": args.beta,
+                           "c_loc_end": args.c_loc_end, "c_gen_end": args.c_gen_end}.items() if v is not None]
+    rules += [(0 <= args.ramp_start < 1, f"--ramp-start {args.ramp_start}: give a fraction of --steps, 0 to below 1")]
     rules += [(args.extra_loc >= 0, f"--extra-loc {args.extra_loc}: give 0 or more"),
               (args.edit_layers >= 0, f"--edit-layers {args.edit_layers}: give the number of last blocks to edit, or 0 for all"),
               (args.heads < 1 or args.d_m % args.heads == 0, f"--heads {args.heads} must divide --d-m {args.d_m} (each head gets d_m / heads)"),
@@ -224,10 +281,10 @@ def main() -> None:
 
     shapes = {n: weight_shape(model.get_submodule(n)) for n in names}
     cfg = EditorConfig(d_m=args.d_m, latent_len=args.latent_len, latent_dim=args.latent_dim, heads=args.heads,
-                       ib=not args.no_ib, token_scale=not args.no_scale, eta_init=args.eta_init)
+                       ib=not args.no_ib, token_scale=not args.no_scale, eta_init=args.eta_init,
+                       aggregate=args.aggregate, ridge_init=args.ridge_init)
     hypernet = IBKE(shapes, cfg).to(args.device).train()
     optimizer = torch.optim.Adam(hypernet.parameters(), lr=args.lr, fused=True)  # fused: 8x faster step on CPU
-    weights = LossWeights(args.c_edit, args.c_gen, args.c_loc, 0.0 if args.no_ib else args.beta)
     runner = Runner(model, tokenizer, names, cache=True)
     val_runner = Runner(model, tokenizer, names, cache=True)  # its own cache: the very batches evaluate.py builds
     sampler = random.Random(args.seed + 1)
@@ -236,8 +293,6 @@ def main() -> None:
     if ckpt is not None:
         hypernet.load_state_dict(ckpt["hypernet"])
         optimizer.load_state_dict(ckpt["optimizer"])
-        for group in optimizer.param_groups:
-            group["lr"] = args.lr
         step, best_f1, bad_validations, nonfinite = ckpt["step"], ckpt["best_f1"], ckpt["bad_validations"], ckpt["nonfinite"]
         if new_phase:  # its losses may differ: best.pt of this --out is judged within this phase
             best_f1, bad_validations = -1.0, 0
@@ -279,11 +334,17 @@ def main() -> None:
             f.write(json.dumps(line) + "\n")
 
     def validate() -> dict[str, float]:
+        """Single edits; with --val-n, also val_n at once, and F1 the mean of the two (best.pt's score)."""
         hypernet.eval()
         editor = ibke_editor(hypernet, args.tokens)
-        results = [r for record in val_records for r in measure(val_runner, editor, [record])[0]]
+        val = summarise([r for record in val_records for r in measure(val_runner, editor, [record])[0]])
+        if args.val_n > 1:
+            many = summarise([r for i in range(0, len(val_records), args.val_n)
+                              for r in measure(val_runner, editor, val_records[i:i + args.val_n])[0]])
+            val = {**{f"{k}@1": v for k, v in val.items()}, **{f"{k}@{args.val_n}": v for k, v in many.items()},
+                   **{k: (val[k] + many[k]) / 2 for k in ("ES", "GS", "LS", "F1")}}
         hypernet.train()
-        return summarise(results)
+        return val
 
     # -------------------------------------------------------------------------
     # loop
@@ -325,11 +386,18 @@ def main() -> None:
         signal.signal(sig, on_signal)
 
     while step < args.steps:
-        n = sampler.randint(1, args.batch_size)                                   # dynamic batch size
+        n = (sampler.randint(1, args.batch_size) if args.sample_n == "uniform"       # dynamic batch size
+             else min(args.batch_size, int(math.exp(sampler.uniform(0, math.log(args.batch_size + 1))))))
         batch, others = draw(sampler, train_records, n, args.extra_loc, args.loc_from, groups)
-        loss, parts = train_step(runner, hypernet, batch, others, weights, args.tokens)
+        lr, weights = schedule(args, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss, parts = train_step(runner, hypernet, batch, others, weights, args.tokens, args.chunk)
         update(hypernet, optimizer, loss, parts, args.clip)
-        parts["eta"] = hypernet.editors[next(iter(hypernet.editors))].log_eta.detach().exp().mean()
+        first_editor = hypernet.editors[next(iter(hypernet.editors))]
+        parts["eta"] = first_editor.log_eta.detach().exp().mean()
+        if args.aggregate == "ridge":
+            parts["lambda"] = first_editor.log_lambda.detach().exp().mean()
         step += 1
         pending.append((step, n, parts))
         bar.update(1)
@@ -352,6 +420,7 @@ def main() -> None:
             improved = val["F1"] > best_f1
             best_f1, bad_validations = (val["F1"], 0) if improved else (best_f1, bad_validations + 1)
             bar.write(f"val step {step}: ES {val['ES']:.3f} GS {val['GS']:.3f} LS {val['LS']:.3f} F1 {val['F1']:.3f}"
+                      + (f" (n=1: {val['F1@1']:.3f}, n={args.val_n}: {val[f'F1@{args.val_n}']:.3f})" if args.val_n > 1 else "")
                       + (" (best)" if improved else f" (best {best_f1:.3f})"))
             log({"step": step, "val": val})
             if improved:

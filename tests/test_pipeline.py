@@ -12,11 +12,12 @@ from losses import LossWeights, answer_nll, ibke_loss, locality_kl, scored
 from model import edit_module_names, weight_shape
 from test_editor import random_batch
 
-def test_training_steps_lower_the_loss():
+@pytest.mark.parametrize("aggregate", ["sum", "ridge"])
+def test_training_steps_lower_the_loss(aggregate):
     """The loop of train.py, on a fixed batch of a tiny model: Adam on the hypernetwork lowers L."""
     model = tiny("llama", init=0.2)
     names = edit_module_names(model)
-    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, EditorConfig(d_m=32, latent_dim=16, heads=2, eta_init=0.1)).train()
+    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, EditorConfig(d_m=32, latent_dim=16, heads=2, eta_init=0.1, aggregate=aggregate)).train()
     optimizer = torch.optim.Adam(editor.parameters(), lr=1e-2)
     edit, loc = random_batch(seed=5), random_batch(seed=7)
     gen = edit                                     # random tokens have no rephrase; reuse the edit rows

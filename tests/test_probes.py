@@ -55,6 +55,10 @@ TRAIN_ARGS = [  # (flags, message)
     (["--lr", "nan"], "--lr nan: give a positive finite number"),
     (["--edit-layers", "-1"], "--edit-layers -1"),
     (["--edit-layers", "999"], "has 4 blocks; give 1..4"),
+    (["--chunk", "0"], "--chunk 0: give at least 1"),
+    (["--ridge-init", "0"], "--ridge-init 0.0: give a positive finite number"),
+    (["--c-loc-end", "-1"], "--c-loc-end -1.0: give 0 or a positive finite weight"),
+    (["--ramp-start", "1"], "--ramp-start 1.0: give a fraction of --steps, 0 to below 1"),
 ]
 
 

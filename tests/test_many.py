@@ -1,0 +1,92 @@
+"""Many edits at once (issue #11): the ridge solve of hypernet.py against float64 least squares, its
+limits and symmetries, and evaluation in passes."""
+import pytest
+import torch
+
+from conftest import reorder_rtol, tiny
+from data import load
+from evaluate import ibke_editor, measure
+from hooks import dense
+from hypernet import IBKE, EditorConfig, ridge
+from model import edit_module_names, weight_shape
+from runner import Runner
+from test_editor import SMALL, perturb_zero_init
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def keys_and_values(M=2, N=12, d_in=16, d_out=5, padding=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    K, V = torch.randn(M, N, d_in, generator=g), torch.randn(M, N, d_out, generator=g)
+    K[:, N - padding:], V[:, N - padding:] = 0, 0                        # padding rows are zero
+    return K, V, torch.tensor(N - padding)
+
+
+@pytest.mark.parametrize("N, d_in", [(12, 16), (40, 16)])               # the N × N form and the d_in × d_in one
+def test_ridge_is_the_float64_least_squares_solution(N, d_in):
+    K, V, n_tokens = keys_and_values(N=N, d_in=d_in)
+    lam = torch.tensor([0.1, 3.0])
+    A, B = ridge(K, V, lam, n_tokens)
+    delta = B if A is None else A.transpose(1, 2) @ B
+    for m in range(2):
+        # min |K ΔW − (1 + λ) c V|² + λ c |ΔW|², c = mean |k|² over the tokens: lstsq on [K; √(λc) I]
+        k, v = K[m].double(), V[m].double()
+        c = (k ** 2).sum() / n_tokens
+        stacked = torch.cat([k, (lam[m] * c).sqrt() * torch.eye(d_in, dtype=torch.float64)])
+        target = torch.cat([(1 + lam[m]) * c * v, torch.zeros(d_in, v.shape[1], dtype=torch.float64)])
+        reference = torch.linalg.lstsq(stacked, target).solution
+        # float64 throughout, then one rounding to float32 (½ ulp); the N × N form adds one float32
+        # product KᵀB over N tokens (reorder_rtol of its N terms, against the sum of their sizes)
+        bound = EPS32 * reference.abs() + (0 if A is None else reorder_rtol(N, 1) * (K[m].abs().T @ B[m].abs()))
+        assert ((delta[m].double() - reference).abs() <= bound.double() + 1e-12).all()
+
+
+def rounding(delta, N: int) -> torch.Tensor:
+    """How far a ΔW may move when its float32 arithmetic is reordered: the factored AᵀB sums N terms
+    (reorder_rtol of them, against the sum of their sizes); a dense one was solved in float64 and
+    rounded once (½ ulp each way: one ulp in all)."""
+    if isinstance(delta, tuple):
+        return reorder_rtol(N, 1) * (delta[0].abs().T @ delta[1].abs())
+    return 2 * EPS32 * delta.abs()
+
+
+def test_ridge_with_large_lambda_is_the_sum_and_order_does_not_matter():
+    """Through the whole editor: λ → ∞ gives the sum form's ΔW; permuting the edits leaves ΔW alone."""
+    from test_editor import decomposed
+    _, _, shapes, decomposition, mask = decomposed()
+    N = int(mask.sum())
+    editors = {}
+    for aggregate, lam in (("sum", 1.0), ("ridge", 1e12), ("ridge", 0.1)):
+        torch.manual_seed(0)
+        editors[aggregate, lam] = IBKE(shapes, EditorConfig(**{**SMALL.__dict__, "aggregate": aggregate, "ridge_init": lam})).eval()
+        perturb_zero_init(editors[aggregate, lam])
+    sums = editors["sum", 1.0](decomposition, mask, factored=True)[0]
+    for name, d in editors["ridge", 1e12](decomposition, mask, factored=True)[0].items():
+        # ΔW = (1 + 1/λ) Kᵀ (I + KKᵀ/(λc))⁻¹ V: off the sum KᵀV by (1 + |KKᵀ|/c)/λ ≤ (1 + N²)/λ of its
+        # terms' size (|k|² ≤ N c); each side's float32 rounding on top
+        terms = sums[name][0].abs().T @ sums[name][1].abs()
+        diff = (dense(d) - dense(sums[name])).abs()
+        assert (diff <= (1 + N ** 2) / 1e12 * terms + rounding(sums[name], N) + rounding(d, N)).all()
+    order = torch.tensor([2, 0, 1])
+    permuted = {n: (h[order], u[order]) for n, (h, u) in decomposition.items()}
+    for editor in editors.values():
+        before, after = editor(decomposition, mask, factored=True)[0], editor(permuted, mask[order], factored=True)[0]
+        for name in before:
+            diff = (dense(after[name]) - dense(before[name])).abs()
+            assert (diff <= rounding(before[name], N) + rounding(after[name], N)).all()
+
+
+def test_measure_in_passes_gives_the_same_numbers(gpt2_tokenizer, data_dir):
+    """Scoring the rows a few at a time (as for 1,024 edits) changes nothing: the same rows, in other
+    batches (argmax and NLL comparisons: discrete, and no tie within float32 rounding in a random model)."""
+    model = tiny("gpt2", init=0.2)
+    model.resize_token_embeddings(len(gpt2_tokenizer))
+    model.requires_grad_(False)
+    names = edit_module_names(model)
+    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, EditorConfig(**{**SMALL.__dict__, "aggregate": "ridge"})).eval()
+    perturb_zero_init(editor)
+    records = load("counterfact", data_dir)["train"][:4]
+    runner = Runner(model, gpt2_tokenizer, names, cache=False)
+    whole = measure(runner, ibke_editor(editor), records)[0]
+    in_passes = measure(runner, ibke_editor(editor), records, rows_per_pass=3)[0]   # passes of 4 (the edits), 3, 3, …
+    assert in_passes == whole and len(whole) == 4 and all("LS" in r and "NS_p" in r for r in whole)
