@@ -1,0 +1,68 @@
+"""analysis.py: what is done is skipped, an interrupted run resumes, the table's spread is right, the
+figures are drawn. (The runs themselves are train.py and evaluate.py, tested elsewhere.)"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import analysis
+
+
+def args_for(tmp_path, *extra):
+    return analysis.parser.parse_args(["run", "ablation", "--out", str(tmp_path), *extra])
+
+
+def fake_run(out, run, seed, summary, curve):
+    d = analysis.run_dir(out, run, seed)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "eval.json"), "w") as f:
+        json.dump({"summary": summary}, f)
+    with open(os.path.join(d, "log.jsonl"), "w") as f:
+        for step, f1 in curve:
+            f.write(json.dumps({"step": step, "val": {"F1": f1}}) + "\n")
+
+
+def test_commands_resume_a_started_run_and_pass_the_runs_flags(tmp_path):
+    args = args_for(tmp_path, "--steps", "50", "--device", "cuda", "--train-args", "--d-m 64")
+    train, evaluate = analysis.commands(args, "no-scale", 1)
+    assert train[1] == "train.py" and "--resume" not in train
+    assert train[train.index("--steps") + 1] == "50" and train[train.index("--seed") + 1] == "1"
+    assert "--no-scale" in train and "--d-m" in train and train[train.index("--device") + 1] == "cuda"
+    assert evaluate[evaluate.index("--skip") + 1] == "1000" and "--device" in evaluate and "--d-m" not in evaluate
+    os.makedirs(analysis.run_dir(str(tmp_path), "no-scale", 1))
+    open(os.path.join(analysis.run_dir(str(tmp_path), "no-scale", 1), "latest.pt"), "w").close()
+    assert "--resume" in analysis.commands(args, "no-scale", 1)[0]
+
+
+def test_run_skips_what_is_done_and_reports_failures(tmp_path, monkeypatch, capsys):
+    for run in ("default", "no-ib", "no-scale"):
+        fake_run(str(tmp_path), run, 0, {"F1": 0.5}, [(10, 0.5)])
+    called = []
+    monkeypatch.setattr(analysis.subprocess, "run", lambda *a, **k: called.append(a) or type("R", (), {"returncode": 1})())
+    analysis.run(args_for(tmp_path, "--seeds", "0"))
+    assert not called and capsys.readouterr().out.count("done before") == 3
+    with pytest.raises(SystemExit, match="3 runs failed"):
+        analysis.run(args_for(tmp_path, "--seeds", "1"))                 # new seed: trains; every train fails
+    assert len(called) == 3
+    with pytest.raises(SystemExit, match="no experiment 'betas'"):
+        analysis.runs_of("betas")
+
+
+def test_report_table_has_mean_and_sample_std_and_draws_figures(tmp_path):
+    out = str(tmp_path)
+    for seed, (f1, ls) in enumerate([(0.6, 0.5), (0.8, 0.7)]):
+        summary = {"F1": f1, "ES": 0.9, "GS": 0.8, "LS": ls, "NS_p": 0.3}
+        for run in ("default", "no-ib", "no-scale", "beta=0.01", "beta=1", "c_loc=3"):
+            fake_run(out, run, seed, summary, [(250, f1 - 0.1), (500, f1)])
+    rng = np.random.default_rng(0)                                      # a latent map: 2 runs × 60 edits
+    domain = np.array(["counterfact"] * 40 + ["zsre"] * 20)
+    relation = np.array(["{} is in", "{} speaks"] * 20 + [""] * 20)
+    np.savez(os.path.join(out, "latent.npz"), domain=domain, relation=relation,
+             mu_default=rng.normal(size=(60, 8)), **{"mu_no-ib": rng.normal(size=(60, 8))})
+    analysis.report(analysis.parser.parse_args(["report", "--out", out]))
+    text = open(os.path.join(out, "README.md")).read()
+    # F1 0.6 and 0.8: mean 0.7, sample std 0.1414
+    assert "| default | 2 | 500 | 0.700 ± 0.141 | 0.900 ± 0.000 | 0.800 ± 0.000 | 0.600 ± 0.141 |" in text
+    for name in ("beta.png", "ablation.png", "c_loc.png", "latent.png"):
+        assert os.path.getsize(os.path.join(out, name)) > 1000 and f"]({name})" in text
