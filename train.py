@@ -2,7 +2,9 @@
 Train the IBKE hypernetwork (IBKE.md §3): a plain PyTorch loop.
 
     python train.py                                    # SmolLM2-135M on CounterFact, ~20 min on 2 CPU cores
-    python train.py --steps 6000 --out out/long        # a longer run
+    python train.py --steps 6000 --out out/long        # a longer run (the schedules stretch with it)
+    python train.py --lr 1e-4 --lr-schedule constant --c-loc-end 1 --c-gen-end 1   # constant weights (before session 5)
+    python train.py --aggregate ridge --batch-size 128 --sample-n log --val-n 200 --out out/many   # many edits at once
     python train.py --out out/ibke --resume            # continue exactly where it stopped
     python train.py --resume out/main/latest.pt --c-gen 0.3 --c-loc 10 --extra-loc 3 --steps 7500 --out out/p2h
                                                        # a second phase with other loss weights (README: Results)
@@ -11,7 +13,8 @@ Train the IBKE hypernetwork (IBKE.md §3): a plain PyTorch loop.
 
 Each step: draw n ∈ 1..batch-size edits ("dynamic" batches), decompose the edit loss's gradient on
 the frozen model (hooks.py), turn it into ΔW (hypernet.py), apply ΔW functionally, and minimise
-SG + IL + ITM (losses.py) with Adam. Validation (single edits, evaluate.py's metrics) every
+SG + IL + ITM (losses.py) with Adam. The default recipe, in one run: lr 3e-4 on a cosine; over the
+second half, c_loc rises to 4 and c_gen falls to 0.7 (locality weighted up once the editor edits). Validation (single edits, evaluate.py's metrics) every
 --val-every steps; best.pt keeps the best validation F1, latest.pt the newest state (also every
 --save-every steps and on Ctrl-C). Prompts keep their last 128 tokens, answers their first 32.
 """
@@ -45,21 +48,21 @@ parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub
 parser.add_argument("--data", default="counterfact", help="counterfact, zsre or uniedit (its train split)")
 parser.add_argument("--data-dir", default="data", help="folder holding (or receiving) the benchmark files")
 parser.add_argument("--out", default="out/ibke", help="folder for best.pt, latest.pt and log.jsonl")
-parser.add_argument("--steps", type=int, default=1500, help="training steps")
+parser.add_argument("--steps", type=int, default=1200, help="training steps (the schedules below are spread over them)")
 parser.add_argument("--batch-size", type=int, default=8, help="most edits per step; each step draws n from 1..batch-size")
 parser.add_argument("--sample-n", default="uniform", choices=["uniform", "log"], help="how n is drawn: uniformly, or log-uniformly (P(n) ∝ log((n+1)/n): single edits keep their share of a large --batch-size)")
 parser.add_argument("--chunk", type=int, default=16, help="edits whose losses are backpropagated together (memory grows with it, not with n; the gradient is the same)")
 parser.add_argument("--aggregate", default="sum", choices=["sum", "ridge"], help="how a batch's edits combine: the sum of their updates (IBKE), or one ridge solve over all their tokens (MALMEN's, with IBKE's keys and values; for many edits at once)")
 parser.add_argument("--ridge-init", type=float, default=EditorConfig.ridge_init, help="--aggregate ridge: initial λ of every module, relative to the keys' size (large: the sum)")
-parser.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
-parser.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine"], help="learning rate over the run: constant, or a cosine from --lr down to 0 at --steps")
+parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (peak, with --lr-schedule cosine)")
+parser.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"], help="learning rate over the run: constant, or a cosine from --lr down to 0 at --steps")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
 parser.add_argument("--c-edit", type=float, default=1.0, help="SG weight on the edit prompt's NLL")
 parser.add_argument("--c-gen", type=float, default=1.0, help="SG weight on the generality prompts' NLL")
 parser.add_argument("--c-loc", type=float, default=1.0, help="IL weight on KL(pre || post) at the locality tokens")
 parser.add_argument("--beta", type=float, default=0.1, help="ITM weight on the latent's KL to N(0, I)")
-parser.add_argument("--c-loc-end", type=float, default=None, help="c_loc at the last step, reached linearly from --c-loc after --ramp-start (default: --c-loc throughout)")
-parser.add_argument("--c-gen-end", type=float, default=None, help="c_gen at the last step, likewise (default: --c-gen throughout)")
+parser.add_argument("--c-loc-end", type=float, default=4.0, help="c_loc at the last step, reached linearly from --c-loc after --ramp-start (a --c-loc given alone is held constant)")
+parser.add_argument("--c-gen-end", type=float, default=0.7, help="c_gen at the last step, likewise (a --c-gen given alone is held constant)")
 parser.add_argument("--ramp-start", type=float, default=0.5, help="fraction of --steps after which c_loc and c_gen move towards their -end values")
 parser.add_argument("--extra-loc", type=int, default=1, help="per edit, this many other records' prompts join the IL term as unrelated inputs (0: only each record's locality prompt)")
 parser.add_argument("--loc-from", default="relation", choices=["relation", "answer", "any"], help="where the --extra-loc records come from: 'relation', the same prompt with another subject (the edit must not spread to them); 'answer', another subject whose true answer is the edit's old answer (CounterFact's neighbourhood case); else any; or 'any' record")
@@ -73,7 +76,7 @@ parser.add_argument("--no-scale", action="store_true", help="ablation: no token 
 parser.add_argument("--tokens", default="all", choices=["all", "answer"], help="tokens whose (h, u) the hypernetwork reads")
 parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex (default: model.EDIT_TABLE)")
 parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all of them); --edit-modules patterns too")
-parser.add_argument("--val-every", type=int, default=250, help="validate every k steps")
+parser.add_argument("--val-every", type=int, default=300, help="validate every k steps")
 parser.add_argument("--save-every", type=int, default=100, help="write latest.pt every k steps (and at each validation, at the end, on Ctrl-C / SIGTERM)")
 parser.add_argument("--overwrite", action="store_true", help="train into an --out that holds a run, replacing it (else refused: --resume continues it)")
 parser.add_argument("--log-every", type=int, default=10, help="read the step's numbers off the device, print and log them every k steps (reading makes the host wait)")
@@ -239,8 +242,15 @@ def loc_groups(records: list[EditRequest], loc_from: str) -> dict:
     return groups
 
 
+BEFORE = {"lr_schedule": "constant", "c_loc_end": None, "c_gen_end": None, "aggregate": "sum", "sample_n": "uniform",
+          "val_n": 1}  # what a checkpoint from before these flags ran with
+
+
 def main() -> None:
     args = parser.parse_args()
+    defaults, unset = vars(parser.parse_args([])), object()      # given flags: those not left at `unset`
+    given = {k: v for k, v in vars(parser.parse_args(namespace=argparse.Namespace(**dict.fromkeys(defaults, unset)))).items()
+             if v is not unset}
     check_args(args)
 
     latest_path, best_path = os.path.join(args.out, "latest.pt"), os.path.join(args.out, "best.pt")
@@ -251,15 +261,16 @@ def main() -> None:
         except CheckpointError as err:
             raise SystemExit(f"error: --resume: {err}")
         new_phase = os.path.abspath(source) != os.path.abspath(latest_path)
-        defaults, unset = vars(parser.parse_args([])), object()  # given flags: those not left at `unset`
-        given = {k: v for k, v in vars(parser.parse_args(namespace=argparse.Namespace(**dict.fromkeys(defaults, unset)))).items()
-                 if v is not unset}
+        saved = {**BEFORE, **ckpt["config"]}
         for k in FIXED:
-            if k in given and given[k] != ckpt["config"].get(k):
-                raise SystemExit(f"error: {source} is a checkpoint of {k} {ckpt['config'].get(k)!r}, not {given[k]!r}; "
+            if k in given and given[k] != saved.get(k):
+                raise SystemExit(f"error: {source} is a checkpoint of {k} {saved.get(k)!r}, not {given[k]!r}; "
                                  f"the checkpoint fixes --{k.replace('_', '-')}: drop the flag, or train anew")
-        args = argparse.Namespace(**{**defaults, **ckpt["config"], **given, "overwrite": given.get("overwrite", False)})
-        check_args(args)
+        args = argparse.Namespace(**{**defaults, **saved, **given, "overwrite": given.get("overwrite", False)})
+    for k in ("c_loc", "c_gen"):                                 # a weight given without its -end is held
+        if k in given and f"{k}_end" not in given:
+            setattr(args, f"{k}_end", None)
+    check_args(args)
 
     # -------------------------------------------------------------------------
     # setup

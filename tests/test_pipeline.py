@@ -1,6 +1,7 @@
 """train.py and evaluate.py end to end on tiny local models: the loss goes down, the checkpoint
 rebuilds the editor, training and evaluation resume, another model's checkpoint is refused."""
 import json
+import math
 
 import pytest
 import torch
@@ -81,7 +82,9 @@ def test_second_phase_from_another_runs_checkpoint(trained):
     run("train.py", "--resume", out / "a" / "latest.pt", "--steps", "12", "--c-loc", "3", "--lr", "5e-5", "--out", out / "p2")
     phase2 = torch.load(out / "p2" / "latest.pt", weights_only=False)
     assert phase2["step"] == 12 and phase2["config"]["c_loc"] == 3 and phase2["config"]["val_size"] == 6
-    assert phase2["optimizer"]["param_groups"][0]["lr"] == 5e-5
+    assert phase2["config"]["c_loc_end"] is None                    # a --c-loc given alone is held
+    # the last step ran at step 11 of 12 of the cosine from the given lr (the trained run's schedule)
+    assert phase2["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-5 * 0.5 * (1 + math.cos(math.pi * 11 / 12)))
     assert {s["step"].item() for s in phase2["optimizer"]["state"].values()} == {12.0}
     assert torch.load(out / "a" / "latest.pt", weights_only=False)["step"] == 10   # the first run is untouched
     validations = [json.loads(line) for line in open(out / "p2" / "log.jsonl") if '"val"' in line]
