@@ -9,7 +9,8 @@ seeds) and figures.
     python analysis.py latent                             # each edit's mean latent μ, default and --no-ib
     python analysis.py report                             # results/README.md and the figures results/*.png
 
-Every run of an experiment gets the same budget: --steps training steps, validation every
+Every run is train.py's default recipe (its ramp of c_loc and c_gen and its cosine stretched over
+--steps) with one change. Every run gets the same budget: --steps training steps, validation every
 --val-every (no early stop), best.pt by validation F1 (200 records held out of the train split),
 then evaluation at n = 1 on CounterFact-edit records --eval-skip … --eval-skip + --eval-limit
 (never used while choosing anything). A run with eval.json is done and skipped, one with latest.pt
@@ -33,8 +34,8 @@ EXPERIMENTS = {
              ("beta=0.3", ["--beta", "0.3"], 0.3), ("beta=1", ["--beta", "1"], 1.0)],
     "latent_len": [("l_m=1", ["--latent-len", "1"], 1), ("default", [], 10), ("l_m=20", ["--latent-len", "20"], 20)],
     "ablation": [("default", [], None), ("no-ib", ["--no-ib"], None), ("no-scale", ["--no-scale"], None)],
-    "c_loc": [("c_loc=0.3", ["--c-loc", "0.3"], 0.3), ("default", [], 1.0),
-              ("c_loc=3", ["--c-loc", "3"], 3.0), ("c_loc=10", ["--c-loc", "10"], 10.0)],
+    "c_loc": [("c_loc_end=1", ["--c-loc-end", "1"], 1.0), ("default", [], 4.0),   # c_loc at the end of its ramp
+              ("c_loc_end=10", ["--c-loc-end", "10"], 10.0)],
     "width": [("default", [], 512), ("d_m=1920", ["--d-m", "1920", "--latent-dim", "1920"], 1920)],   # the paper's width
 }
 FLAGS = {run: flags for runs in EXPERIMENTS.values() for run, flags, _ in runs}
@@ -213,8 +214,8 @@ def figures(found: dict, out: str) -> list[str]:
         for r, x in runs:
             (gm, gs), (lm, ls) = (spread([s["summary"][k] for s in found[r]]) for k in ("GS", "LS"))
             ax.errorbar(lm, gm, xerr=ls, yerr=gs, marker="o", capsize=3)
-            ax.annotate(f"c_loc {x:g}", (lm, gm), textcoords="offset points", xytext=(5, 5))
-        ax.set(xlabel="LS (locality)", ylabel="GS (generality)", title="the trade-off as c_loc varies")
+            ax.annotate(f"c_loc → {x:g}", (lm, gm), textcoords="offset points", xytext=(5, 5))
+        ax.set(xlabel="LS (locality)", ylabel="GS (generality)", title="the trade-off as c_loc's ramp varies")
         save(fig, "c_loc.png")
     return made
 

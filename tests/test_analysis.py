@@ -53,7 +53,7 @@ def test_report_table_has_mean_and_sample_std_and_draws_figures(tmp_path):
     out = str(tmp_path)
     for seed, (f1, ls) in enumerate([(0.6, 0.5), (0.8, 0.7)]):
         summary = {"F1": f1, "ES": 0.9, "GS": 0.8, "LS": ls, "NS_p": 0.3}
-        for run in ("default", "no-ib", "no-scale", "beta=0.01", "beta=1", "c_loc=3"):
+        for run in ("default", "no-ib", "no-scale", "beta=0.01", "beta=1", "c_loc_end=10"):
             fake_run(out, run, seed, summary, [(250, f1 - 0.1), (500, f1)])
     rng = np.random.default_rng(0)                                      # a latent map: 2 runs × 60 edits
     domain = np.array(["counterfact"] * 40 + ["zsre"] * 20)
