@@ -1,5 +1,5 @@
 """
-The paper's experiments, reproduced (IBKE.md §6): sweeps and ablations as grids of train.py runs ×
+The paper's experiments, reproduced: sweeps and ablations as grids of train.py runs ×
 seeds, each trained and evaluated into results/runs/<run>/seed<k>/, then one table (mean ± std over
 seeds) and figures.
 

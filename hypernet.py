@@ -34,7 +34,7 @@ class EditorConfig:
     token_scale: bool = True  # False: s_i ≡ 1/2, the scale's start value (--no-scale)
     eta_init: float = 1e-2    # initial step size η_m (DAFNet starts at 1e-4; after our normalisation that edits nothing)
     aggregate: str = "sum"    # how the edits of a batch combine: "sum" of their updates, or a "ridge" solve (step 5)
-    ridge_init: float = 1.0   # initial λ_m of the ridge solve (relative: λ → ∞ is the sum, λ → 0 interpolation)
+    ridge_init: float = 0.1   # initial λ_m of the ridge solve (relative: λ → ∞ is the sum, λ → 0 interpolation; RESULTS.md)
 
 
 class RunningNorm(nn.Module):
@@ -140,10 +140,13 @@ class ShapeEditor(nn.Module):
 
 
 def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The edits of a batch as one least-squares update (MALMEN's normal equation, with IBKE's keys and
-    value shifts): ΔW = (1 + λ) c (KᵀK + λ c I)⁻¹ KᵀV, c = mean_i |k_i|² (λ is relative to the keys'
-    size). It is the ridge solution of min Σ_i |k_i ΔW − (1 + λ) c v_i|² + λ c |ΔW|²; λ → ∞ gives the
-    sum KᵀV, λ → 0 makes each key's change c v_i, its own (the sum adds every other key's k_j·k_i v_j).
+    """The edits of a batch as one least-squares update (IBKE.md §6: MALMEN's normal equation, with
+    IBKE's keys and value shifts): ΔW = (1 + λ) c (KᵀK + λ c I)⁻¹ KᵀV, c = mean_i |k_i|². This is §6's
+    (KᵀK + e^λ I)⁻¹ KᵀV with its ridge measured in units of the keys' size (e^λ = λc, so λ means the
+    same for any model) and the gain (1 + λ) c made explicit, so the update keeps the sum's size at
+    every λ instead of shrinking as e^{−λ}. It solves min Σ_i |k_i ΔW − (1 + λ) c v_i|² + λ c |ΔW|²:
+    λ → ∞ gives the sum KᵀV; λ → 0 makes each key's change c v_i, its own (the sum adds every other
+    key's k_j·k_i v_j).
     K (M, N, d_in), V (M, N, d_out), λ (M,), n_tokens: the N tokens that are not padding (padding
     rows of K and V are zero). Solved in float64 by Cholesky: the N × N (Woodbury) form
     ΔW = Kᵀ [(1 + λ) c (KKᵀ + λ c I)⁻¹ V], kept as factors, when N ≤ d_in; else the d_in × d_in one.
