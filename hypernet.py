@@ -153,7 +153,7 @@ def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.T
     -> (K, B) with ΔW = KᵀB, or (None, ΔW (M, d_in, d_out))."""
     M, N, d_in = K.shape
     c = (K.double() ** 2).sum((1, 2)) / n_tokens.clamp_min(1)                 # mean |k_i|²  (M,)
-    lam = lam.double()
+    lam = lam.double().clamp_min(1e-6)          # a learned λ near 0 must not make padding rows singular
     gain, ridge_term = ((1 + lam) * c)[:, None, None], (lam * c)[:, None, None]
     K64, V64 = K.double(), V.double()
     if N <= d_in:
