@@ -163,10 +163,16 @@ def table(found: dict, runs: list[str]) -> str:
     return "\n".join(lines)
 
 
-def figures(found: dict, out: str) -> list[str]:
+def pyplot():
+    """matplotlib's pyplot, drawing to files (imported here: training and evaluation never need it)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    return plt
+
+
+def figures(found: dict, out: str) -> list[str]:
+    plt = pyplot()
     made = []
 
     def save(fig, name):
@@ -225,9 +231,7 @@ def latent_figures(out: str) -> list[str]:
     path = os.path.join(out, "latent.npz")
     if not os.path.exists(path):
         return []
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from sklearn.manifold import TSNE
     z = np.load(path, allow_pickle=False)
     domain, relation = z["domain"], z["relation"]

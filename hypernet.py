@@ -152,10 +152,10 @@ def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.T
     ΔW = Kᵀ [(1 + λ) c (KKᵀ + λ c I)⁻¹ V], kept as factors, when N ≤ d_in; else the d_in × d_in one.
     -> (K, B) with ΔW = KᵀB, or (None, ΔW (M, d_in, d_out))."""
     M, N, d_in = K.shape
-    c = (K.double() ** 2).sum((1, 2)) / n_tokens.clamp_min(1)                 # mean |k_i|²  (M,)
+    K64, V64 = K.double(), V.double()
+    c = (K64 ** 2).sum((1, 2)) / n_tokens.clamp_min(1)                        # mean |k_i|²  (M,)
     lam = lam.double().clamp_min(1e-6)          # a learned λ near 0 must not make padding rows singular
     gain, ridge_term = ((1 + lam) * c)[:, None, None], (lam * c)[:, None, None]
-    K64, V64 = K.double(), V.double()
     if N <= d_in:
         gram = K64 @ K64.transpose(1, 2) + ridge_term * torch.eye(N, dtype=K64.dtype, device=K.device)   # (M, N, N)
         B = torch.cholesky_solve(gain * V64, torch.linalg.cholesky(gram))                            # (M, N, d_out)

@@ -111,8 +111,9 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     rows, of = [], [[], [], []]                                               # of[kind][i]: edit i's rows
     for kind in range(3):                                                     # edit | gen | loc rows
         for i in range(n):
-            of[kind].append(list(range(len(rows), len(rows) + len(pairs(kind, i)))))
-            rows += pairs(kind, i)
+            these = pairs(kind, i)
+            of[kind].append(list(range(len(rows), len(rows) + len(these))))
+            rows += these
     tensors = runner.batch([p for p, _ in rows], [t for _, t in rows])
     counts = [len(scored_span(a, b)) for a, b in zip(tensors["starts"], tensors["lengths"])]
     n_gen = sum(map(len, of[1]))

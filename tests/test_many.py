@@ -10,7 +10,7 @@ from hooks import dense
 from hypernet import IBKE, EditorConfig, ridge
 from model import edit_module_names, weight_shape
 from runner import Runner
-from test_editor import SMALL, perturb_zero_init
+from test_editor import SMALL, decomposed, perturb_zero_init
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -52,7 +52,6 @@ def rounding(delta, N: int) -> torch.Tensor:
 
 def test_ridge_with_large_lambda_is_the_sum_and_order_does_not_matter():
     """Through the whole editor: λ → ∞ gives the sum form's ΔW; permuting the edits leaves ΔW alone."""
-    from test_editor import decomposed
     _, _, shapes, decomposition, mask = decomposed()
     N = int(mask.sum())
     editors = {}
