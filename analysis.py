@@ -15,8 +15,10 @@ Every run is train.py's default recipe (its ramp of c_loc and c_gen and its cosi
 then evaluation at n = 1 on CounterFact-edit records --eval-skip … --eval-skip + --eval-limit
 (never used while choosing anything). A run with eval.json is done and skipped, one with latest.pt
 resumes: `run` picks up after an interruption, and machines can share the work (--only).
-A run shared by experiments (default) is trained once. `report` and `latent`'s plot need
-matplotlib and scikit-learn (requirements.txt), training and evaluation do not.
+A run shared by experiments (default) is trained once. The runs share the frozen lower blocks'
+states of the texts they have seen (train.py --cache-dir <out>/cache): the first run computes them.
+`report` and `latent`'s plot need matplotlib and scikit-learn (requirements.txt), training and
+evaluation do not.
 """
 import argparse
 import json
@@ -80,7 +82,7 @@ def commands(args: argparse.Namespace, run: str, seed: int) -> list[list[str]]:
     common = ["--data-dir", args.data_dir] + (["--device", args.device] if args.device else []) + \
              (["--dtype", args.dtype] if args.dtype else [])
     train = [sys.executable, "train.py", "--out", d, "--seed", str(seed), "--steps", str(args.steps),
-             "--val-every", str(args.val_every), "--patience", str(10 ** 9), *FLAGS[run], *args.train_args.split(), *common]
+             "--val-every", str(args.val_every), "--patience", str(10 ** 9), "--cache-dir", os.path.join(args.out, "cache"), *FLAGS[run], *args.train_args.split(), *common]
     if os.path.exists(os.path.join(d, "latest.pt")):
         train.append("--resume")
     evaluate = [sys.executable, "evaluate.py", "--ckpt", os.path.join(d, "best.pt"), "--skip", str(args.eval_skip),

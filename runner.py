@@ -9,7 +9,9 @@ where a loss or metric is read.
 Every length and answer position is known on the host from tokenisation (data.tokenize), so a warm
 training step never waits for the device (bench.py counts the waits: none).
 """
+import hashlib
 import itertools
+import os
 
 import torch
 import torch.nn as nn
@@ -151,6 +153,7 @@ class Runner:
         width = model.config.hidden_size
         if cache:
             self.hidden, self.hidden_at = Store(width, model.dtype, self.device), {}   # entering the block: text -> offset
+            self.hidden_n = {}                                                          # text -> its tokens
             self.final, self.final_at = Store(width, model.dtype, self.device), {}     # final norm: text -> (offset, n)
 
     def batch(self, prompts: list[str], targets: list[str]) -> dict:
@@ -170,6 +173,8 @@ class Runner:
             offset = store.append(hidden.flatten(0, 1)[index(valid, self.device)])
             for key, n in zip(part["keys"], part["lengths"]):
                 at[key], offset = offset, offset + n
+                if self.cache:
+                    self.hidden_n[key] = n
         T = batch["input_ids"].shape[1]
         gather = [at[key] + t if t < n else 0 for key, n in zip(keys, lengths) for t in range(T)]
         batch["hidden"] = store.data[index(gather, self.device)].view(len(keys), T, -1)      # (B, T, C)
@@ -199,6 +204,42 @@ class Runner:
         if order == list(range(len(order))):
             return states
         return states[index(sorted(range(len(order)), key=order.__getitem__), self.device)]   # (N, C)
+
+    def states_file(self, folder: str) -> str:
+        """Where in `folder` this model's cached states go: named by a hash of what computes them (the
+        config, dtype, device type, first edited block, max_len, tokenizer, and the lower blocks' weights)."""
+        below = [self.model.get_input_embeddings(), *self.model.get_submodule(blocks_path(self.model))[:self.block]]
+        checksum = [round(p.detach().double().sum().item(), 6) for m in below for p in m.parameters()]
+        what = [self.model.config.to_json_string(), str(self.model.dtype), self.device.type, self.block, self.max_len,
+                self.tokenizer.name_or_path, len(self.tokenizer), checksum]
+        return os.path.join(folder, f"states-{hashlib.sha1(repr(what).encode()).hexdigest()[:16]}.pt")
+
+    def load_states(self, path: str) -> int:
+        """Take the hidden states that save_states wrote to `path` into the cache -> texts taken."""
+        if not os.path.exists(path):
+            return 0
+        saved = torch.load(path, map_location=self.device)
+        offset = self.hidden.append(saved["data"].to(self.model.dtype))
+        for key, start, n in zip(saved["keys"], itertools.accumulate(saved["lengths"], initial=0), saved["lengths"]):
+            if tuple(key) not in self.hidden_at:
+                self.hidden_at[tuple(key)], self.hidden_n[tuple(key)] = offset + start, n
+        return len(saved["keys"])
+
+    def save_states(self, path: str) -> None:
+        """Write the cached hidden states (those entering the first edited block) to `path`, added to what
+        it holds, atomically: runs of one model share the lower blocks' work (train.py --cache-dir).
+        Two runs writing at once may each lose the other's newest texts, which are then recomputed."""
+        old = torch.load(path) if os.path.exists(path) else {"keys": [], "lengths": [], "data": self.hidden.data.new_zeros(0, self.hidden.data.shape[1]).cpu()}
+        have = set(map(tuple, old["keys"]))
+        new = [k for k in self.hidden_at if k not in have]
+        if not new:
+            return
+        rows = [self.hidden_at[k] + t for k in new for t in range(self.hidden_n[k])]
+        data = torch.cat([old["data"], self.hidden.data[index(rows, self.device)].cpu()])
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        torch.save({"keys": old["keys"] + new, "lengths": old["lengths"] + [self.hidden_n[k] for k in new], "data": data}, tmp)
+        os.replace(tmp, path)
 
     @torch.no_grad()
     def frozen_logits(self, batch: dict) -> torch.Tensor:

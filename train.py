@@ -80,6 +80,8 @@ parser.add_argument("--val-every", type=int, default=300, help="validate every k
 parser.add_argument("--save-every", type=int, default=100, help="write latest.pt every k steps (and at each validation, at the end, on Ctrl-C / SIGTERM)")
 parser.add_argument("--overwrite", action="store_true", help="train into an --out that holds a run, replacing it (else refused: --resume continues it)")
 parser.add_argument("--log-every", type=int, default=10, help="read the step's numbers off the device, print and log them every k steps (reading makes the host wait)")
+parser.add_argument("--train-size", type=int, default=0, help="draw edits from this many records of the train split (0: all); a record drawn again skips the frozen lower blocks (Runner's cache), so steps get cheaper as the run goes on")
+parser.add_argument("--cache-dir", default=None, help="keep the frozen lower blocks' states of the texts seen in this folder, shared by runs of the same model: a later or resumed run skips that work (analysis.py uses <out>/cache)")
 parser.add_argument("--val-size", type=int, default=200, help="records held out of the train split for validation")
 parser.add_argument("--val-n", type=int, default=1, help="also validate with this many edits at once (> 1); best.pt then has the best mean of the two F1s")
 parser.add_argument("--patience", type=int, default=4, help="stop after this many validations without a better F1")
@@ -196,6 +198,7 @@ def check_args(args: argparse.Namespace) -> None:
                            "c_loc_end": args.c_loc_end, "c_gen_end": args.c_gen_end}.items() if v is not None]
     rules += [(0 <= args.ramp_start < 1, f"--ramp-start {args.ramp_start}: give a fraction of --steps, 0 to below 1")]
     rules += [(args.extra_loc >= 0, f"--extra-loc {args.extra_loc}: give 0 or more"),
+              (args.train_size >= 0, f"--train-size {args.train_size}: give 0 (all records) or more"),
               (args.edit_layers >= 0, f"--edit-layers {args.edit_layers}: give the number of last blocks to edit, or 0 for all"),
               (args.heads < 1 or args.d_m % args.heads == 0, f"--heads {args.heads} must divide --d-m {args.d_m} (each head gets d_m / heads)"),
               (not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out} is a file; give a folder for best.pt, latest.pt and log.jsonl")]
@@ -243,7 +246,7 @@ def loc_groups(records: list[EditRequest], loc_from: str) -> dict:
     return groups
 
 
-BEFORE = {"lr_schedule": "constant", "c_loc_end": None, "c_gen_end": None, "aggregate": "sum", "sample_n": "uniform",
+BEFORE = {"train_size": 0, "lr_schedule": "constant", "c_loc_end": None, "c_gen_end": None, "aggregate": "sum", "sample_n": "uniform",
           "val_n": 1}  # what a checkpoint from before these flags ran with
 
 
@@ -287,6 +290,7 @@ def main() -> None:
     if "train" not in records:
         raise SystemExit(f"error: {args.data} has no train split; train on counterfact or zsre and evaluate on it")
     train_records, val_records = split_val(records["train"], args.val_size, args.seed)
+    train_records = train_records[:args.train_size or None]                 # a seeded random subset
     if len(train_records) < args.batch_size * (1 + args.extra_loc):
         raise SystemExit(f"error: {len(train_records)} training records are too few for --batch-size {args.batch_size} "
                          f"with --extra-loc {args.extra_loc}; lower them or --val-size")
@@ -299,6 +303,9 @@ def main() -> None:
     optimizer = torch.optim.Adam(hypernet.parameters(), lr=args.lr, fused=True)  # fused: 8x faster step on CPU
     runner = Runner(model, tokenizer, names, cache=True)
     val_runner = Runner(model, tokenizer, names, cache=True)  # its own cache: the very batches evaluate.py builds
+    states_path = runner.states_file(args.cache_dir) if args.cache_dir else None
+    if states_path:
+        print(f"{runner.load_states(states_path)} texts' lower-block states from {states_path}")
     sampler = random.Random(args.seed + 1)
     groups = loc_groups(train_records, args.loc_from)
     step, best_f1, bad_validations, nonfinite = 0, -1.0, 0, 0
@@ -340,6 +347,10 @@ def main() -> None:
                  "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
+
+    def keep_states() -> None:
+        if states_path:                                     # --cache-dir: for later runs of this model
+            runner.save_states(states_path)
 
     def log(line: dict) -> None:
         with open(log_path, "a") as f:
@@ -418,6 +429,7 @@ def main() -> None:
         if stop:
             read_pending()
             save(latest_path)
+            keep_states()
             bar.close()
             print(f"stopped by {stop[0]} at step {step}: saved {latest_path}; continue with "
                   f"python train.py --out {args.out} --resume", file=sys.stderr)
@@ -438,6 +450,7 @@ def main() -> None:
             if improved:
                 save(best_path)
             save(latest_path)
+            keep_states()
             if bad_validations >= args.patience:
                 bar.write(f"early stop: no better validation F1 in {args.patience} validations")
                 break
@@ -445,6 +458,7 @@ def main() -> None:
     read_pending()
     bar.close()
     save(latest_path)
+    keep_states()
     print(f"done at step {step}; " + (f"best validation F1 {best_f1:.3f} in {best_path}" if os.path.exists(best_path)
                                       else f"no validation in this run (--val-every {args.val_every}); {latest_path} holds it"))
 

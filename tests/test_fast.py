@@ -88,3 +88,30 @@ def test_length_groups_cover_every_row_and_bound_padding():
         assert padded <= max(1.25 * text, text + 16)
     assert 1 < len(groups) < len(lengths)                             # similar lengths do share a pass
     assert length_groups([9, 14, 11, 8, 12, 10, 13, 9]) == [[3, 0, 7, 5, 2, 4, 6, 1]]  # 8 short prompts: one pass
+
+
+def test_saved_states_are_reused_exactly_and_merged(gpt2_tokenizer, data_dir, tmp_path, monkeypatch):
+    """--cache-dir: a Runner that loads another's saved states gives bit-identical batches without
+    running the lower blocks; two runners' saves add up; another model's states go to another file."""
+    import runner as runner_module
+    model = tiny("llama", init=0.2)
+    model.resize_token_embeddings(len(gpt2_tokenizer))
+    names = edit_module_names(model)
+    records = load("counterfact", data_dir)["train"][:8]
+    texts = [([r.prompt for r in part], [r.target for r in part]) for part in (records[:4], records[4:])]
+    first, second = Runner(model, gpt2_tokenizer, names), Runner(model, gpt2_tokenizer, names)
+    path = first.states_file(str(tmp_path))
+    assert second.states_file(str(tmp_path)) == path
+    wanted = [first.batch(*texts[0])["hidden"], second.batch(*texts[1])["hidden"]]
+    first.save_states(path)
+    second.save_states(path)                                         # adds its texts to the file
+    calls = []
+    monkeypatch.setattr(runner_module, "hidden_before", lambda *a: calls.append(a))
+    third = Runner(model, gpt2_tokenizer, names)
+    assert third.load_states(path) == 8
+    for (prompts, targets), hidden in zip(texts, wanted):
+        assert torch.equal(third.batch(prompts, targets)["hidden"], hidden)
+    assert not calls                                                 # nothing recomputed
+    other = tiny("llama", init=0.3)
+    other.resize_token_embeddings(len(gpt2_tokenizer))
+    assert Runner(other, gpt2_tokenizer, names).states_file(str(tmp_path)) != path

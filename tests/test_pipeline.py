@@ -2,11 +2,12 @@
 rebuilds the editor, training and evaluation resume, another model's checkpoint is refused."""
 import json
 import math
+import re
 
 import pytest
 import torch
 
-from conftest import run, tiny
+from conftest import TINY_EDITOR, run, tiny
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl, scored
@@ -68,11 +69,29 @@ def test_resume_continues_step_count_and_optimizer_state(trained):
     # for this model, forward and backward). Adam passes that on to each update component with
     # gradient signal; one that is pure rounding noise can step by up to lr either way, so compare
     # the update since the resume in norm, at 1e-2: 250x the rounding, 9x under what drawing other
-    # edits changes (a sampler left unrestored: 0.087, by mutation). Observed here: bit-exact.
+    # edits changes (a sampler left unrestored: 0.087, by mutation).
     start = torch.load(out / "step6.pt", weights_only=False)["hypernet"]
     floats = [k for k in start if start[k].is_floating_point()]
     moved = torch.cat([(straight["hypernet"][k] - start[k]).flatten() for k in floats])
     apart = torch.cat([(resumed["hypernet"][k] - straight["hypernet"][k]).flatten() for k in floats])
+    assert moved.norm() > 0 and apart.norm() <= 1e-2 * moved.norm(), (apart.norm() / moved.norm()).item()
+
+
+def test_resume_with_cache_dir_reuses_the_saved_states(tiny_folders, data_dir, tmp_path):
+    """--cache-dir: the resumed run takes the lower blocks' states of the texts seen before the stop
+    from disk (8 records, so texts recur), and ends where the straight run ends, as a resume without
+    them does (the bound and its reasons: test_resume_continues_step_count_and_optimizer_state)."""
+    common = ["--model", tiny_folders["gpt2"], "--data-dir", data_dir, "--val-every", "3", "--val-size", "6",
+              "--batch-size", "3", "--eta-init", "1e-2", "--train-size", "8", "--extra-loc", "0", *TINY_EDITOR]
+    run("train.py", *common, "--steps", "10", "--out", tmp_path / "straight")
+    run("train.py", *common, "--steps", "6", "--out", tmp_path / "c", "--cache-dir", tmp_path / "cache")
+    start = torch.load(tmp_path / "c" / "latest.pt", weights_only=False)["hypernet"]
+    resumed = run("train.py", "--resume", "--steps", "10", "--out", tmp_path / "c")
+    assert int(re.search(r"(\d+) texts' lower-block states", resumed.stdout).group(1)) > 0
+    straight, ours = (torch.load(tmp_path / d / "latest.pt", weights_only=False)["hypernet"] for d in ("straight", "c"))
+    floats = [k for k in start if start[k].is_floating_point()]
+    moved = torch.cat([(straight[k] - start[k]).flatten() for k in floats])
+    apart = torch.cat([(ours[k] - straight[k]).flatten() for k in floats])
     assert moved.norm() > 0 and apart.norm() <= 1e-2 * moved.norm(), (apart.norm() / moved.norm()).item()
 
 
