@@ -36,7 +36,7 @@ EXPERIMENTS = {
              ("beta=0.3", ["--beta", "0.3"], 0.3), ("beta=1", ["--beta", "1"], 1.0)],
     "latent_len": [("l_m=1", ["--latent-len", "1"], 1), ("default", [], 10), ("l_m=20", ["--latent-len", "20"], 20)],
     "ablation": [("default", [], None), ("no-ib", ["--no-ib"], None), ("no-scale", ["--no-scale"], None)],
-    "c_loc": [("c_loc_end=1", ["--c-loc-end", "1"], 1.0), ("default", [], 4.0),   # c_loc at the end of its ramp
+    "c_loc": [("c_loc_end=1", ["--c-loc-end", "1"], 1.0), ("default", [], 6.0),   # c_loc at the end of its ramp
               ("c_loc_end=10", ["--c-loc-end", "10"], 10.0)],
     "width": [("default", [], 512), ("d_m=1920", ["--d-m", "1920", "--latent-dim", "1920"], 1920)],   # the paper's width
 }

@@ -1,8 +1,8 @@
 """
 Train the IBKE hypernetwork (IBKE.md §3): a plain PyTorch loop.
 
-    python train.py                                    # SmolLM2-135M on CounterFact, ~20 min on 2 CPU cores
-    python train.py --steps 6000 --out out/long        # a longer run (the schedules stretch with it)
+    python train.py                                    # SmolLM2-135M on CounterFact, ~20 min on 2 CPU cores (RESULTS.md)
+    python train.py --steps 6000 --train-size 0 --out out/long   # a longer run on every record (the schedules stretch)
     python train.py --lr 1e-4 --lr-schedule constant --c-loc-end 1 --c-gen-end 1   # constant weights (before session 5)
     python train.py --aggregate ridge --batch-size 128 --sample-n log --val-n 200 --out out/many   # many edits at once
     python train.py --out out/ibke --resume            # continue exactly where it stopped
@@ -13,9 +13,10 @@ Train the IBKE hypernetwork (IBKE.md §3): a plain PyTorch loop.
 
 Each step: draw n ∈ 1..batch-size edits ("dynamic" batches), decompose the edit loss's gradient on
 the frozen model (hooks.py), turn it into ΔW (hypernet.py), apply ΔW functionally, and minimise
-SG + IL + ITM (losses.py) with Adam. The default recipe, in one run: lr 3e-4 on a cosine; over the
-second half, c_loc rises to 4 and c_gen falls to 0.7 (locality weighted up once the editor edits). Validation (single edits, evaluate.py's metrics) every
---val-every steps; best.pt keeps the best validation F1, latest.pt the newest state (also every
+SG + IL + ITM (losses.py) with Adam. The default recipe, in one run: 1800 steps drawing from 3000
+records (a text seen before skips the frozen lower blocks), lr 3e-4 on a cosine; over the second
+half, c_loc rises to 6 and c_gen falls to 0.7 (locality weighted up once the editor edits).
+Validation (single edits, evaluate.py's metrics) every --val-every steps; best.pt keeps the best validation F1, latest.pt the newest state (also every
 --save-every steps and on Ctrl-C). Prompts keep their last 128 tokens, answers their first 32.
 """
 import argparse
@@ -48,7 +49,7 @@ parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub
 parser.add_argument("--data", default="counterfact", help="counterfact, zsre or uniedit (its train split)")
 parser.add_argument("--data-dir", default="data", help="folder holding (or receiving) the benchmark files")
 parser.add_argument("--out", default="out/ibke", help="folder for best.pt, latest.pt and log.jsonl")
-parser.add_argument("--steps", type=int, default=1200, help="training steps (the schedules below are spread over them)")
+parser.add_argument("--steps", type=int, default=1800, help="training steps (the schedules below are spread over them)")
 parser.add_argument("--batch-size", type=int, default=8, help="most edits per step; each step draws n from 1..batch-size")
 parser.add_argument("--sample-n", default="uniform", choices=["uniform", "log"], help="how n is drawn: uniformly, or log-uniformly (P(n) ∝ log((n+1)/n): single edits keep their share of a large --batch-size)")
 parser.add_argument("--chunk", type=int, default=16, help="edits whose losses are backpropagated together (memory grows with it, not with n; the gradient is the same)")
@@ -61,7 +62,7 @@ parser.add_argument("--c-edit", type=float, default=1.0, help="SG weight on the 
 parser.add_argument("--c-gen", type=float, default=1.0, help="SG weight on the generality prompts' NLL")
 parser.add_argument("--c-loc", type=float, default=1.0, help="IL weight on KL(pre || post) at the locality tokens")
 parser.add_argument("--beta", type=float, default=0.1, help="ITM weight on the latent's KL to N(0, I)")
-parser.add_argument("--c-loc-end", type=float, default=4.0, help="c_loc at the last step, reached linearly from --c-loc after --ramp-start (a --c-loc given alone is held constant)")
+parser.add_argument("--c-loc-end", type=float, default=6.0, help="c_loc at the last step, reached linearly from --c-loc after --ramp-start (a --c-loc given alone is held constant)")
 parser.add_argument("--c-gen-end", type=float, default=0.7, help="c_gen at the last step, likewise (a --c-gen given alone is held constant)")
 parser.add_argument("--ramp-start", type=float, default=0.5, help="fraction of --steps after which c_loc and c_gen move towards their -end values")
 parser.add_argument("--extra-loc", type=int, default=1, help="per edit, this many other records' prompts join the IL term as unrelated inputs (0: only each record's locality prompt)")
@@ -76,11 +77,11 @@ parser.add_argument("--no-scale", action="store_true", help="ablation: no token 
 parser.add_argument("--tokens", default="all", choices=["all", "answer"], help="tokens whose (h, u) the hypernetwork reads")
 parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex (default: model.EDIT_TABLE)")
 parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all of them); --edit-modules patterns too")
-parser.add_argument("--val-every", type=int, default=300, help="validate every k steps")
+parser.add_argument("--val-every", type=int, default=600, help="validate every k steps")
 parser.add_argument("--save-every", type=int, default=100, help="write latest.pt every k steps (and at each validation, at the end, on Ctrl-C / SIGTERM)")
 parser.add_argument("--overwrite", action="store_true", help="train into an --out that holds a run, replacing it (else refused: --resume continues it)")
 parser.add_argument("--log-every", type=int, default=10, help="read the step's numbers off the device, print and log them every k steps (reading makes the host wait)")
-parser.add_argument("--train-size", type=int, default=0, help="draw edits from this many records of the train split (0: all); a record drawn again skips the frozen lower blocks (Runner's cache), so steps get cheaper as the run goes on")
+parser.add_argument("--train-size", type=int, default=3000, help="draw edits from this many records of the train split (0: all; raise it with --steps); a record drawn again skips the frozen lower blocks (Runner's cache), so steps get cheaper as the run goes on")
 parser.add_argument("--cache-dir", default=None, help="keep the frozen lower blocks' states of the texts seen in this folder, shared by runs of the same model: a later or resumed run skips that work (analysis.py uses <out>/cache)")
 parser.add_argument("--val-size", type=int, default=200, help="records held out of the train split for validation")
 parser.add_argument("--val-n", type=int, default=1, help="also validate with this many edits at once (> 1); best.pt then has the best mean of the two F1s")
