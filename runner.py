@@ -153,7 +153,7 @@ class Runner:
         width = model.config.hidden_size
         if cache:
             self.hidden, self.hidden_at = Store(width, model.dtype, self.device), {}   # entering the block: text -> offset
-            self.hidden_n = {}                                                          # text -> its tokens
+            self.hidden_n, self.on_disk = {}, set()                                     # text -> its tokens; texts in the states file
             self.final, self.final_at = Store(width, model.dtype, self.device), {}     # final norm: text -> (offset, n)
 
     def batch(self, prompts: list[str], targets: list[str]) -> dict:
@@ -223,15 +223,19 @@ class Runner:
         for key, start, n in zip(saved["keys"], itertools.accumulate(saved["lengths"], initial=0), saved["lengths"]):
             if tuple(key) not in self.hidden_at:
                 self.hidden_at[tuple(key)], self.hidden_n[tuple(key)] = offset + start, n
+        self.on_disk.update(map(tuple, saved["keys"]))
         return len(saved["keys"])
 
     def save_states(self, path: str) -> None:
         """Write the cached hidden states (those entering the first edited block) to `path`, added to what
         it holds, atomically: runs of one model share the lower blocks' work (train.py --cache-dir).
-        Two runs writing at once may each lose the other's newest texts, which are then recomputed."""
+        Two runs writing at once may each lose the other's newest texts, which are then recomputed.
+        Nothing new since the last save or load: the file is not even read."""
+        if self.on_disk.issuperset(self.hidden_at):
+            return
         old = torch.load(path) if os.path.exists(path) else {"keys": [], "lengths": [], "data": self.hidden.data.new_zeros(0, self.hidden.data.shape[1]).cpu()}
-        have = set(map(tuple, old["keys"]))
-        new = [k for k in self.hidden_at if k not in have]
+        self.on_disk.update(map(tuple, old["keys"]))
+        new = [k for k in self.hidden_at if k not in self.on_disk]
         if not new:
             return
         rows = [self.hidden_at[k] + t for k in new for t in range(self.hidden_n[k])]
@@ -240,6 +244,7 @@ class Runner:
         tmp = f"{path}.{os.getpid()}.tmp"
         torch.save({"keys": old["keys"] + new, "lengths": old["lengths"] + [self.hidden_n[k] for k in new], "data": data}, tmp)
         os.replace(tmp, path)
+        self.on_disk.update(new)
 
     @torch.no_grad()
     def frozen_logits(self, batch: dict) -> torch.Tensor:

@@ -16,8 +16,9 @@ the frozen model (hooks.py), turn it into ΔW (hypernet.py), apply ΔW functiona
 SG + IL + ITM (losses.py) with Adam. The default recipe, in one run: 1800 steps drawing from 3000
 records (a text seen before skips the frozen lower blocks), lr 3e-4 on a cosine; over the second
 half, c_loc rises to 6 and c_gen falls to 0.7 (locality weighted up once the editor edits).
-Validation (single edits, evaluate.py's metrics) every --val-every steps; best.pt keeps the best validation F1, latest.pt the newest state (also every
---save-every steps and on Ctrl-C). Prompts keep their last 128 tokens, answers their first 32.
+Validation (single edits, evaluate.py's metrics) every --val-every steps; best.pt keeps the best
+validation F1, latest.pt the newest state (also every --save-every steps and on Ctrl-C). Prompts
+keep their last 128 tokens, answers their first 32.
 """
 import argparse
 import bisect
