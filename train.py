@@ -66,6 +66,7 @@ parser.add_argument("--beta", type=float, default=0.1, help="ITM weight on the l
 parser.add_argument("--c-loc-end", type=float, default=6.0, help="c_loc at the last step, reached linearly from --c-loc after --ramp-start (a --c-loc given alone is held constant)")
 parser.add_argument("--c-gen-end", type=float, default=0.7, help="c_gen at the last step, likewise (a --c-gen given alone is held constant)")
 parser.add_argument("--ramp-start", type=float, default=0.5, help="fraction of --steps after which c_loc and c_gen move towards their -end values")
+parser.add_argument("--ramp-end", type=float, default=1.0, help="fraction of --steps at which they reach them (and stay: the learning rate still acts on them)")
 parser.add_argument("--extra-loc", type=int, default=1, help="per edit, this many other records' prompts join the IL term as unrelated inputs (0: only each record's locality prompt)")
 parser.add_argument("--loc-from", default="relation", choices=["relation", "answer", "any"], help="where the --extra-loc records come from: 'relation', the same prompt with another subject (the edit must not spread to them); 'answer', another subject whose true answer is the edit's old answer (CounterFact's neighbourhood case); else any; or 'any' record")
 parser.add_argument("--d-m", type=int, default=512, help="hypernetwork width d_m (paper: 1920; 512 fits a CPU run)")
@@ -162,10 +163,10 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
 
 def schedule(args: argparse.Namespace, step: int) -> tuple[float, LossWeights]:
     """The learning rate and the loss weights for the step after `step` steps: a cosine learning rate
-    (--lr-schedule), c_loc and c_gen moving linearly to their -end values after --ramp-start."""
+    (--lr-schedule), c_loc and c_gen moving linearly to their -end values from --ramp-start to --ramp-end."""
     t = step / args.steps
     lr = args.lr * (0.5 * (1 + math.cos(math.pi * t)) if args.lr_schedule == "cosine" else 1.0)
-    ramp = min(1.0, max(0.0, (t - args.ramp_start) / (1 - args.ramp_start)))
+    ramp = min(1.0, max(0.0, (t - args.ramp_start) / (args.ramp_end - args.ramp_start)))
 
     def at(start: float, end: float | None) -> float:
         return start if end is None else start + (end - start) * ramp
@@ -198,7 +199,8 @@ def check_args(args: argparse.Namespace) -> None:
     rules += [(math.isfinite(v) and v >= 0, f"--{k.replace('_', '-')} {v}: give 0 or a positive finite weight")
               for k, v in {"c_edit": args.c_edit, "c_gen": args.c_gen, "c_loc": args.c_loc, "beta": args.beta,
                            "c_loc_end": args.c_loc_end, "c_gen_end": args.c_gen_end}.items() if v is not None]
-    rules += [(0 <= args.ramp_start < 1, f"--ramp-start {args.ramp_start}: give a fraction of --steps, 0 to below 1")]
+    rules += [(0 <= args.ramp_start < 1, f"--ramp-start {args.ramp_start}: give a fraction of --steps, 0 to below 1"),
+              (args.ramp_start < args.ramp_end <= 1, f"--ramp-end {args.ramp_end}: give a fraction of --steps above --ramp-start ({args.ramp_start}), at most 1")]
     rules += [(args.extra_loc >= 0, f"--extra-loc {args.extra_loc}: give 0 or more"),
               (args.train_size >= 0, f"--train-size {args.train_size}: give 0 (all records) or more"),
               (args.edit_layers >= 0, f"--edit-layers {args.edit_layers}: give the number of last blocks to edit, or 0 for all"),
@@ -248,7 +250,7 @@ def loc_groups(records: list[EditRequest], loc_from: str) -> dict:
     return groups
 
 
-BEFORE = {"train_size": 0, "lr_schedule": "constant", "c_loc_end": None, "c_gen_end": None, "aggregate": "sum", "sample_n": "uniform",
+BEFORE = {"train_size": 0, "ramp_end": 1.0, "lr_schedule": "constant", "c_loc_end": None, "c_gen_end": None, "aggregate": "sum", "sample_n": "uniform",
           "val_n": 1}  # what a checkpoint from before these flags ran with
 
 

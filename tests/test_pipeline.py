@@ -179,3 +179,17 @@ def test_draw_takes_locality_records_of_the_edits_relation_or_answer():
                 assert other not in batch
     assert records[0].relation == "{} is located in" and len(loc_groups(records, "answer")["French"]) == 4
     assert EditRequest("Who is it?", "x").relation is None   # no subject: no relation, drawn from any record
+
+
+def test_schedule_ramps_the_weights_between_its_fractions_and_holds_them():
+    import argparse
+    from train import schedule
+    args = argparse.Namespace(steps=100, lr=1e-3, lr_schedule="cosine", ramp_start=0.2, ramp_end=0.6, c_edit=1.0,
+                              c_gen=1.0, c_gen_end=0.5, c_loc=1.0, c_loc_end=5.0, no_ib=False, beta=0.1)
+    at = {s: schedule(args, s) for s in (0, 20, 40, 60, 80, 100)}
+    assert [w.c_loc for _, w in at.values()] == pytest.approx([1, 1, 3, 5, 5, 5])      # linear from 20 to 60, then held
+    assert [w.c_gen for _, w in at.values()] == pytest.approx([1, 1, 0.75, 0.5, 0.5, 0.5])
+    assert at[0][0] == pytest.approx(1e-3) and at[100][0] == pytest.approx(0.0, abs=1e-12)   # the cosine
+    assert schedule(args, 50)[0] == pytest.approx(0.5e-3)
+    args.c_loc_end = None                                   # a weight without an -end is held
+    assert schedule(args, 80)[1].c_loc == 1.0

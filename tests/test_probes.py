@@ -59,6 +59,7 @@ TRAIN_ARGS = [  # (flags, message)
     (["--ridge-init", "0"], "--ridge-init 0.0: give a positive finite number"),
     (["--c-loc-end", "-1"], "--c-loc-end -1.0: give 0 or a positive finite weight"),
     (["--ramp-start", "1"], "--ramp-start 1.0: give a fraction of --steps, 0 to below 1"),
+    (["--ramp-start", "0.6", "--ramp-end", "0.5"], "--ramp-end 0.5: give a fraction of --steps above --ramp-start (0.6), at most 1"),
 ]
 
 
