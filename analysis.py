@@ -139,12 +139,27 @@ def collect(out: str) -> dict[str, list[dict]]:
             if not os.path.exists(os.path.join(d, "eval.json")):
                 continue
             with open(os.path.join(d, "eval.json")) as f:
-                summary = json.load(f)["summary"]
+                done = json.load(f)
             lines = [json.loads(line) for line in open(os.path.join(d, "log.jsonl")) if line.strip()]
             curve = [(x["step"], x["val"]["F1"]) for x in lines if "val" in x]
-            found.setdefault(r, []).append({"seed": seed_dir, "summary": summary, "curve": curve,
-                                            "steps": max(x["step"] for x in lines)})
+            found.setdefault(r, []).append({"seed": seed_dir, "summary": done["summary"], "curve": curve,
+                                            "steps": max(x["step"] for x in lines),
+                                            "config": done.get("trained", {}).get("config")})
     return found
+
+
+def recipe_differences(found: dict) -> list[str]:
+    """The train.py settings, other than each run's own flags and its seed, in which finished runs
+    differ (say, runs trained before and after a change of train.py's defaults): empty if none."""
+    own = {"seed", "out", "resume", "overwrite", "cache_dir"}
+    values = {}
+    for r, seeds in found.items():
+        mine = own | {f[2:].replace("-", "_") for f in FLAGS[r] if f.startswith("--")}
+        for s in seeds:
+            for k, v in (s["config"] or {}).items():
+                if k not in mine:
+                    values.setdefault(k, set()).add(json.dumps(v))
+    return sorted(k for k, v in values.items() if len(v) > 1)
 
 
 def spread(values: list[float]) -> tuple[float, float]:
@@ -269,6 +284,10 @@ def report(args: argparse.Namespace) -> None:
     made = figures(found, args.out) + latent_figures(args.out)
     parts = [f"# IBKE experiments ({args.out}/)\n", "Made by `python analysis.py report`; mean ± sample std over seeds; "
              "held-out CounterFact-edit records at n = 1; steps = the fewest any seed ran.\n"]
+    differ = recipe_differences(found)
+    if differ:
+        parts.append(f"**Not comparable as they stand: the runs differ in {', '.join(differ)}** (each eval.json's "
+                     "trained.config); rerun the odd ones out.\n")
     for experiment, runs in EXPERIMENTS.items():
         parts += [f"## {experiment}\n", table(found, [r for r, _, _ in runs]) + "\n"]
     parts += [f"![{name}]({name})\n" for name in made]

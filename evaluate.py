@@ -256,10 +256,19 @@ def load_editor(path: str, device: str = "cpu", model_name: str | None = None, d
 
 def table(rows: list[tuple[str, dict]]) -> str:
     cols = [c for c in METRICS + ["MH"] if any(c in r for _, r in rows)]
-    lines = ["| run | " + " | ".join(cols) + " | ms/edit |", "|---" * (len(cols) + 2) + "|"]
+    lines = ["| run | " + " | ".join(cols) + " | ms/edit | peak MiB |", "|---" * (len(cols) + 3) + "|"]
     for name, r in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in cols) + f" | {r.get('ms_per_edit', 0):.0f} |")
+        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in cols)
+                     + f" | {r.get('ms_per_edit', 0):.0f} | {r.get('peak_mib', 0):.0f} |")
     return "\n".join(lines)
+
+
+def peak_mib(device: torch.device) -> float:
+    """Peak memory of this process so far, MiB: the device's allocations on CUDA, resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource                                          # POSIX only
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
 
 
 def write_json(path: str, obj) -> None:
@@ -403,7 +412,8 @@ def main() -> None:
     if data_name.startswith("mquake"):
         summary["MH"] = statistics.fmean(line["results"][0]["MH"] for line in done)
     summary["ms_per_edit"] = 1000 * sum(line["seconds"] for line in done) / sum(line["edits"] for line in done)
-    write_json(args.out, {"summary": summary, "args": vars(args), "trained": {k: ckpt[k] for k in ("model", "step")},
+    summary["peak_mib"] = peak_mib(runner.device)                # this sitting's, model included
+    write_json(args.out, {"summary": summary, "args": vars(args), "trained": {"model": ckpt["model"], "step": ckpt["step"], "config": ckpt["config"]},
                           "signature": signature, "batches": done})
     os.remove(partial)                                        # finished: the batches are in --out
     name = f"{args.method} n={args.edits_per_batch}" if not data_name.startswith("mquake") else f"{args.method} {data_name}"

@@ -13,11 +13,11 @@ def args_for(tmp_path, *extra):
     return analysis.parser.parse_args(["run", "ablation", "--out", str(tmp_path), *extra])
 
 
-def fake_run(out, run, seed, summary, curve):
+def fake_run(out, run, seed, summary, curve, config=None):
     d = analysis.run_dir(out, run, seed)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "eval.json"), "w") as f:
-        json.dump({"summary": summary}, f)
+        json.dump({"summary": summary, "trained": {"config": config}}, f)
     with open(os.path.join(d, "log.jsonl"), "w") as f:
         for step, f1 in curve:
             f.write(json.dumps({"step": step, "val": {"F1": f1}}) + "\n")
@@ -66,3 +66,16 @@ def test_report_table_has_mean_and_sample_std_and_draws_figures(tmp_path):
     assert "| default | 2 | 500 | 0.700 ± 0.141 | 0.900 ± 0.000 | 0.800 ± 0.000 | 0.600 ± 0.141 |" in text
     for name in ("beta.png", "ablation.png", "c_loc.png", "latent.png"):
         assert os.path.getsize(os.path.join(out, name)) > 1000 and f"]({name})" in text
+
+
+def test_report_names_settings_in_which_runs_differ_beyond_their_own_flags(tmp_path):
+    out, summary = str(tmp_path), {"F1": 0.5, "ES": 0.9, "GS": 0.8, "LS": 0.5, "NS_p": 0.3}
+    base = {"beta": 0.1, "c_loc_end": 6.0, "steps": 2000, "out": "x"}
+    fake_run(out, "default", 0, summary, [(10, 0.5)], {**base, "seed": 0, "out": "a"})
+    fake_run(out, "beta=1", 0, summary, [(10, 0.5)], {**base, "beta": 1.0, "seed": 0})
+    fake_run(out, "default", 1, summary, [(10, 0.5)], {**base, "seed": 1})
+    assert analysis.recipe_differences(analysis.collect(out)) == []        # β is beta=1's own flag; seeds and --out differ
+    fake_run(out, "no-ib", 0, summary, [(10, 0.5)], {**base, "c_loc_end": 4.0, "no_ib": True})   # an older default
+    assert analysis.recipe_differences(analysis.collect(out)) == ["c_loc_end"]
+    analysis.report(analysis.parser.parse_args(["report", "--out", out]))
+    assert "the runs differ in c_loc_end" in open(os.path.join(out, "README.md")).read()
