@@ -16,7 +16,6 @@ the same run; prints a table and writes bench.json.
 import argparse
 import collections
 import json
-import resource
 import statistics
 import time
 
@@ -25,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data import encode, load
-from evaluate import ibke_editor, load_editor, measure
+from evaluate import ibke_editor, load_editor, measure, peak_mib
 from hooks import grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
@@ -103,12 +102,6 @@ def count_step(fn) -> dict:
     with HostSyncs() as syncs, Ops() as ops:
         fn()
     return {"host_syncs": sum(syncs.calls.values()), "by_call": dict(syncs.calls), "ops": ops.ops, "computing_ops": ops.computing}
-
-
-def peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
 
 
 def plain_pass(model, names, batch) -> None:
@@ -197,7 +190,7 @@ def main() -> None:
             plain_pass(model, names, rows(prompts, targets))
         t_edit, t_floor = median_seconds(edit, args.repeats), median_seconds(floor, args.repeats)
         figures[f"edit_n{n}"] = {"edit_ms": 1000 * t_edit, "floor_ms": 1000 * t_floor, "ratio": t_edit / t_floor}
-    figures["edit_peak_memory_MB"] = peak_memory_mb(args.device)
+    figures["edit_peak_memory_MB"] = peak_mib(args.device)
 
     # evaluation throughput, single edits
     runner = Runner(model, tokenizer, names, cache=False)
@@ -239,7 +232,7 @@ def main() -> None:
     figures["train_step_counts"] = count_step(step)
     t_cold = median_seconds(cold_step, args.repeats)
     figures["train_step_cold"] = {"step_ms": 1000 * t_cold, "ratio": t_cold / t_plain, "steps_per_min": 60 / t_cold}
-    figures["train_peak_memory_MB"] = peak_memory_mb(args.device)
+    figures["train_peak_memory_MB"] = peak_mib(args.device)
     step_tokens = sum(rows_["attention_mask"].sum().item() for rows_ in (edit_rows, gen_rows, loc_rows))
     figures["meta_estimate_GB"] = meta_estimate(args.model, hypernet.cfg, tokens_cached=runner.hidden.size, step_tokens=step_tokens,
                                                 base_bytes=torch.finfo(model.dtype).bits // 8)["total_GB"]

@@ -263,8 +263,9 @@ def table(rows: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def peak_mib(device: torch.device) -> float:
+def peak_mib(device: torch.device | str) -> float:
     """Peak memory of this process so far, MiB: the device's allocations on CUDA, resident memory on CPU."""
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     import resource                                          # POSIX only
