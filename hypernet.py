@@ -128,7 +128,8 @@ class ShapeEditor(nn.Module):
     def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Step 5. Keys k_i = √w_i h̃_i and value shifts v_i = −η_m √w_i ũ_i, w_i = s_i / |e|, stacked over
         the N = E·T tokens into K (M, N, d_in), V (M, N, d_out). "sum": ΔW_m = KᵀV = −η_m Σ_e (1/|e|)
-        Σ_{i∈e} s_i h̃_iᵀ ũ_i, returned as its factors. "ridge": see ridge().
+        Σ_{i∈e} s_i h̃_iᵀ ũ_i, returned as its factors. "ridge": see ridge(), on the tokens of the mask
+        only (N = their number: padding would only make the solve larger).
         -> (A (M, N, d_in), B (M, N, d_out)) with ΔW = AᵀB, or (None, ΔW (M, d_in, d_out)); KL (E,)."""
         h_tilde, u_tilde, s, kl = self.edit_vectors(h, u, mask)
         root_w = s.sqrt() * mask / mask.sum(1, keepdim=True).clamp_min(1).sqrt()   # √(s_i / |e|)  (M, E, T)
@@ -136,7 +137,8 @@ class ShapeEditor(nn.Module):
         V = -self.log_eta.exp()[:, None, None] * (u_tilde * root_w[..., None]).flatten(1, 2)   # (M, N, d_out)
         if self.cfg.aggregate == "sum":
             return K, V, kl
-        return (*ridge(K, V, self.log_lambda.exp(), mask.sum()), kl)
+        keep = mask.flatten().nonzero().squeeze(1)       # the solve sees real tokens only (one host wait)
+        return (*ridge(K[:, keep], V[:, keep], self.log_lambda.exp(), mask.sum()), kl)
 
 
 def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:

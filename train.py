@@ -125,7 +125,7 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     n_loc = sum(counts[b] for rs in of[2] for b in rs)                           # scored locality positions
     decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), take(tensors, slice(0, n)), tokens,
                                              forward=lambda b: runner.scored_logits(b, split=False))
-    deltas, itm = hypernet(decomposition, mask, factored=True)               # ΔW = AᵀB per module, ITM KL
+    deltas, itm = hypernet(decomposition, mask, factored=None)               # ΔW (or AᵀB where cheaper), ITM KL
     outputs = [t for d in deltas.values() for t in (d if isinstance(d, tuple) else (d,))]
     leaves = [t.detach().requires_grad_() for t in outputs]
     it = iter(leaves)
