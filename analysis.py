@@ -174,8 +174,9 @@ def table(found: dict, runs: list[str]) -> str:
             continue
         cells = []
         for k in SHOWN:
-            m, s = spread([x["summary"][k] for x in found[r] if k in x["summary"]] or [float("nan")])
-            cells.append(f"{m:.3f} ± {s:.3f}")
+            values = [x["summary"][k] for x in found[r] if k in x["summary"]] or [float("nan")]
+            m, s = spread(values)
+            cells.append(f"{m:.3f} ± {s:.3f}" if len(values) > 1 else f"{m:.3f}")   # one seed: no spread to show
         lines.append(f"| {r} | {len(found[r])} | {min(x['steps'] for x in found[r])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

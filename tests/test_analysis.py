@@ -78,4 +78,6 @@ def test_report_names_settings_in_which_runs_differ_beyond_their_own_flags(tmp_p
     fake_run(out, "no-ib", 0, summary, [(10, 0.5)], {**base, "c_loc_end": 4.0, "no_ib": True})   # an older default
     assert analysis.recipe_differences(analysis.collect(out)) == ["c_loc_end"]
     analysis.report(analysis.parser.parse_args(["report", "--out", out]))
-    assert "the runs differ in c_loc_end" in open(os.path.join(out, "README.md")).read()
+    text = open(os.path.join(out, "README.md")).read()
+    assert "the runs differ in c_loc_end" in text
+    assert "| beta=1 | 1 | 10 | 0.500 | 0.900 | 0.800 | 0.500 | 0.300 |" in text   # one seed: no ± (no spread measured)
