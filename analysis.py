@@ -16,7 +16,8 @@ then evaluation at n = 1 on CounterFact-edit records --eval-skip … --eval-skip
 (never used while choosing anything). A run with eval.json is done and skipped, one with latest.pt
 resumes: `run` picks up after an interruption, and machines can share the work (--only).
 A run shared by experiments (default) is trained once. The runs share the frozen lower blocks'
-states of the texts they have seen (train.py --cache-dir <out>/cache): the first run computes them.
+states of the texts they have seen (train.py and evaluate.py --cache-dir <out>/cache): the first run
+computes them, and the later evaluations of the same records skip most of their work.
 `report` and `latent`'s plot need matplotlib and scikit-learn (requirements.txt), training and
 evaluation do not.
 """
@@ -86,7 +87,7 @@ def commands(args: argparse.Namespace, run: str, seed: int) -> list[list[str]]:
     if os.path.exists(os.path.join(d, "latest.pt")):
         train.append("--resume")
     evaluate = [sys.executable, "evaluate.py", "--ckpt", os.path.join(d, "best.pt"), "--skip", str(args.eval_skip),
-                "--limit", str(args.eval_limit), "--out", os.path.join(d, "eval.json"), *common[2:]]
+                "--limit", str(args.eval_limit), "--out", os.path.join(d, "eval.json"), "--cache-dir", os.path.join(args.out, "cache"), *common]
     return [train, evaluate]
 
 

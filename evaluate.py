@@ -356,6 +356,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="override the checkpoint's model (must have the same edited modules)")
     add_device_args(parser, dtype_default=None)
     parser.add_argument("--out", default="results.json", help="where the summary goes (per-batch progress: <out>.partial.jsonl)")
+    parser.add_argument("--cache-dir", default=None, help="keep the frozen lower blocks' states of the texts evaluated in this folder (as train.py's): "
+                        "evaluating the same records again (another checkpoint, another n) skips that work; peak memory then includes them")
     args = parser.parse_args()
     check_args(args)
     partial = args.out + ".partial.jsonl"
@@ -375,7 +377,10 @@ def main() -> None:
     names = list(hypernet.shapes)
     editor = {"ibke": lambda: ibke_editor(hypernet, ckpt["config"].get("tokens", "all")),
               "ft": lambda: ft_editor(names, args.ft_steps, args.ft_lr), "none": lambda: no_editor}[args.method]()
-    runner = Runner(model, tokenizer, names, cache=False)
+    runner = Runner(model, tokenizer, names, cache=args.cache_dir is not None)
+    states_path = runner.states_file(args.cache_dir) if args.cache_dir else None
+    if states_path:
+        print(f"{runner.load_states(states_path)} texts' lower-block states from {states_path}")
 
     if data_name.startswith("mquake"):  # a batch is a case
         cases = list(dict.fromkeys(r.case_id for r in records))
@@ -408,6 +413,8 @@ def main() -> None:
             f.write(json.dumps(line) + "\n")
             f.flush()
             done.append(line)
+    if states_path:
+        runner.save_states(states_path)
     results = [r for line in done for r in line["results"]]
     summary = summarise(results)
     if data_name.startswith("mquake"):

@@ -30,6 +30,8 @@ def test_commands_resume_a_started_run_and_pass_the_runs_flags(tmp_path):
     assert train[train.index("--steps") + 1] == "50" and train[train.index("--seed") + 1] == "1"
     assert "--no-scale" in train and "--d-m" in train and train[train.index("--device") + 1] == "cuda"
     assert evaluate[evaluate.index("--skip") + 1] == "1000" and "--device" in evaluate and "--d-m" not in evaluate
+    for cmd in (train, evaluate):                                       # the data and the shared lower-block states
+        assert cmd[cmd.index("--data-dir") + 1] == "data" and cmd[cmd.index("--cache-dir") + 1] == os.path.join(str(tmp_path), "cache")
     os.makedirs(analysis.run_dir(str(tmp_path), "no-scale", 1))
     open(os.path.join(analysis.run_dir(str(tmp_path), "no-scale", 1), "latest.pt"), "w").close()
     assert "--resume" in analysis.commands(args, "no-scale", 1)[0]

@@ -142,6 +142,21 @@ def test_evaluation_skip_takes_a_later_slice(trained):
     assert len(skip2) == 2 and skip2 == first6[1:] and first6[0] != first6[1]   # the slices differ
 
 
+def test_evaluation_with_cache_dir_gives_the_same_numbers(trained, tmp_path):
+    """--cache-dir: a second evaluation of the same records takes every text's lower-block states from
+    disk, and scores as an evaluation without the cache does (the same states, computed in the same
+    batches: argmax and NLL comparisons, no tie within float32 rounding in a random model)."""
+    out, data_dir = trained
+    args = ["--ckpt", out / "b" / "latest.pt", "--data-dir", data_dir, "--limit", "6", "--edits-per-batch", "2"]
+    run("evaluate.py", *args, "--out", tmp_path / "plain.json")
+    first = run("evaluate.py", *args, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "first.json")
+    again = run("evaluate.py", *args, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "again.json")
+    assert "0 texts' lower-block states" in first.stdout
+    assert int(re.search(r"(\d+) texts' lower-block states", again.stdout).group(1)) > 6   # every text of the 6 records
+    plain, first, again = ([b["results"] for b in json.load(open(tmp_path / f"{f}.json"))["batches"]] for f in ("plain", "first", "again"))
+    assert plain == first == again
+
+
 def test_checkpoint_of_another_model_is_refused(trained, tiny_folders):
     out, data_dir = trained
     result = run("evaluate.py", "--ckpt", out / "b" / "best.pt", "--model", tiny_folders["llama"],
