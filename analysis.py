@@ -216,21 +216,30 @@ def figures(found: dict, out: str) -> list[str]:
         save(fig, f"{experiment}.png")
 
     runs = [r for r, _, _ in EXPERIMENTS["ablation"] if r in found]
-    if runs:
-        fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 3.5))
+    if "default" in runs and len(runs) > 1:
+        fig, (deltas, curves) = plt.subplots(1, 2, figsize=(12, 3.5))
         keys = ["F1", "ES", "GS", "LS", "NS_p"]
-        for i, r in enumerate(runs):
+        base = {k: spread([s["summary"][k] for s in found["default"]]) for k in keys}
+        others = [r for r in runs if r != "default"]
+        for i, r in enumerate(others):                              # the ablation minus the default, per metric
+            x = np.arange(len(keys)) + 0.25 * (i - (len(others) - 1) / 2)
             stats = [spread([s["summary"][k] for s in found[r]]) for k in keys]
-            bars.bar(np.arange(len(keys)) + 0.8 * i / len(runs), [m for m, _ in stats], 0.8 / len(runs),
-                     yerr=[s for _, s in stats], capsize=2, label=r)
+            deltas.errorbar(x, [m - base[k][0] for (m, _), k in zip(stats, keys)],   # ± both runs' seed spreads
+                            yerr=[(sd ** 2 + base[k][1] ** 2) ** 0.5 for (_, sd), k in zip(stats, keys)],
+                            fmt="o", capsize=3, label=r, color=f"C{i + 1}")
+            for xi, k in zip(x, keys):
+                deltas.scatter([xi] * len(found[r]), [s["summary"][k] - base[k][0] for s in found[r]], s=8, color="grey", zorder=3)
+        deltas.axhline(0, color="C0", lw=1, label="default")
+        deltas.set_xticks(np.arange(len(keys)), keys)
+        deltas.set(ylabel="minus the default", title="held-out CounterFact, n = 1 (mean; bars: seed spreads; dots: seeds)")
+        for i, r in enumerate(runs):
             steps = sorted({st for s in found[r] for st, _ in s["curve"]})
             per_step = [[f for s in found[r] for st, f in s["curve"] if st == step] for step in steps]
-            curves.plot(steps, [statistics.fmean(v) for v in per_step], marker=".", label=r)
-            curves.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.2)
-        bars.set_xticks(np.arange(len(keys)) + 0.4 - 0.4 / len(runs), keys)
-        bars.set(ylim=(0, 1), title="held-out CounterFact, n = 1 (mean ± std over seeds)")
+            color = "C0" if r == "default" else f"C{others.index(r) + 1}"
+            curves.plot(steps, [statistics.fmean(v) for v in per_step], marker=".", label=r, color=color)
+            curves.fill_between(steps, [min(v) for v in per_step], [max(v) for v in per_step], alpha=0.2, color=color)
         curves.set(xlabel="step", ylabel="validation F1", title="validation F1 (mean; band: min–max over seeds)")
-        bars.legend(), curves.legend()
+        deltas.legend(fontsize=8), curves.legend(fontsize=8)
         save(fig, "ablation.png")
 
     runs = [(r, x) for r, _, x in EXPERIMENTS["c_loc"] if r in found]
