@@ -52,6 +52,22 @@ def test_train_resume_evaluate_and_bench_on_cuda(model_name, dtype, tmp_path):
         assert json.load(open(tmp_path / "bench.json"))["train_step_counts"]["host_syncs"] == 0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ridge_training_and_cached_evaluation_on_cuda(tiny_folders, dtype, tmp_path):
+    """--aggregate ridge (its solve in float64 on the GPU, over the real tokens) trains through a
+    validation at n = 4; evaluate.py --cache-dir reads the states back and scores the same."""
+    common = ["--model", tiny_folders["gpt2"], "--data-dir", DATA_DIR, "--device", "cuda", "--dtype", dtype, *TINY_EDITOR,
+              "--aggregate", "ridge", "--val-every", "2", "--val-size", "8", "--val-n", "4", "--batch-size", "8"]
+    run("train.py", *common, "--steps", "2", "--out", tmp_path / "run")
+    evaluate = ["evaluate.py", "--ckpt", tmp_path / "run" / "best.pt", "--data-dir", DATA_DIR, "--device", "cuda",
+                "--limit", "8", "--edits-per-batch", "8", "--cache-dir", tmp_path / "cache"]
+    run(*evaluate, "--out", tmp_path / "a.json")
+    again = run(*evaluate, "--out", tmp_path / "b.json")
+    assert "0 texts' lower-block states" not in again.stdout
+    a, b = (json.load(open(tmp_path / f"{x}.json"))["batches"][0]["results"] for x in "ab")
+    assert a == b
+
+
 def editor_for(model):
     names = edit_module_names(model)
     torch.manual_seed(0)
