@@ -232,7 +232,7 @@ def figures(found: dict, out: str) -> list[str]:
         deltas.axhline(0, color="C0", lw=1, label="default")
         deltas.set_xticks(np.arange(len(keys)), keys)
         deltas.set(ylabel="minus the default", title="held-out CounterFact, n = 1 (mean; bars: seed spreads; dots: seeds)")
-        for i, r in enumerate(runs):
+        for r in runs:
             steps = sorted({st for s in found[r] for st, _ in s["curve"]})
             per_step = [[f for s in found[r] for st, f in s["curve"] if st == step] for step in steps]
             color = "C0" if r == "default" else f"C{others.index(r) + 1}"
