@@ -378,9 +378,7 @@ def main() -> None:
     editor = {"ibke": lambda: ibke_editor(hypernet, ckpt["config"].get("tokens", "all")),
               "ft": lambda: ft_editor(names, args.ft_steps, args.ft_lr), "none": lambda: no_editor}[args.method]()
     runner = Runner(model, tokenizer, names, cache=args.cache_dir is not None)
-    states_path = runner.states_file(args.cache_dir) if args.cache_dir else None
-    if states_path:
-        print(f"{runner.load_states(states_path)} texts' lower-block states from {states_path}")
+    states_path = runner.use_states(args.cache_dir)
 
     if data_name.startswith("mquake"):  # a batch is a case
         cases = list(dict.fromkeys(r.case_id for r in records))

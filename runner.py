@@ -214,6 +214,15 @@ class Runner:
                 self.tokenizer.name_or_path, len(self.tokenizer), checksum]
         return os.path.join(folder, f"states-{hashlib.sha1(repr(what).encode()).hexdigest()[:16]}.pt")
 
+    def use_states(self, folder: str | None) -> str | None:
+        """--cache-dir (train.py, evaluate.py): take this model's states saved in `folder`, saying how
+        many -> the file save_states keeps them in; None without a folder."""
+        if not folder:
+            return None
+        path = self.states_file(folder)
+        print(f"{self.load_states(path)} texts' lower-block states from {path}")
+        return path
+
     def load_states(self, path: str) -> int:
         """Take the hidden states that save_states wrote to `path` into the cache -> texts taken."""
         if not os.path.exists(path):

@@ -307,9 +307,7 @@ def main() -> None:
     optimizer = torch.optim.Adam(hypernet.parameters(), lr=args.lr, fused=True)  # fused: 8x faster step on CPU
     runner = Runner(model, tokenizer, names, cache=True)
     val_runner = Runner(model, tokenizer, names, cache=True)  # its own cache: the very batches evaluate.py builds
-    states_path = runner.states_file(args.cache_dir) if args.cache_dir else None
-    if states_path:
-        print(f"{runner.load_states(states_path)} texts' lower-block states from {states_path}")
+    states_path = runner.use_states(args.cache_dir)
     sampler = random.Random(args.seed + 1)
     groups = loc_groups(train_records, args.loc_from)
     step, best_f1, bad_validations, nonfinite = 0, -1.0, 0, 0
