@@ -59,7 +59,7 @@ parser.add_argument("--device", default=None, help="passed to train.py and evalu
 parser.add_argument("--dtype", default=None, help="passed to train.py and evaluate.py (float32, bfloat16)")
 parser.add_argument("--data-dir", default="data", help="folder holding the benchmark files")
 parser.add_argument("--train-args", default="", help="more train.py flags for every run, e.g. \"--model gpt2-xl --d-m 1920\"")
-parser.add_argument("--latent-runs", default="default,no-ib", help="latent: the runs (seed: the first of --seeds) whose latents are mapped")
+parser.add_argument("--latent-runs", default="default,no-ib", help="latent: the runs (each of --seeds) whose latents are mapped")
 parser.add_argument("--latent-n", type=int, default=300, help="latent: edits per dataset (CounterFact, zsRE, MQuAKE)")
 
 
@@ -254,6 +254,15 @@ def figures(found: dict, out: str) -> list[str]:
     return made
 
 
+def latents(z) -> dict[str, list[tuple[str, np.ndarray]]]:
+    """latent.npz's mean latents by run: run -> [(seed, (edits, Z) array)] (keys mu_<run>@seed<k>)."""
+    found = {}
+    for key in (k for k in z.files if k.startswith("mu_")):
+        run, _, seed = key[3:].partition("@")
+        found.setdefault(run, []).append((seed, z[key]))
+    return found
+
+
 def latent_figures(out: str) -> list[str]:
     """PCA and t-SNE of each edit's mean latent, by domain and by CounterFact relation, per run."""
     path = os.path.join(out, "latent.npz")
@@ -263,12 +272,12 @@ def latent_figures(out: str) -> list[str]:
     from sklearn.manifold import TSNE
     z = np.load(path, allow_pickle=False)
     domain, relation = z["domain"], z["relation"]
-    runs = [k[3:] for k in z.files if k.startswith("mu_")]
+    runs = {r: seeds[0] for r, seeds in latents(z).items()}                   # each run's first seed
     cf = domain == "counterfact"
     top = [r for r, _ in sorted(((r, (relation[cf] == r).sum()) for r in set(relation[cf])), key=lambda t: -t[1])[:8]]
     fig, axes = plt.subplots(len(runs), 4, figsize=(16, 3.8 * len(runs)), squeeze=False)
-    for row, r in zip(axes, runs):
-        mu = z["mu_" + r] - z["mu_" + r].mean(0)
+    for row, (r, (seed, mu)) in zip(axes, runs.items()):
+        mu, r = mu - mu.mean(0), f"{r} {seed}".strip()
         pca = mu @ np.linalg.svd(mu, full_matrices=False)[2][:2].T           # first two principal components
         tsne = TSNE(2, init="pca", perplexity=30, random_state=0).fit_transform(mu)
         for ax, xy, method in ((row[0], pca, "PCA"), (row[1], tsne, "t-SNE")):
@@ -290,8 +299,8 @@ def latent_figures(out: str) -> list[str]:
 
 def latent_separation(out: str) -> str:
     """How well each run's latent tells the datasets apart, and CounterFact's relations: the accuracy of a
-    10-nearest-neighbour classifier on the mean latents, 5-fold cross-validated, beside chance (the
-    commonest label's share). A markdown table; empty without latent.npz."""
+    10-nearest-neighbour classifier on the mean latents, 5-fold cross-validated (mean ± std over seeds),
+    beside chance (the commonest label's share). A markdown table; empty without latent.npz."""
     path = os.path.join(out, "latent.npz")
     if not os.path.exists(path):
         return ""
@@ -302,14 +311,16 @@ def latent_separation(out: str) -> str:
     cf = domain == "counterfact"
     common = [r for r in set(relation[cf]) if (relation[cf] == r).sum() >= 5]    # relations with 5+ edits
     keep = cf & np.isin(relation, common)
-    lines = ["| run | dataset from latent (chance) | CounterFact relation from latent (chance) |", "|---|---|---|"]
-    for r in [k[3:] for k in z.files if k.startswith("mu_")]:
-        mu = z["mu_" + r]
+    lines = ["| run | seeds | dataset from latent (chance) | CounterFact relation from latent (chance) |", "|---|---|---|---|"]
+    for r, seeds in latents(z).items():
         cells = []
-        for x, y in ((mu, domain), (mu[keep], relation[keep])):
-            acc = cross_val_score(KNeighborsClassifier(10), x, y, cv=5).mean() if len(set(y)) > 1 else float("nan")
-            cells.append(f"{acc:.3f} ({max(np.mean(y == c) for c in set(y)):.3f}, {len(y)} edits)")
-        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        for pick, y in ((slice(None), domain), (keep, relation[keep])):
+            acc = [cross_val_score(KNeighborsClassifier(10), mu[pick], y, cv=5).mean() if len(set(y)) > 1 else float("nan")
+                   for _, mu in seeds]
+            m, sd = spread(acc)
+            cells.append((f"{m:.3f} ± {sd:.3f}" if len(acc) > 1 else f"{m:.3f}") +
+                         f" ({max(np.mean(y == c) for c in set(y)):.3f}, {len(y)} edits)")
+        lines.append(f"| {r} | {len(seeds)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -351,8 +362,8 @@ def latent(args: argparse.Namespace) -> None:
              "mquake": load("mquake", args.data_dir, "eval")["eval"][:args.latent_n]}
     records = [(d, r) for d, rs in edits.items() for r in rs]
     arrays = {"domain": np.array([d for d, _ in records]), "relation": np.array([r.relation or "" for _, r in records])}
-    for name in args.latent_runs.split(","):
-        ckpt = os.path.join(run_dir(args.out, name, args.seeds[0]), "best.pt")
+    for name, seed in [(n, s) for n in args.latent_runs.split(",") for s in args.seeds]:
+        ckpt = os.path.join(run_dir(args.out, name, seed), "best.pt")
         model, tokenizer, hypernet, saved = load_editor(ckpt, args.device or "cpu", dtype=args.dtype)
         runner, edit = Runner(model, tokenizer, list(hypernet.shapes), cache=False), ibke_editor(hypernet, saved["config"].get("tokens", "all"))
         seen = {key: [] for key in hypernet.editors}
@@ -365,8 +376,8 @@ def latent(args: argparse.Namespace) -> None:
             h.remove()
         groups = [torch.cat([o.view(len(hypernet.groups[key]), -1, *o.shape[1:]).mean((0, 2)) for o in seen[key]])
                   for key in hypernet.editors]                               # per shape: (edits, Z)
-        arrays["mu_" + name] = torch.cat(groups, 1).float().cpu().numpy()
-        print(f"{name}: latents of {len(records)} edits from {ckpt}")
+        arrays[f"mu_{name}@seed{seed}"] = torch.cat(groups, 1).float().cpu().numpy()
+        print(f"{name} seed {seed}: latents of {len(records)} edits from {ckpt}")
     np.savez(os.path.join(args.out, "latent.npz"), **arrays)
     print(f"wrote {args.out}/latent.npz" + (f" and {', '.join(latent_figures(args.out))}" if _can_plot() else ""))
 

@@ -58,18 +58,18 @@ def test_report_table_has_mean_and_sample_std_and_draws_figures(tmp_path):
         summary = {"F1": f1, "ES": 0.9, "GS": 0.8, "LS": ls, "NS_p": 0.3}
         for run in ("default", "no-ib", "no-scale", "beta=0.01", "beta=1", "c_loc_end=10"):
             fake_run(out, run, seed, summary, [(250, f1 - 0.1), (500, f1)])
-    rng = np.random.default_rng(0)                                      # a latent map: 2 runs × 60 edits
+    rng = np.random.default_rng(0)                                      # a latent map: 60 edits, 2 seeds and 1
     domain = np.array(["counterfact"] * 40 + ["zsre"] * 20)
     relation = np.array(["{} is in", "{} speaks"] * 20 + [""] * 20)
-    separable = rng.normal(size=(60, 8)) + 10 * (domain == "zsre")[:, None]          # datasets 10σ apart
-    np.savez(os.path.join(out, "latent.npz"), domain=domain, relation=relation,
-             mu_default=separable, **{"mu_no-ib": rng.normal(size=(60, 8))})
+    separable = [rng.normal(size=(60, 8)) + 10 * (domain == "zsre")[:, None] for _ in range(2)]   # datasets 10σ apart
+    np.savez(os.path.join(out, "latent.npz"), domain=domain, relation=relation, **{"mu_default@seed0": separable[0],
+             "mu_default@seed1": separable[1], "mu_no-ib": rng.normal(size=(60, 8))})   # no-ib: a file without seeds
     analysis.report(analysis.parser.parse_args(["report", "--out", out]))
     text = open(os.path.join(out, "README.md")).read()
     # F1 0.6 and 0.8: mean 0.7, sample std 0.1414
     assert "| default | 2 | 500 | 0.700 ± 0.141 | 0.900 ± 0.000 | 0.800 ± 0.000 | 0.600 ± 0.141 |" in text
-    assert "| default | 1.000 (0.667, 60 edits) |" in text                   # k-NN tells 10σ apart; chance: 40 of 60
-    assert float(re.search(r"\| no-ib \| ([0-9.]+) \(0.667", text).group(1)) < 0.9   # noise: near chance
+    assert "| default | 2 | 1.000 ± 0.000 (0.667, 60 edits) |" in text        # k-NN tells 10σ apart; chance: 40 of 60
+    assert float(re.search(r"\| no-ib \| 1 \| ([0-9.]+) \(0.667", text).group(1)) < 0.9   # noise: near chance
     for name in ("beta.png", "ablation.png", "c_loc.png", "latent.png"):
         assert os.path.getsize(os.path.join(out, name)) > 1000 and f"]({name})" in text
 
