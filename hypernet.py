@@ -11,6 +11,7 @@ Per edited module m, with weights shared by all modules of the same shape (d_in,
   4. decode φ2   r_i = CrossAttn(t_i, z_e, z_e) + MLP;  [h̃_i; ũ_i] = x_i + W_out r_i;  s_i = σ(w_s·r_i + b_s)
   5. update      ΔW_m = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i         (--aggregate sum; IBKE.md §3)
                  or the ridge solve over all edits' tokens                  (--aggregate ridge; MALMEN)
+                 or the sum with the edits' cross-talk solved away          (--aggregate cancel; = sum at n = 1)
 Dimension letters: M modules of one shape, E edits, T tokens, N = E·T, D = d_in + d_out, C = d_m,
 L = l_m (latent length), Z = latent dim.
 """
@@ -33,7 +34,7 @@ class EditorConfig:
     ib: bool = True           # False: deterministic latent z = μ and no KL (--no-ib)
     token_scale: bool = True  # False: s_i ≡ 1/2, the scale's start value (--no-scale)
     eta_init: float = 1e-2    # initial step size η_m (DAFNet starts at 1e-4; after our normalisation that edits nothing)
-    aggregate: str = "sum"    # how the edits of a batch combine: "sum" of their updates, or a "ridge" solve (step 5)
+    aggregate: str = "sum"    # how the edits of a batch combine: "sum" of their updates, a "ridge" solve, or "cancel" (step 5)
     ridge_init: float = 0.1   # initial λ_m of the ridge solve (relative: λ → ∞ is the sum, λ → 0 interpolation; RESULTS.md)
 
 
@@ -89,7 +90,7 @@ class ShapeEditor(nn.Module):
         self.out = nn.Linear(C, D)
         self.scale = nn.Linear(C, 1)
         self.log_eta = nn.Parameter(torch.full((n_modules,), math.log(cfg.eta_init)))
-        if cfg.aggregate == "ridge":
+        if cfg.aggregate in ("ridge", "cancel"):
             self.log_lambda = nn.Parameter(torch.full((n_modules,), math.log(cfg.ridge_init)))
         for layer in (self.out, self.scale, self.to_logvar):  # identity start: h̃ = ĥ, ũ = û, equal s, σ = 1
             nn.init.zeros_(layer.weight)
@@ -128,20 +129,26 @@ class ShapeEditor(nn.Module):
     def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Step 5. Keys k_i = √w_i h̃_i and value shifts v_i = −η_m √w_i ũ_i, w_i = s_i / |e|, stacked over
         the N = E·T tokens into K (M, N, d_in), V (M, N, d_out). "sum": ΔW_m = KᵀV = −η_m Σ_e (1/|e|)
-        Σ_{i∈e} s_i h̃_iᵀ ũ_i, returned as its factors. "ridge": see ridge(), on the tokens of the mask
+        Σ_{i∈e} s_i h̃_iᵀ ũ_i, returned as its factors. "ridge", "cancel": see ridge(), on the tokens of the mask
         only (N = their number: padding would only make the solve larger).
         -> (A (M, N, d_in), B (M, N, d_out)) with ΔW = AᵀB, or (None, ΔW (M, d_in, d_out)); KL (E,)."""
+        M, E, T, _ = h.shape
         h_tilde, u_tilde, s, kl = self.edit_vectors(h, u, mask)
         root_w = s.sqrt() * mask / mask.sum(1, keepdim=True).clamp_min(1).sqrt()   # √(s_i / |e|)  (M, E, T)
         K = (h_tilde * root_w[..., None]).flatten(1, 2)                        # (M, N, d_in)
         V = -self.log_eta.exp()[:, None, None] * (u_tilde * root_w[..., None]).flatten(1, 2)   # (M, N, d_out)
         if self.cfg.aggregate == "sum":
             return K, V, kl
+        own = None
+        if self.cfg.aggregate == "cancel":                # each token's change under its own edit's sum update
+            Ke, Ve = K.view(M, E, T, -1), V.view(M, E, T, -1)
+            own = ((Ke @ Ke.transpose(2, 3)) @ Ve).flatten(1, 2)               # K_e K_eᵀ V_e  (M, N, d_out)
         keep = mask.flatten().nonzero().squeeze(1)       # the solve sees real tokens only (one host wait)
-        return (*ridge(K[:, keep], V[:, keep], self.log_lambda.exp(), mask.sum()), kl)
+        return (*ridge(K[:, keep], V[:, keep], self.log_lambda.exp(), mask.sum(), None if own is None else own[:, keep]), kl)
 
 
-def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.Tensor,
+          own: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The edits of a batch as one least-squares update (IBKE.md §6: MALMEN's normal equation, with
     IBKE's keys and value shifts): ΔW = (1 + λ) c (KᵀK + λ c I)⁻¹ KᵀV, c = mean_i |k_i|². This is §6's
     (KᵀK + e^λ I)⁻¹ KᵀV with its ridge measured in units of the keys' size (e^λ = λc, so λ means the
@@ -149,6 +156,10 @@ def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.T
     every λ instead of shrinking as e^{−λ}. It solves min Σ_i |k_i ΔW − (1 + λ) c v_i|² + λ c |ΔW|²:
     λ → ∞ gives the sum KᵀV; λ → 0 makes each key's change c v_i, its own (the sum adds every other
     key's k_j·k_i v_j).
+    own (M, N, d_out), "cancel": each key's change under its own edit's sum update, K_e K_eᵀ V_e, as
+    the target instead of c v_i: min Σ_i |k_i ΔW − own_i − λc v_i|² + λc |ΔW|², i.e. ΔW = KᵀV − Kᵀ(KKᵀ +
+    λcI)⁻¹ O V with O the Gram's blocks between different edits. One edit (O = 0) gets the sum exactly,
+    for every λ; many get the sum with the other edits' cross-talk at their tokens cancelled.
     K (M, N, d_in), V (M, N, d_out), λ (M,), n_tokens: the N tokens that are not padding (padding
     rows of K and V are zero). Solved in float64 by Cholesky: the N × N (Woodbury) form
     ΔW = Kᵀ [(1 + λ) c (KKᵀ + λ c I)⁻¹ V], kept as factors, when N ≤ d_in; else the d_in × d_in one.
@@ -157,13 +168,14 @@ def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.T
     K64, V64 = K.double(), V.double()
     c = (K64 ** 2).sum((1, 2)) / n_tokens.clamp_min(1)                        # mean |k_i|²  (M,)
     lam = lam.double().clamp_min(1e-6)          # a learned λ near 0 must not make padding rows singular
-    gain, ridge_term = ((1 + lam) * c)[:, None, None], (lam * c)[:, None, None]
+    ridge_term = (lam * c)[:, None, None]
+    target = (1 + lam)[:, None, None] * c[:, None, None] * V64 if own is None else own.double() + ridge_term * V64   # (M, N, d_out)
     if N <= d_in:
         gram = K64 @ K64.transpose(1, 2) + ridge_term * torch.eye(N, dtype=K64.dtype, device=K.device)   # (M, N, N)
-        B = torch.cholesky_solve(gain * V64, torch.linalg.cholesky(gram))                            # (M, N, d_out)
+        B = torch.cholesky_solve(target, torch.linalg.cholesky(gram))                                # (M, N, d_out)
         return K, B.to(V.dtype)
     gram = K64.transpose(1, 2) @ K64 + ridge_term * torch.eye(d_in, dtype=K64.dtype, device=K.device)   # (M, d_in, d_in)
-    delta = torch.cholesky_solve(gain * (K64.transpose(1, 2) @ V64), torch.linalg.cholesky(gram))   # (M, d_in, d_out)
+    delta = torch.cholesky_solve(K64.transpose(1, 2) @ target, torch.linalg.cholesky(gram))       # (M, d_in, d_out)
     return None, delta.to(V.dtype)
 
 

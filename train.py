@@ -54,7 +54,7 @@ parser.add_argument("--steps", type=int, default=1800, help="training steps (the
 parser.add_argument("--batch-size", type=int, default=8, help="most edits per step; each step draws n from 1..batch-size")
 parser.add_argument("--sample-n", default="uniform", choices=["uniform", "log"], help="how n is drawn: uniformly, or log-uniformly (P(n) ∝ log((n+1)/n): single edits keep their share of a large --batch-size)")
 parser.add_argument("--chunk", type=int, default=16, help="edits whose losses are backpropagated together (memory grows with it, not with n; the gradient is the same)")
-parser.add_argument("--aggregate", default="sum", choices=["sum", "ridge"], help="how a batch's edits combine: the sum of their updates (IBKE), or one ridge solve over all their tokens (MALMEN's, with IBKE's keys and values; for many edits at once)")
+parser.add_argument("--aggregate", default="sum", choices=["sum", "ridge", "cancel"], help="how a batch's edits combine: the sum of their updates (IBKE); one ridge solve over all their tokens (MALMEN's, with IBKE's keys and values; for many edits at once); or the sum with each edit's cross-talk from the others solved away (the sum at n = 1)")
 parser.add_argument("--ridge-init", type=float, default=EditorConfig.ridge_init, help="--aggregate ridge: initial λ of every module, relative to the keys' size (large: the sum)")
 parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (peak, with --lr-schedule cosine)")
 parser.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"], help="learning rate over the run: constant, or a cosine from --lr down to 0 at --steps")
@@ -421,7 +421,7 @@ def main() -> None:
         update(hypernet, optimizer, loss, parts, args.clip)
         first_editor = hypernet.editors[next(iter(hypernet.editors))]
         parts["eta"] = first_editor.log_eta.detach().exp().mean()
-        if args.aggregate == "ridge":
+        if args.aggregate != "sum":
             parts["lambda"] = first_editor.log_lambda.detach().exp().mean()
         step += 1
         pending.append((step, n, parts))

@@ -22,18 +22,22 @@ def keys_and_values(M=2, N=12, d_in=16, d_out=5, padding=3, seed=0):
     return K, V, torch.tensor(N - padding)
 
 
+@pytest.mark.parametrize("own", [False, True])                          # "ridge" and "cancel"
 @pytest.mark.parametrize("N, d_in", [(12, 16), (40, 16)])               # the N × N form and the d_in × d_in one
-def test_ridge_is_the_float64_least_squares_solution(N, d_in):
+def test_ridge_is_the_float64_least_squares_solution(N, d_in, own):
     K, V, n_tokens = keys_and_values(N=N, d_in=d_in)
+    O = torch.randn(V.shape, generator=torch.Generator().manual_seed(1)) * (V != 0) if own else None
     lam = torch.tensor([0.1, 3.0])
-    A, B = ridge(K, V, lam, n_tokens)
+    A, B = ridge(K, V, lam, n_tokens, O)
     delta = B if A is None else A.transpose(1, 2) @ B
     for m in range(2):
-        # min |K ΔW − (1 + λ) c V|² + λ c |ΔW|², c = mean |k|² over the tokens: lstsq on [K; √(λc) I]
+        # min |K ΔW − Y|² + λ c |ΔW|², c = mean |k|² over the tokens, Y = (1 + λ) c V ("ridge") or
+        # own + λ c V ("cancel"): lstsq on [K; √(λc) I]
         k, v = K[m].double(), V[m].double()
         c = (k ** 2).sum() / n_tokens
+        y = (1 + lam[m]) * c * v if O is None else O[m].double() + lam[m] * c * v
         stacked = torch.cat([k, (lam[m] * c).sqrt() * torch.eye(d_in, dtype=torch.float64)])
-        target = torch.cat([(1 + lam[m]) * c * v, torch.zeros(d_in, v.shape[1], dtype=torch.float64)])
+        target = torch.cat([y, torch.zeros(d_in, v.shape[1], dtype=torch.float64)])
         reference = torch.linalg.lstsq(stacked, target).solution
         # float64 throughout, then one rounding to float32 (½ ulp); the N × N form adds one float32
         # product KᵀB over N tokens (reorder_rtol of its N terms, against the sum of their sizes)
@@ -51,16 +55,18 @@ def rounding(delta, N: int) -> torch.Tensor:
 
 
 def test_ridge_with_large_lambda_is_the_sum_and_order_does_not_matter():
-    """Through the whole editor: λ → ∞ gives the sum form's ΔW; permuting the edits leaves ΔW alone."""
+    """Through the whole editor: λ → ∞ gives the sum form's ΔW ("ridge" and "cancel"); permuting the
+    edits leaves ΔW alone."""
     _, _, shapes, decomposition, mask = decomposed()
     N = int(mask.sum())
     editors = {}
-    for aggregate, lam in (("sum", 1.0), ("ridge", 1e12), ("ridge", 0.1)):
+    for aggregate, lam in (("sum", 1.0), ("ridge", 1e12), ("ridge", 0.1), ("cancel", 1e12), ("cancel", 0.1)):
         torch.manual_seed(0)
         editors[aggregate, lam] = IBKE(shapes, EditorConfig(**{**SMALL.__dict__, "aggregate": aggregate, "ridge_init": lam})).eval()
         perturb_zero_init(editors[aggregate, lam])
     sums = editors["sum", 1.0](decomposition, mask, factored=True)[0]
-    for name, d in editors["ridge", 1e12](decomposition, mask, factored=True)[0].items():
+    for name, d in [*editors["ridge", 1e12](decomposition, mask, factored=True)[0].items(),
+                    *editors["cancel", 1e12](decomposition, mask, factored=True)[0].items()]:
         # ΔW = (1 + 1/λ) Kᵀ (I + KKᵀ/(λc))⁻¹ V: off the sum KᵀV by (1 + |KKᵀ|/c)/λ ≤ (1 + N²)/λ of its
         # terms' size (|k|² ≤ N c); each side's float32 rounding on top
         terms = sums[name][0].abs().T @ sums[name][1].abs()
@@ -73,6 +79,26 @@ def test_ridge_with_large_lambda_is_the_sum_and_order_does_not_matter():
         for name in before:
             diff = (dense(after[name]) - dense(before[name])).abs()
             assert (diff <= rounding(before[name], N) + rounding(after[name], N)).all()
+
+
+def test_cancel_is_the_sum_for_a_single_edit():
+    """"cancel" leaves a lone edit's update alone at any λ: with no other edit there is no cross-talk,
+    and the solve returns the sum KᵀV (then one edit among three moves it: it is not the sum)."""
+    _, _, shapes, decomposition, mask = decomposed()
+    editors = {}
+    for aggregate in ("sum", "cancel"):
+        torch.manual_seed(0)
+        editors[aggregate] = IBKE(shapes, EditorConfig(**{**SMALL.__dict__, "aggregate": aggregate, "ridge_init": 0.1})).eval()
+        perturb_zero_init(editors[aggregate])
+    for edits in ([0], [0, 1, 2]):
+        part = {n: (h[edits], u[edits]) for n, (h, u) in decomposition.items()}
+        N = int(mask[edits].sum())
+        sums = editors["sum"](part, mask[edits], factored=True)[0]
+        for name, d in editors["cancel"](part, mask[edits], factored=True)[0].items():
+            # Kᵀ (G + λcI)⁻¹ (G + λcI) V: a float64 solve of condition ≤ (N + λ)/λ ≈ 10³ (error ~1e-13,
+            # far below float32's), so only each side's float32 rounding is left
+            close = ((dense(d) - dense(sums[name])).abs() <= rounding(sums[name], N) + rounding(d, N)).all()
+            assert close if len(edits) == 1 else not close
 
 
 def test_measure_in_passes_gives_the_same_numbers(gpt2_tokenizer, data_dir):

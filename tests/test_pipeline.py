@@ -14,7 +14,7 @@ from losses import LossWeights, answer_nll, ibke_loss, locality_kl, scored
 from model import edit_module_names, weight_shape
 from test_editor import random_batch
 
-@pytest.mark.parametrize("aggregate", ["sum", "ridge"])
+@pytest.mark.parametrize("aggregate", ["sum", "ridge", "cancel"])
 def test_training_steps_lower_the_loss(aggregate):
     """The loop of train.py, on a fixed batch of a tiny model: Adam on the hypernetwork lowers L."""
     model = tiny("llama", init=0.2)
