@@ -161,15 +161,18 @@ def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.T
     λcI)⁻¹ O V with O the Gram's blocks between different edits. One edit (O = 0) gets the sum exactly,
     for every λ; many get the sum with the other edits' cross-talk at their tokens cancelled.
     K (M, N, d_in), V (M, N, d_out), λ (M,), n_tokens: the N tokens that are not padding (padding
-    rows of K and V are zero). Solved in float64 by Cholesky: the N × N (Woodbury) form
-    ΔW = Kᵀ [(1 + λ) c (KKᵀ + λ c I)⁻¹ V], kept as factors, when N ≤ d_in; else the d_in × d_in one.
+    rows of K and V are zero). Solved in float64 by Cholesky, with Y the target above: the N × N
+    (Woodbury) form ΔW = Kᵀ [(KKᵀ + λ c I)⁻¹ Y], kept as factors, when N ≤ d_in; else the d_in × d_in one.
     -> (K, B) with ΔW = KᵀB, or (None, ΔW (M, d_in, d_out))."""
     M, N, d_in = K.shape
     K64, V64 = K.double(), V.double()
     c = (K64 ** 2).sum((1, 2)) / n_tokens.clamp_min(1)                        # mean |k_i|²  (M,)
     lam = lam.double().clamp_min(1e-6)          # a learned λ near 0 must not make padding rows singular
     ridge_term = (lam * c)[:, None, None]
-    target = (1 + lam)[:, None, None] * c[:, None, None] * V64 if own is None else own.double() + ridge_term * V64   # (M, N, d_out)
+    if own is None:
+        target = (1 + lam)[:, None, None] * c[:, None, None] * V64             # Y = (1 + λ) c V  (M, N, d_out)
+    else:
+        target = own.double() + ridge_term * V64                              # Y = own + λ c V
     if N <= d_in:
         gram = K64 @ K64.transpose(1, 2) + ridge_term * torch.eye(N, dtype=K64.dtype, device=K.device)   # (M, N, N)
         B = torch.cholesky_solve(target, torch.linalg.cholesky(gram))                                # (M, N, d_out)
