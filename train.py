@@ -55,7 +55,7 @@ parser.add_argument("--batch-size", type=int, default=8, help="most edits per st
 parser.add_argument("--sample-n", default="uniform", choices=["uniform", "log"], help="how n is drawn: uniformly, or log-uniformly (P(n) ∝ log((n+1)/n): single edits keep their share of a large --batch-size)")
 parser.add_argument("--chunk", type=int, default=16, help="edits whose losses are backpropagated together (memory grows with it, not with n; the gradient is the same)")
 parser.add_argument("--aggregate", default="sum", choices=["sum", "ridge", "cancel"], help="how a batch's edits combine: the sum of their updates (IBKE); one ridge solve over all their tokens (MALMEN's, with IBKE's keys and values; for many edits at once); or the sum with each edit's cross-talk from the others solved away (the sum at n = 1)")
-parser.add_argument("--ridge-init", type=float, default=EditorConfig.ridge_init, help="--aggregate ridge: initial λ of every module, relative to the keys' size (large: the sum)")
+parser.add_argument("--ridge-init", type=float, default=EditorConfig.ridge_init, help="--aggregate ridge or cancel: initial λ of every module, relative to the keys' size (large: the sum)")
 parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (peak, with --lr-schedule cosine)")
 parser.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"], help="learning rate over the run: constant, or a cosine from --lr down to 0 at --steps")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
