@@ -54,16 +54,21 @@ def rounding(delta, N: int) -> torch.Tensor:
     return 2 * EPS32 * delta.abs()
 
 
+def small_editor(shapes, aggregate: str, lam: float) -> IBKE:
+    """The same small editor (seed 0, zero-initialised layers perturbed) with another aggregation / λ."""
+    torch.manual_seed(0)
+    net = IBKE(shapes, EditorConfig(**{**SMALL.__dict__, "aggregate": aggregate, "ridge_init": lam})).eval()
+    perturb_zero_init(net)
+    return net
+
+
 def test_ridge_with_large_lambda_is_the_sum_and_order_does_not_matter():
     """Through the whole editor: λ → ∞ gives the sum form's ΔW ("ridge" and "cancel"); permuting the
     edits leaves ΔW alone."""
     _, _, shapes, decomposition, mask = decomposed()
     N = int(mask.sum())
-    editors = {}
-    for aggregate, lam in (("sum", 1.0), ("ridge", 1e12), ("ridge", 0.1), ("cancel", 1e12), ("cancel", 0.1)):
-        torch.manual_seed(0)
-        editors[aggregate, lam] = IBKE(shapes, EditorConfig(**{**SMALL.__dict__, "aggregate": aggregate, "ridge_init": lam})).eval()
-        perturb_zero_init(editors[aggregate, lam])
+    editors = {(a, lam): small_editor(shapes, a, lam) for a, lam in
+               (("sum", 1.0), ("ridge", 1e12), ("ridge", 0.1), ("cancel", 1e12), ("cancel", 0.1))}
     sums = editors["sum", 1.0](decomposition, mask, factored=True)[0]
     for name, d in [*editors["ridge", 1e12](decomposition, mask, factored=True)[0].items(),
                     *editors["cancel", 1e12](decomposition, mask, factored=True)[0].items()]:
@@ -85,11 +90,7 @@ def test_cancel_is_the_sum_for_a_single_edit():
     """"cancel" leaves a lone edit's update alone at any λ: with no other edit there is no cross-talk,
     and the solve returns the sum KᵀV (then one edit among three moves it: it is not the sum)."""
     _, _, shapes, decomposition, mask = decomposed()
-    editors = {}
-    for aggregate in ("sum", "cancel"):
-        torch.manual_seed(0)
-        editors[aggregate] = IBKE(shapes, EditorConfig(**{**SMALL.__dict__, "aggregate": aggregate, "ridge_init": 0.1})).eval()
-        perturb_zero_init(editors[aggregate])
+    editors = {a: small_editor(shapes, a, 0.1) for a in ("sum", "cancel")}
     for edits in ([0], [0, 1, 2]):
         part = {n: (h[edits], u[edits]) for n, (h, u) in decomposition.items()}
         N = int(mask[edits].sum())
