@@ -94,7 +94,8 @@ parser.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT
                     help="continue from <out>/latest.pt, or from CKPT (another run's checkpoint: a second phase written to --out, "
                          "with its own best F1); flags given here override the checkpoint's, except those fixing the hypernetwork")
 FIXED = ("model", "data", "seed", "val_size", "d_m", "latent_len", "latent_dim", "heads", "no_ib", "no_scale", "tokens",
-         "edit_modules", "edit_layers", "aggregate")  # the checkpoint's architecture, base model and validation split
+         "edit_modules", "edit_layers")  # the checkpoint's architecture, base model and validation split
+# --aggregate may change in a new phase (--resume CKPT of another run): the hypernetwork is the same, λ starts at --ridge-init
 
 
 def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others: list[EditRequest],
@@ -270,7 +271,7 @@ def main() -> None:
             raise SystemExit(f"error: --resume: {err}")
         new_phase = os.path.abspath(source) != os.path.abspath(latest_path)
         saved = {**BEFORE, **ckpt["config"]}
-        for k in FIXED:
+        for k in FIXED + (() if new_phase else ("aggregate",)):
             if k in given and given[k] != saved.get(k):
                 raise SystemExit(f"error: {source} is a checkpoint of {k} {saved.get(k)!r}, not {given[k]!r}; "
                                  f"the checkpoint fixes --{k.replace('_', '-')}: drop the flag, or train anew")
@@ -312,8 +313,11 @@ def main() -> None:
     groups = loc_groups(train_records, args.loc_from)
     step, best_f1, bad_validations, nonfinite = 0, -1.0, 0, 0
     if ckpt is not None:
-        hypernet.load_state_dict(ckpt["hypernet"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        hypernet.load_state_dict(ckpt["hypernet"], strict=args.aggregate == saved["aggregate"])  # else λ: new or gone
+        if args.aggregate == saved["aggregate"]:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        else:
+            print(f"--aggregate {saved['aggregate']} -> {args.aggregate}: a fresh optimizer, λ from --ridge-init {args.ridge_init}")
         step, best_f1, bad_validations, nonfinite = ckpt["step"], ckpt["best_f1"], ckpt["bad_validations"], ckpt["nonfinite"]
         if new_phase:  # its losses may differ: best.pt of this --out is judged within this phase
             best_f1, bad_validations = -1.0, 0
