@@ -112,6 +112,24 @@ def test_second_phase_from_another_runs_checkpoint(trained):
     assert refused.returncode != 0 and "fixes --d-m" in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_second_phase_may_change_the_aggregation(trained):
+    """--resume CKPT --aggregate cancel from a sum run: the hypernetwork carries over, λ starts at
+    --ridge-init, the optimizer is fresh; the run's own continuation keeps its aggregation."""
+    out, _ = trained
+    run("train.py", "--resume", out / "a" / "latest.pt", "--aggregate", "cancel", "--ridge-init", "0.5",
+        "--steps", "11", "--lr", "1e-4", "--out", out / "agg")
+    before, after = (torch.load(p, weights_only=False)["hypernet"] for p in (out / "a" / "latest.pt", out / "agg" / "latest.pt"))
+    lams = [k for k in after if k.endswith("log_lambda")]
+    assert lams and not any(k.endswith("log_lambda") for k in before) and set(after) == set(before) | set(lams)
+    # one Adam step from a fresh state moves each parameter by at most lr (its first step is ±lr·g/|g|)
+    step = 1e-4 * (1 + 1e-3)
+    assert all((after[k] - math.log(0.5)).abs().max() <= step for k in lams)
+    params = [k for k in before if ".norm." not in k]                   # not the inputs' running statistics
+    assert all((after[k] - before[k]).abs().max() <= step for k in params)
+    refused = run("train.py", "--resume", "--aggregate", "sum", "--out", out / "agg", check=False)
+    assert refused.returncode != 0 and "fixes --aggregate" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_interrupted_evaluation_resumes(trained):
     out, data_dir = trained
     args = ["--ckpt", out / "b" / "latest.pt", "--data-dir", data_dir, "--limit", "6", "--edits-per-batch", "2"]
