@@ -57,6 +57,7 @@ parser.add_argument("--chunk", type=int, default=16, help="edits whose losses ar
 parser.add_argument("--aggregate", default="sum", choices=["sum", "ridge", "cancel"], help="how a batch's edits combine: the sum of their updates (IBKE); one ridge solve over all their tokens (MALMEN's, with IBKE's keys and values; for many edits at once); or the sum with each edit's cross-talk from the others solved away (the sum at n = 1)")
 parser.add_argument("--ridge-init", type=float, default=EditorConfig.ridge_init, help="--aggregate ridge or cancel: initial λ of every module, relative to the keys' size (large: the sum)")
 parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (peak, with --lr-schedule cosine)")
+parser.add_argument("--lr-lambda", type=float, default=1e-2, help="--aggregate ridge or cancel: Adam learning rate of log λ (peak; it follows --lr-schedule): λ must move by factors, not by --lr")
 parser.add_argument("--lr-schedule", default="cosine", choices=["constant", "cosine"], help="learning rate over the run: constant, or a cosine from --lr down to 0 at --steps")
 parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
 parser.add_argument("--c-edit", type=float, default=1.0, help="SG weight on the edit prompt's NLL")
@@ -190,7 +191,7 @@ def update(hypernet: IBKE, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
 
 def check_args(args: argparse.Namespace) -> None:
     """Ranges and combinations of the flags, and --out, before any work: one line naming the problem."""
-    finite_positive = {"lr": args.lr, "clip": args.clip, "eta_init": args.eta_init, "ridge_init": args.ridge_init}
+    finite_positive = {"lr": args.lr, "lr_lambda": args.lr_lambda, "clip": args.clip, "eta_init": args.eta_init, "ridge_init": args.ridge_init}
     at_least_1 = {"steps": args.steps, "batch_size": args.batch_size, "val_every": args.val_every, "val_size": args.val_size,
                   "patience": args.patience, "log_every": args.log_every, "save_every": args.save_every, "d_m": args.d_m,
                   "chunk": args.chunk, "val_n": args.val_n,
@@ -305,7 +306,9 @@ def main() -> None:
                        ib=not args.no_ib, token_scale=not args.no_scale, eta_init=args.eta_init,
                        aggregate=args.aggregate, ridge_init=args.ridge_init)
     hypernet = IBKE(shapes, cfg).to(args.device).train()
-    optimizer = torch.optim.Adam(hypernet.parameters(), lr=args.lr, fused=True)  # fused: 8x faster step on CPU
+    params = [[p for k, p in hypernet.named_parameters() if k.endswith("log_lambda") == is_lam] for is_lam in (False, True)]
+    peaks = [args.lr, args.lr_lambda][:1 + bool(params[1])]              # λ (ridge, cancel) has its own group
+    optimizer = torch.optim.Adam([{"params": p} for p in params[:len(peaks)]], lr=args.lr, fused=True)  # fused: 8x faster on CPU
     runner = Runner(model, tokenizer, names, cache=True)
     val_runner = Runner(model, tokenizer, names, cache=True)  # its own cache: the very batches evaluate.py builds
     states_path = runner.use_states(args.cache_dir)
@@ -314,10 +317,11 @@ def main() -> None:
     step, best_f1, bad_validations, nonfinite = 0, -1.0, 0, 0
     if ckpt is not None:
         hypernet.load_state_dict(ckpt["hypernet"], strict=args.aggregate == saved["aggregate"])  # else λ: new or gone
-        if args.aggregate == saved["aggregate"]:
+        if len(ckpt["optimizer"]["param_groups"]) == len(optimizer.param_groups):
             optimizer.load_state_dict(ckpt["optimizer"])
-        else:
-            print(f"--aggregate {saved['aggregate']} -> {args.aggregate}: a fresh optimizer, λ from --ridge-init {args.ridge_init}")
+        else:                                               # λ's group is new (or gone): its state starts afresh
+            print(f"a fresh optimizer (--aggregate {saved['aggregate']} -> {args.aggregate}: λ's parameter group is new or gone)"
+                  + (f"; λ from --ridge-init {args.ridge_init}" if saved["aggregate"] == "sum" else ""))
         step, best_f1, bad_validations, nonfinite = ckpt["step"], ckpt["best_f1"], ckpt["bad_validations"], ckpt["nonfinite"]
         if new_phase:  # its losses may differ: best.pt of this --out is judged within this phase
             best_f1, bad_validations = -1.0, 0
@@ -419,8 +423,8 @@ def main() -> None:
              else min(args.batch_size, int(math.exp(sampler.uniform(0, math.log(args.batch_size + 1))))))
         batch, others = draw(sampler, train_records, n, args.extra_loc, args.loc_from, groups)
         lr, weights = schedule(args, step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for group, peak in zip(optimizer.param_groups, peaks):
+            group["lr"] = lr * peak / args.lr
         loss, parts = train_step(runner, hypernet, batch, others, weights, args.tokens, args.chunk)
         update(hypernet, optimizer, loss, parts, args.clip)
         first_editor = hypernet.editors[next(iter(hypernet.editors))]

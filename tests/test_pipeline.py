@@ -114,18 +114,22 @@ def test_second_phase_from_another_runs_checkpoint(trained):
 
 def test_second_phase_may_change_the_aggregation(trained):
     """--resume CKPT --aggregate cancel from a sum run: the hypernetwork carries over, λ starts at
-    --ridge-init, the optimizer is fresh; the run's own continuation keeps its aggregation."""
+    --ridge-init with its own learning rate, the optimizer is fresh; the run's own continuation keeps
+    its aggregation."""
     out, _ = trained
     run("train.py", "--resume", out / "a" / "latest.pt", "--aggregate", "cancel", "--ridge-init", "0.5",
-        "--steps", "11", "--lr", "1e-4", "--out", out / "agg")
-    before, after = (torch.load(p, weights_only=False)["hypernet"] for p in (out / "a" / "latest.pt", out / "agg" / "latest.pt"))
+        "--steps", "11", "--lr", "1e-4", "--lr-lambda", "1e-2", "--out", out / "agg")
+    ckpt = torch.load(out / "agg" / "latest.pt", weights_only=False)
+    before, after = torch.load(out / "a" / "latest.pt", weights_only=False)["hypernet"], ckpt["hypernet"]
     lams = [k for k in after if k.endswith("log_lambda")]
     assert lams and not any(k.endswith("log_lambda") for k in before) and set(after) == set(before) | set(lams)
-    # one Adam step from a fresh state moves each parameter by at most lr (its first step is ±lr·g/|g|)
-    step = 1e-4 * (1 + 1e-3)
-    assert all((after[k] - math.log(0.5)).abs().max() <= step for k in lams)
+    # the one step (10 of 11) ran at the cosine's 0.5(1 + cos(10π/11)) of each group's peak
+    lr = [peak * 0.5 * (1 + math.cos(math.pi * 10 / 11)) for peak in (1e-4, 1e-2)]
+    assert [g["lr"] for g in ckpt["optimizer"]["param_groups"]] == pytest.approx(lr)
+    # a fresh Adam's first step moves each parameter by at most its lr (it is ±lr·g/(|g| + eps))
+    assert all((after[k] - math.log(0.5)).abs().max() <= lr[1] * (1 + 1e-3) for k in lams)
     params = [k for k in before if ".norm." not in k]                   # not the inputs' running statistics
-    assert all((after[k] - before[k]).abs().max() <= step for k in params)
+    assert all((after[k] - before[k]).abs().max() <= lr[0] * (1 + 1e-3) for k in params)
     refused = run("train.py", "--resume", "--aggregate", "sum", "--out", out / "agg", check=False)
     assert refused.returncode != 0 and "fixes --aggregate" in refused.stderr and "Traceback" not in refused.stderr
 
