@@ -320,8 +320,9 @@ def main() -> None:
         if len(ckpt["optimizer"]["param_groups"]) == len(optimizer.param_groups):
             optimizer.load_state_dict(ckpt["optimizer"])
         else:                                               # λ's group is new (or gone): its state starts afresh
-            print(f"a fresh optimizer (--aggregate {saved['aggregate']} -> {args.aggregate}: λ's parameter group is new or gone)"
-                  + (f"; λ from --ridge-init {args.ridge_init}" if saved["aggregate"] == "sum" else ""))
+            why = (f"--aggregate {saved['aggregate']} -> {args.aggregate}" if saved["aggregate"] != args.aggregate
+                   else "the checkpoint predates λ's own parameter group")
+            print(f"a fresh optimizer ({why})" + (f"; λ from --ridge-init {args.ridge_init}" if saved["aggregate"] == "sum" else ""))
         step, best_f1, bad_validations, nonfinite = ckpt["step"], ckpt["best_f1"], ckpt["bad_validations"], ckpt["nonfinite"]
         if new_phase:  # its losses may differ: best.pt of this --out is judged within this phase
             best_f1, bad_validations = -1.0, 0
