@@ -53,6 +53,7 @@ parser.add_argument("--out", default="out/ibke", help="folder for best.pt, lates
 parser.add_argument("--steps", type=int, default=1800, help="training steps (the schedules below are spread over them)")
 parser.add_argument("--batch-size", type=int, default=8, help="most edits per step; each step draws n from 1..batch-size")
 parser.add_argument("--sample-n", default="uniform", choices=["uniform", "log"], help="how n is drawn: uniformly, or log-uniformly (P(n) ∝ log((n+1)/n): single edits keep their share of a large --batch-size)")
+parser.add_argument("--p-single", type=float, default=0.0, help="probability that a step edits one fact alone (else n is drawn as --sample-n says): lone edits' share of a large-n run")
 parser.add_argument("--chunk", type=int, default=16, help="edits whose losses are backpropagated together (memory grows with it, not with n; the gradient is the same)")
 parser.add_argument("--aggregate", default="sum", choices=["sum", "ridge", "cancel"], help="how a batch's edits combine: the sum of their updates (IBKE); one ridge solve over all their tokens (MALMEN's, with IBKE's keys and values; for many edits at once); or the sum with each edit's cross-talk from the others solved away (the sum at n = 1)")
 parser.add_argument("--ridge-init", type=float, default=EditorConfig.ridge_init, help="--aggregate ridge or cancel: initial λ of every module, relative to the keys' size (large: the sum)")
@@ -204,6 +205,7 @@ def check_args(args: argparse.Namespace) -> None:
     rules += [(0 <= args.ramp_start < 1, f"--ramp-start {args.ramp_start}: give a fraction of --steps, 0 to below 1"),
               (args.ramp_start < args.ramp_end <= 1, f"--ramp-end {args.ramp_end}: give a fraction of --steps above --ramp-start ({args.ramp_start}), at most 1")]
     rules += [(args.extra_loc >= 0, f"--extra-loc {args.extra_loc}: give 0 or more"),
+              (0 <= args.p_single <= 1, f"--p-single {args.p_single}: give a probability from 0 to 1"),
               (args.train_size >= 0, f"--train-size {args.train_size}: give 0 (all records) or more"),
               (args.edit_layers >= 0, f"--edit-layers {args.edit_layers}: give the number of last blocks to edit, or 0 for all"),
               (args.heads < 1 or args.d_m % args.heads == 0, f"--heads {args.heads} must divide --d-m {args.d_m} (each head gets d_m / heads)"),
@@ -420,7 +422,8 @@ def main() -> None:
         signal.signal(sig, on_signal)
 
     while step < args.steps:
-        n = (sampler.randint(1, args.batch_size) if args.sample_n == "uniform"       # dynamic batch size
+        n = (1 if args.p_single and sampler.random() < args.p_single                 # dynamic batch size
+             else sampler.randint(1, args.batch_size) if args.sample_n == "uniform"
              else min(args.batch_size, int(math.exp(sampler.uniform(0, math.log(args.batch_size + 1))))))
         batch, others = draw(sampler, train_records, n, args.extra_loc, args.loc_from, groups)
         lr, weights = schedule(args, step)
