@@ -245,6 +245,16 @@ def draw(sampler: random.Random, records: list[EditRequest], n: int, extra: int,
     return [records[i] for i in chosen], [records[j] for j in others]
 
 
+def draw_n(sampler: random.Random, most: int, how: str, p_single: float = 0.0) -> int:
+    """A step's number of edits: 1 with probability p_single, else uniform on 1..most or log-uniform
+    (P(n) ∝ log((n+1)/n)). p_single 0 draws nothing for it: a run's stream of draws is as before."""
+    if p_single and sampler.random() < p_single:
+        return 1
+    if how == "uniform":
+        return sampler.randint(1, most)
+    return min(most, int(math.exp(sampler.uniform(0, math.log(most + 1)))))
+
+
 def loc_groups(records: list[EditRequest], loc_from: str) -> dict:
     """key -> indices of the records sharing it, for draw (records without a key are in none)."""
     groups = {}
@@ -422,9 +432,7 @@ def main() -> None:
         signal.signal(sig, on_signal)
 
     while step < args.steps:
-        n = (1 if args.p_single and sampler.random() < args.p_single                 # dynamic batch size
-             else sampler.randint(1, args.batch_size) if args.sample_n == "uniform"
-             else min(args.batch_size, int(math.exp(sampler.uniform(0, math.log(args.batch_size + 1))))))
+        n = draw_n(sampler, args.batch_size, args.sample_n, args.p_single)
         batch, others = draw(sampler, train_records, n, args.extra_loc, args.loc_from, groups)
         lr, weights = schedule(args, step)
         for group, peak in zip(optimizer.param_groups, peaks):

@@ -1,5 +1,8 @@
 """Many edits at once (issue #11): the ridge solve of hypernet.py against float64 least squares, its
 limits and symmetries, and evaluation in passes."""
+import math
+import random
+
 import pytest
 import torch
 
@@ -11,6 +14,7 @@ from hypernet import IBKE, EditorConfig, ridge
 from model import edit_module_names, weight_shape
 from runner import Runner
 from test_editor import SMALL, decomposed, perturb_zero_init
+from train import draw_n
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -116,3 +120,18 @@ def test_measure_in_passes_gives_the_same_numbers(gpt2_tokenizer, data_dir):
     whole = measure(runner, ibke_editor(editor), records)[0]
     in_passes = measure(runner, ibke_editor(editor), records, rows_per_pass=3)[0]   # passes of 4 (the edits), 3, 3, …
     assert in_passes == whole and len(whole) == 4 and all("LS" in r and "NS_p" in r for r in whole)
+
+
+def test_draw_n_shares_and_stream():
+    """train.draw_n: log-uniform n has P(n) = log((n+1)/n) / log(most+1); --p-single adds lone edits;
+    p_single 0 draws exactly the stream of before (no extra draw). Counts over 20,000 draws: a share's
+    standard error is at most sqrt(0.25 / 20000) = 0.0035, so 0.02 is over 5 of them."""
+    for p_single, most in [(0.0, 256), (0.5, 256), (0.0, 8)]:
+        rng = random.Random(0)
+        ns = [draw_n(rng, most, "log", p_single) for _ in range(20000)]
+        p1 = math.log(2) / math.log(most + 1)
+        assert ns.count(1) / len(ns) == pytest.approx(p_single + (1 - p_single) * p1, abs=0.02)
+        assert min(ns) == 1 and max(ns) == most
+    rng, old = random.Random(3), random.Random(3)
+    assert [draw_n(rng, 8, "uniform") for _ in range(50)] == [old.randint(1, 8) for _ in range(50)]
+    assert all(draw_n(rng, 8, "uniform", 1.0) == 1 for _ in range(50))

@@ -57,6 +57,8 @@ TRAIN_ARGS = [  # (flags, message)
     (["--edit-layers", "999"], "has 4 blocks; give 1..4"),
     (["--chunk", "0"], "--chunk 0: give at least 1"),
     (["--ridge-init", "0"], "--ridge-init 0.0: give a positive finite number"),
+    (["--lr-lambda", "-1"], "--lr-lambda -1.0: give a positive finite number"),
+    (["--p-single", "1.5"], "--p-single 1.5: give a probability from 0 to 1"),
     (["--c-loc-end", "-1"], "--c-loc-end -1.0: give 0 or a positive finite weight"),
     (["--ramp-start", "1"], "--ramp-start 1.0: give a fraction of --steps, 0 to below 1"),
     (["--ramp-start", "0.6", "--ramp-end", "0.5"], "--ramp-end 0.5: give a fraction of --steps above --ramp-start (0.6), at most 1"),
