@@ -319,8 +319,8 @@ def main() -> None:
                        aggregate=args.aggregate, ridge_init=args.ridge_init)
     hypernet = IBKE(shapes, cfg).to(args.device).train()
     params = [[p for k, p in hypernet.named_parameters() if k.endswith("log_lambda") == is_lam] for is_lam in (False, True)]
-    peaks = [args.lr, args.lr_lambda][:1 + bool(params[1])]              # λ (ridge, cancel) has its own group
-    optimizer = torch.optim.Adam([{"params": p} for p in params[:len(peaks)]], lr=args.lr, fused=True)  # fused: 8x faster on CPU
+    scales = [1.0, args.lr_lambda / args.lr][:1 + bool(params[1])]     # of --lr's schedule; λ (ridge, cancel): its own group
+    optimizer = torch.optim.Adam([{"params": p} for p in params[:len(scales)]], lr=args.lr, fused=True)  # fused: 8x faster on CPU
     runner = Runner(model, tokenizer, names, cache=True)
     val_runner = Runner(model, tokenizer, names, cache=True)  # its own cache: the very batches evaluate.py builds
     states_path = runner.use_states(args.cache_dir)
@@ -435,8 +435,8 @@ def main() -> None:
         n = draw_n(sampler, args.batch_size, args.sample_n, args.p_single)
         batch, others = draw(sampler, train_records, n, args.extra_loc, args.loc_from, groups)
         lr, weights = schedule(args, step)
-        for group, peak in zip(optimizer.param_groups, peaks):
-            group["lr"] = lr * peak / args.lr
+        for group, scale in zip(optimizer.param_groups, scales):
+            group["lr"] = lr * scale                        # × 1.0: the hypernetwork's lr exactly as scheduled
         loss, parts = train_step(runner, hypernet, batch, others, weights, args.tokens, args.chunk)
         update(hypernet, optimizer, loss, parts, args.clip)
         first_editor = hypernet.editors[next(iter(hypernet.editors))]
