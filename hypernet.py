@@ -17,6 +17,7 @@ L = l_m (latent length), Z = latent dim.
 """
 import argparse
 import math
+import re
 from dataclasses import asdict, dataclass
 
 import torch
@@ -182,15 +183,21 @@ def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.T
     return None, delta.to(V.dtype)
 
 
+def groups_of(shapes: dict[str, tuple[int, int]]) -> dict[str, list[str]]:
+    """"d_inxd_out" -> the modules of that weight shape, in order."""
+    groups = {}
+    for name, (d_in, d_out) in shapes.items():
+        groups.setdefault(f"{d_in}x{d_out}", []).append(name)
+    return groups
+
+
 class IBKE(nn.Module):
     """One ShapeEditor per distinct weight shape; maps {module: (h, u)} to {module: ΔW}."""
 
     def __init__(self, shapes: dict[str, tuple[int, int]], cfg: EditorConfig):
         super().__init__()
         self.cfg, self.shapes = cfg, dict(shapes)
-        self.groups: dict[str, list[str]] = {}
-        for name, (d_in, d_out) in shapes.items():
-            self.groups.setdefault(f"{d_in}x{d_out}", []).append(name)
+        self.groups = groups_of(shapes)
         self.editors = nn.ModuleDict({key: ShapeEditor(*shapes[names[0]], len(names), cfg)
                                       for key, names in self.groups.items()})
 
@@ -214,6 +221,38 @@ class IBKE(nn.Module):
                 deltas.update(zip(names, zip(A, B) if as_factors else A.transpose(1, 2) @ B))
             kls.append(kl)
         return deltas, torch.stack(kls).mean()                                 # KL: mean over groups and edits
+
+    PER_MODULE = ("module_emb", "log_eta", "log_lambda", "norm.count", "norm.mean", "norm.m2")
+
+    def carry_over(self, state: dict, shapes: dict[str, tuple[int, int]]) -> list[str]:
+        """Load a trained hypernetwork's state that edited `shapes` (a second phase may edit other modules,
+        or another aggregate). Shared weights come per weight shape; a module it edited keeps its own
+        embedding, η, λ and statistics; a new one starts from the nearest edited block's embedding, η and
+        λ, with empty statistics (filled from its first training step). A λ it lacks stays at --ridge-init.
+        -> the modules that are new."""
+        old = groups_of(shapes)
+        block = lambda name: int(re.findall(r"\.(\d+)\.", name)[-1])       # its block's index
+        added = []
+        for key, names in self.groups.items():
+            if key not in old:                                           # a new shape: as initialised
+                added += names
+                continue
+            prefix, was = f"editors.{key}.", old[key]
+            mine = self.editors[key].state_dict()
+            for k, v in state.items():
+                if k.startswith(prefix) and k[len(prefix):] not in self.PER_MODULE:
+                    mine[k[len(prefix):]] = v
+            near = [was.index(n) if n in was else min(range(len(was)), key=lambda j: abs(block(was[j]) - block(n)))
+                    for n in names]
+            for k in self.PER_MODULE:
+                if prefix + k in state:
+                    mine[k] = state[prefix + k][near].clone()
+            fresh = [i for i, n in enumerate(names) if n not in was]
+            for k in ("norm.count", "norm.mean", "norm.m2"):
+                mine[k][fresh] = 0
+            self.editors[key].load_state_dict(mine)
+            added += [names[i] for i in fresh]
+        return added
 
 
 if __name__ == "__main__":

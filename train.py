@@ -95,9 +95,9 @@ parser.add_argument("--seed", type=int, default=0, help="seed for sampling, init
 parser.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                     help="continue from <out>/latest.pt, or from CKPT (another run's checkpoint: a second phase written to --out, "
                          "with its own best F1); flags given here override the checkpoint's, except those fixing the hypernetwork")
-FIXED = ("model", "data", "seed", "val_size", "d_m", "latent_len", "latent_dim", "heads", "no_ib", "no_scale", "tokens",
-         "edit_modules", "edit_layers")  # the checkpoint's architecture, base model and validation split
-# --aggregate may change in a new phase (--resume CKPT of another run): the hypernetwork is the same, λ starts at --ridge-init
+FIXED = ("model", "data", "seed", "val_size", "d_m", "latent_len", "latent_dim", "heads", "no_ib", "no_scale", "tokens")
+# the checkpoint's architecture, base model and validation split. A new phase (--resume CKPT of another run) may change
+PHASE = ("aggregate", "edit_modules", "edit_layers")  # these: λ starts at --ridge-init, new modules as IBKE.carry_over says
 
 
 def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others: list[EditRequest],
@@ -284,7 +284,7 @@ def main() -> None:
             raise SystemExit(f"error: --resume: {err}")
         new_phase = os.path.abspath(source) != os.path.abspath(latest_path)
         saved = {**BEFORE, **ckpt["config"]}
-        for k in FIXED + (() if new_phase else ("aggregate",)):
+        for k in FIXED + (() if new_phase else PHASE):
             if k in given and given[k] != saved.get(k):
                 raise SystemExit(f"error: {source} is a checkpoint of {k} {saved.get(k)!r}, not {given[k]!r}; "
                                  f"the checkpoint fixes --{k.replace('_', '-')}: drop the flag, or train anew")
@@ -328,11 +328,17 @@ def main() -> None:
     groups = loc_groups(train_records, args.loc_from)
     step, best_f1, bad_validations, nonfinite = 0, -1.0, 0, 0
     if ckpt is not None:
-        hypernet.load_state_dict(ckpt["hypernet"], strict=args.aggregate == saved["aggregate"])  # else λ: new or gone
-        if len(ckpt["optimizer"]["param_groups"]) == len(optimizer.param_groups):
+        then = {n: tuple(s) for n, s in ckpt["shapes"].items()}
+        if then == shapes:
+            hypernet.load_state_dict(ckpt["hypernet"], strict=args.aggregate == saved["aggregate"])  # else λ: new or gone
+        else:                                               # a new phase editing other modules
+            added = hypernet.carry_over(ckpt["hypernet"], then)
+            print(f"edited modules: {len(then)} -> {len(shapes)}; new, from the nearest edited block: {', '.join(added) or 'none'}")
+        if len(ckpt["optimizer"]["param_groups"]) == len(optimizer.param_groups) and then == shapes:
             optimizer.load_state_dict(ckpt["optimizer"])
-        else:                                               # λ's group is new (or gone): its state starts afresh
-            why = (f"--aggregate {saved['aggregate']} -> {args.aggregate}" if saved["aggregate"] != args.aggregate
+        else:                                               # λ's group or the modules are new: Adam starts afresh
+            why = ("the edited modules changed" if then != shapes
+                   else f"--aggregate {saved['aggregate']} -> {args.aggregate}" if saved["aggregate"] != args.aggregate
                    else "the checkpoint predates λ's own parameter group")
             print(f"a fresh optimizer ({why})" + (f"; λ from --ridge-init {args.ridge_init}" if saved["aggregate"] == "sum" else ""))
         step, best_f1, bad_validations, nonfinite = ckpt["step"], ckpt["best_f1"], ckpt["bad_validations"], ckpt["nonfinite"]

@@ -294,3 +294,38 @@ def test_bf16_evaluation_applies_the_trained_edit(kind):
     # W + ΔW rounded to bf16 errs by up to u|W| in every entry, like one more rounding of each edited
     # product, through the model's 4 blocks (observed ≈ 0.03, as large as the edit's own effect).
     torch.testing.assert_close(in_place, trained, rtol=0, atol=4 * 2 * u * scale)
+
+
+def test_carry_over_keeps_each_module_and_starts_new_ones_from_the_nearest():
+    """A second phase editing more blocks (train.py --resume CKPT --edit-layers K): a module edited before
+    gets the same ΔW as from the old editor; a new one takes the nearest edited block's embedding and η,
+    with empty statistics; the shared weights are the old ones."""
+    model = tiny("gpt2")
+    names = edit_module_names(model, None, 4)                               # blocks 0-3
+    decomposition, mask = grad_decomposition(model, names, random_batch(seed=3))
+    shapes = {n: weight_shape(model.get_submodule(n)) for n in names}
+    old_shapes = {n: s for n, s in shapes.items() if ".2." in n or ".3." in n}
+    old = IBKE(old_shapes, SMALL).train()
+    perturb_zero_init(old)
+    g = torch.Generator().manual_seed(4)
+    for net in old.editors.values():                                        # per-module values that differ
+        net.module_emb.data = torch.randn(net.module_emb.shape, generator=g)
+        net.log_eta.data = torch.randn(net.log_eta.shape, generator=g)
+    old({n: decomposition[n] for n in old_shapes}, mask)                    # statistics from one batch
+    old.eval()
+    new = IBKE(shapes, SMALL).eval()
+    added = new.carry_over(old.state_dict(), old_shapes)
+    assert sorted(added) == sorted(n for n in names if n not in old_shapes)
+    before, _ = old({n: decomposition[n] for n in old_shapes}, mask)
+    after, _ = new(decomposition, mask)
+    # the same arithmetic for those modules, batched with 4 modules instead of 2: only the order of sums
+    # in the batched products may differ; widths ≤ 128, ~6 stacked layers in the hypernetwork
+    for n in old_shapes:
+        torch.testing.assert_close(after[n], before[n], rtol=reorder_rtol(128, 6), atol=reorder_rtol(128, 6) * before[n].abs().max().item())
+    for key, group in new.groups.items():
+        was, net, old_net = old.groups[key], new.editors[key], old.editors[key]
+        for m, n in enumerate(group):
+            src = was.index(n) if n in was else was.index(next(o for o in was if ".2." in o))   # blocks 0, 1: nearest is 2
+            assert torch.equal(net.module_emb[m], old_net.module_emb[src]) and torch.equal(net.log_eta[m], old_net.log_eta[src])
+            assert (net.norm.count[m] == 0).item() == (n not in was)
+        assert torch.equal(net.proj.weight, old_net.proj.weight) and torch.equal(net.queries, old_net.queries)

@@ -134,6 +134,22 @@ def test_second_phase_may_change_the_aggregation(trained):
     assert refused.returncode != 0 and "fixes --aggregate" in refused.stderr and "Traceback" not in refused.stderr
 
 
+def test_second_phase_may_edit_more_blocks(trained):
+    """--resume CKPT --edit-layers 4 from a 3-block run: the new block's modules join (IBKE.carry_over),
+    Adam starts afresh, evaluate.py rebuilds the wider editor; the run's own continuation keeps its modules."""
+    out, data_dir = trained
+    log = run("train.py", "--resume", out / "a" / "latest.pt", "--edit-layers", "4", "--steps", "11", "--out", out / "wide")
+    assert "edited modules: 6 -> 8; new, from the nearest edited block: transformer.h.0.mlp.c_fc, transformer.h.0.mlp.c_proj" in log.stdout
+    assert "a fresh optimizer (the edited modules changed)" in log.stdout
+    ckpt = torch.load(out / "wide" / "latest.pt", weights_only=False)
+    assert len(ckpt["shapes"]) == 8 and ckpt["config"]["edit_layers"] == 4 and ckpt["step"] == 11
+    assert all(s["step"] == 1 for s in ckpt["optimizer"]["state"].values())      # one step of a fresh Adam
+    run("evaluate.py", "--ckpt", out / "wide" / "latest.pt", "--data-dir", data_dir, "--limit", "2", "--out", out / "wide.json")
+    assert json.load(open(out / "wide.json"))["summary"]["n"] == 2
+    refused = run("train.py", "--resume", "--edit-layers", "3", "--out", out / "wide", check=False)
+    assert refused.returncode != 0 and "fixes --edit-layers" in refused.stderr and "Traceback" not in refused.stderr
+
+
 def test_interrupted_evaluation_resumes(trained):
     out, data_dir = trained
     args = ["--ckpt", out / "b" / "latest.pt", "--data-dir", data_dir, "--limit", "6", "--edits-per-batch", "2"]
