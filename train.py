@@ -80,7 +80,7 @@ parser.add_argument("--no-ib", action="store_true", help="ablation: deterministi
 parser.add_argument("--no-scale", action="store_true", help="ablation: no token scale, s ≡ 1/2 (its start value, so the first updates match the default's)")
 parser.add_argument("--tokens", default="all", choices=["all", "answer"], help="tokens whose (h, u) the hypernetwork reads")
 parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex (default: model.EDIT_TABLE)")
-parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all of them); --edit-modules patterns too")
+parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all of them); --edit-modules patterns too. A second phase (--resume CKPT) may widen a trained editor")
 parser.add_argument("--val-every", type=int, default=600, help="validate every k steps")
 parser.add_argument("--save-every", type=int, default=100, help="write latest.pt every k steps (and at each validation, at the end, on Ctrl-C / SIGTERM)")
 parser.add_argument("--overwrite", action="store_true", help="train into an --out that holds a run, replacing it (else refused: --resume continues it)")

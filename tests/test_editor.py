@@ -1,4 +1,7 @@
 """hooks.py, hypernet.py, losses.py: the mathematics of IBKE.md §3 against reference computations."""
+import dataclasses
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -329,3 +332,9 @@ def test_carry_over_keeps_each_module_and_starts_new_ones_from_the_nearest():
             assert torch.equal(net.module_emb[m], old_net.module_emb[src]) and torch.equal(net.log_eta[m], old_net.log_eta[src])
             assert (net.norm.count[m] == 0).item() == (n not in was)
         assert torch.equal(net.proj.weight, old_net.proj.weight) and torch.equal(net.queries, old_net.queries)
+    # across aggregations: a cancel editor's λ is dropped by a sum editor; a sum editor's λ starts at --ridge-init
+    cancel = dataclasses.replace(SMALL, aggregate="cancel", ridge_init=3.0)
+    IBKE(shapes, SMALL).carry_over(IBKE(old_shapes, cancel).state_dict(), old_shapes)
+    wide = IBKE(shapes, cancel)
+    wide.carry_over(old.state_dict(), old_shapes)
+    assert all(torch.equal(net.log_lambda, torch.full_like(net.log_lambda, math.log(3.0))) for net in wide.editors.values())
