@@ -239,14 +239,11 @@ class IBKE(nn.Module):
                 continue
             prefix, was = f"editors.{key}.", old[key]
             mine = self.editors[key].state_dict()
-            for k, v in state.items():
-                if k.startswith(prefix) and k[len(prefix):] in mine and k[len(prefix):] not in self.PER_MODULE:
-                    mine[k[len(prefix):]] = v
             near = [was.index(n) if n in was else min(range(len(was)), key=lambda j: abs(block(was[j]) - block(n)))
                     for n in names]
-            for k in self.PER_MODULE:
-                if prefix + k in state and k in mine:                           # λ: where both solve
-                    mine[k] = state[prefix + k][near].clone()
+            for k in mine:                                               # λ: only where both solve
+                if prefix + k in state:
+                    mine[k] = state[prefix + k][near].clone() if k in self.PER_MODULE else state[prefix + k]
             fresh = [i for i, n in enumerate(names) if n not in was]
             for k in ("norm.count", "norm.mean", "norm.m2"):
                 mine[k][fresh] = 0

@@ -329,18 +329,20 @@ def main() -> None:
     step, best_f1, bad_validations, nonfinite = 0, -1.0, 0, 0
     if ckpt is not None:
         then = {n: tuple(s) for n, s in ckpt["shapes"].items()}
-        if then == shapes:
+        same_modules = then == shapes
+        if same_modules:
             hypernet.load_state_dict(ckpt["hypernet"], strict=args.aggregate == saved["aggregate"])  # else λ: new or gone
         else:                                               # a new phase editing other modules
             added = hypernet.carry_over(ckpt["hypernet"], then)
             print(f"edited modules: {len(then)} -> {len(shapes)}; new, from the nearest edited block: {', '.join(added) or 'none'}")
-        if len(ckpt["optimizer"]["param_groups"]) == len(optimizer.param_groups) and then == shapes:
+        if same_modules and len(ckpt["optimizer"]["param_groups"]) == len(optimizer.param_groups):
             optimizer.load_state_dict(ckpt["optimizer"])
         else:                                               # λ's group or the modules are new: Adam starts afresh
-            why = ("the edited modules changed" if then != shapes
+            why = ("the edited modules changed" if not same_modules
                    else f"--aggregate {saved['aggregate']} -> {args.aggregate}" if saved["aggregate"] != args.aggregate
                    else "the checkpoint predates λ's own parameter group")
-            print(f"a fresh optimizer ({why})" + (f"; λ from --ridge-init {args.ridge_init}" if saved["aggregate"] == "sum" else ""))
+            new_lambda = saved["aggregate"] == "sum" and args.aggregate != "sum"
+            print(f"a fresh optimizer ({why})" + (f"; λ from --ridge-init {args.ridge_init}" if new_lambda else ""))
         step, best_f1, bad_validations, nonfinite = ckpt["step"], ckpt["best_f1"], ckpt["bad_validations"], ckpt["nonfinite"]
         if new_phase:  # its losses may differ: best.pt of this --out is judged within this phase
             best_f1, bad_validations = -1.0, 0
