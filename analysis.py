@@ -56,7 +56,7 @@ parser.add_argument("--eval-limit", type=int, default=1000, help="... this many 
 parser.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU: the cores are shared out among them)")
 parser.add_argument("--only", default=None, help="comma-separated run names: run only these (to share the work out)")
 parser.add_argument("--device", default=None, help="passed to train.py and evaluate.py (cpu, cuda, cuda:1)")
-parser.add_argument("--dtype", default=None, help="passed to train.py and evaluate.py (float32, bfloat16)")
+parser.add_argument("--dtype", default="float32", help="passed to train.py and evaluate.py (float32, as the README's tables ran; or bfloat16)")
 parser.add_argument("--data-dir", default="data", help="folder holding the benchmark files")
 parser.add_argument("--train-args", default="", help="more train.py flags for every run, e.g. \"--model gpt2-xl --d-m 1920\"")
 parser.add_argument("--latent-runs", default="default,no-ib", help="latent: the runs (each of --seeds) whose latents are mapped")

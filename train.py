@@ -13,9 +13,10 @@ Train the IBKE hypernetwork (IBKE.md §3): a plain PyTorch loop.
 
 Each step: draw n ∈ 1..batch-size edits ("dynamic" batches), decompose the edit loss's gradient on
 the frozen model (hooks.py), turn it into ΔW (hypernet.py), apply ΔW functionally, and minimise
-SG + IL + ITM (losses.py) with Adam. The default recipe, in one run: 1800 steps drawing from 3000
+SG + IL + ITM (losses.py) with Adam. The default recipe, in one run: 2600 steps drawing from 3000
 records (a text seen before skips the frozen lower blocks), lr 3e-4 on a cosine; over the second
-half, c_loc rises to 6 and c_gen falls to 0.7 (locality weighted up once the editor edits).
+half, c_loc rises to 6 and c_gen falls to 0.7 (locality weighted up once the editor edits); the base
+model in bfloat16 where the device computes it natively (--dtype auto), else float32.
 Validation (single edits, evaluate.py's metrics) every --val-every steps; best.pt keeps the best
 validation F1, latest.pt the newest state (also every --save-every steps and on Ctrl-C). Prompts
 keep their last 128 tokens, answers their first 32.
@@ -39,7 +40,7 @@ from evaluate import CheckpointError, ibke_editor, measure, read_checkpoint, sum
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl
-from model import ModelError, add_device_args, edit_module_names, load_model, weight_shape
+from model import ModelError, add_device_args, edit_module_names, load_model, native_dtype, weight_shape
 from runner import Runner, positions, scored_span, take
 
 # -----------------------------------------------------------------------------
@@ -50,7 +51,7 @@ parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub
 parser.add_argument("--data", default="counterfact", help="counterfact, zsre or uniedit (its train split)")
 parser.add_argument("--data-dir", default="data", help="folder holding (or receiving) the benchmark files")
 parser.add_argument("--out", default="out/ibke", help="folder for best.pt, latest.pt and log.jsonl")
-parser.add_argument("--steps", type=int, default=1800, help="training steps (the schedules below are spread over them)")
+parser.add_argument("--steps", type=int, default=2600, help="training steps (the schedules below are spread over them)")
 parser.add_argument("--batch-size", type=int, default=8, help="most edits per step; each step draws n from 1..batch-size")
 parser.add_argument("--sample-n", default="uniform", choices=["uniform", "log"], help="how n is drawn: uniformly, or log-uniformly (P(n) ∝ log((n+1)/n): single edits keep their share of a large --batch-size)")
 parser.add_argument("--p-single", type=float, default=0.0, help="probability that a step edits one fact alone (else n is drawn as --sample-n says): lone edits' share of a large-n run")
@@ -81,7 +82,7 @@ parser.add_argument("--no-scale", action="store_true", help="ablation: no token 
 parser.add_argument("--tokens", default="all", choices=["all", "answer"], help="tokens whose (h, u) the hypernetwork reads")
 parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex (default: model.EDIT_TABLE)")
 parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all of them); --edit-modules patterns too. A second phase (--resume CKPT) may widen a trained editor")
-parser.add_argument("--val-every", type=int, default=600, help="validate every k steps")
+parser.add_argument("--val-every", type=int, default=1300, help="validate every k steps")
 parser.add_argument("--save-every", type=int, default=100, help="write latest.pt every k steps (and at each validation, at the end, on Ctrl-C / SIGTERM)")
 parser.add_argument("--overwrite", action="store_true", help="train into an --out that holds a run, replacing it (else refused: --resume continues it)")
 parser.add_argument("--log-every", type=int, default=10, help="read the step's numbers off the device, print and log them every k steps (reading makes the host wait)")
@@ -90,7 +91,7 @@ parser.add_argument("--cache-dir", default=None, help="keep the frozen lower blo
 parser.add_argument("--val-size", type=int, default=200, help="records held out of the train split for validation")
 parser.add_argument("--val-n", type=int, default=1, help="also validate with this many edits at once (> 1); best.pt then has the best mean of the two F1s")
 parser.add_argument("--patience", type=int, default=4, help="stop after this many validations without a better F1")
-add_device_args(parser)
+add_device_args(parser, dtype_default="auto")
 parser.add_argument("--seed", type=int, default=0, help="seed for sampling, initialisation and the split")
 parser.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                     help="continue from <out>/latest.pt, or from CKPT (another run's checkpoint: a second phase written to --out, "
@@ -293,6 +294,9 @@ def main() -> None:
         if k in given and f"{k}_end" not in given:
             setattr(args, f"{k}_end", None)
     check_args(args)
+    if args.dtype == "auto":                                     # saved as chosen: evaluate.py and a resume use it
+        args.dtype = native_dtype(args.device)
+        print(f"dtype: {args.dtype} (--dtype auto: what {args.device} computes natively; --dtype float32 for full precision)")
 
     # -------------------------------------------------------------------------
     # setup

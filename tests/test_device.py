@@ -15,7 +15,7 @@ from data import load
 from evaluate import ft_editor, ibke_editor, measure, multihop, no_editor
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
-from model import edit_module_names, weight_shape
+from model import edit_module_names, native_dtype, weight_shape
 from runner import Runner
 from train import train_step, update
 
@@ -105,3 +105,16 @@ def test_warm_training_step_reads_nothing_off_the_device(tiny_setup, data_dir):
             loss, parts = train_step(runner, editor, records[:4], records[8:12], LossWeights())
             update(editor, optimizer, loss, parts, clip=1.0)
     assert dict(syncs.calls) == {}
+
+
+def test_dtype_auto_is_bfloat16_only_where_the_device_computes_it_natively(monkeypatch):
+    """--dtype auto: float32 on a CPU without AVX512-BF16 or AMX (emulated bfloat16 is slower), bfloat16
+    with either; on CUDA, what torch.cuda.is_bf16_supported() says."""
+    for avx, amx, expected in [(False, False, "float32"), (True, False, "bfloat16"), (False, True, "bfloat16")]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+        assert native_dtype("cpu") == expected, (avx, amx)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for supported in (False, True):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
+        assert native_dtype("cuda:0") == ("bfloat16" if supported else "float32")

@@ -11,7 +11,7 @@ from conftest import TINY_EDITOR, run, tiny
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl, scored
-from model import edit_module_names, weight_shape
+from model import edit_module_names, native_dtype, weight_shape
 from test_editor import random_batch
 
 @pytest.mark.parametrize("aggregate", ["sum", "ridge", "cancel"])
@@ -82,7 +82,7 @@ def test_resume_with_cache_dir_reuses_the_saved_states(tiny_folders, data_dir, t
     from disk (8 records, so texts recur), and ends where the straight run ends, as a resume without
     them does (the bound and its reasons: test_resume_continues_step_count_and_optimizer_state)."""
     common = ["--model", tiny_folders["gpt2"], "--data-dir", data_dir, "--val-every", "3", "--val-size", "6",
-              "--batch-size", "3", "--eta-init", "1e-2", "--train-size", "8", "--extra-loc", "0", *TINY_EDITOR]
+              "--batch-size", "3", "--eta-init", "1e-2", "--train-size", "8", "--extra-loc", "0", "--dtype", "float32", *TINY_EDITOR]
     run("train.py", *common, "--steps", "10", "--out", tmp_path / "straight")
     run("train.py", *common, "--steps", "6", "--out", tmp_path / "c", "--cache-dir", tmp_path / "cache")
     start = torch.load(tmp_path / "c" / "latest.pt", weights_only=False)["hypernet"]
@@ -93,6 +93,16 @@ def test_resume_with_cache_dir_reuses_the_saved_states(tiny_folders, data_dir, t
     moved = torch.cat([(straight[k] - start[k]).flatten() for k in floats])
     apart = torch.cat([(ours[k] - straight[k]).flatten() for k in floats])
     assert moved.norm() > 0 and apart.norm() <= 1e-2 * moved.norm(), (apart.norm() / moved.norm()).item()
+
+
+def test_dtype_auto_is_resolved_once_and_saved(tiny_folders, data_dir, tmp_path):
+    """train.py's default --dtype auto becomes what this CPU computes natively, printed and saved as
+    that dtype (never "auto"), so evaluate.py and a resume run what training ran."""
+    log = run("train.py", "--model", tiny_folders["gpt2"], "--data-dir", data_dir, "--steps", "1", "--val-every", "1",
+              "--val-size", "4", "--batch-size", "2", *TINY_EDITOR, "--out", tmp_path / "auto")
+    chosen = native_dtype("cpu")
+    assert f"dtype: {chosen} (--dtype auto" in log.stdout
+    assert torch.load(tmp_path / "auto" / "latest.pt", weights_only=False)["config"]["dtype"] == chosen
 
 
 def test_second_phase_from_another_runs_checkpoint(trained):
