@@ -125,7 +125,7 @@ DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def native_dtype(device: str) -> str:
     """--dtype auto: bfloat16 where the device multiplies it natively (a CUDA GPU that supports it; a CPU
     with AVX512-BF16 or AMX: on this project's AMD EPYC a training step 1.35-1.56x, an evaluation 1.8x
-    faster than float32, RESULTS.md session 13), else float32 (emulated bfloat16 is slower than float32)."""
+    faster than float32, RESULTS.md session 13), else float32 (emulated bfloat16 is commonly slower)."""
     if torch.device(device).type == "cuda":
         return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]

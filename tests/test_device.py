@@ -108,7 +108,7 @@ def test_warm_training_step_reads_nothing_off_the_device(tiny_setup, data_dir):
 
 
 def test_dtype_auto_is_bfloat16_only_where_the_device_computes_it_natively(monkeypatch):
-    """--dtype auto: float32 on a CPU without AVX512-BF16 or AMX (emulated bfloat16 is slower), bfloat16
+    """--dtype auto: float32 on a CPU without AVX512-BF16 or AMX (emulated bfloat16 is commonly slower), bfloat16
     with either; on CUDA, what torch.cuda.is_bf16_supported() says."""
     for avx, amx, expected in [(False, False, "float32"), (True, False, "bfloat16"), (False, True, "bfloat16")]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx, raising=False)
