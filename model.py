@@ -136,7 +136,7 @@ def add_device_args(parser: argparse.ArgumentParser, dtype_default: str | None =
     """--device and --dtype, meaning the same in every script."""
     parser.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda or cuda:N (default: cuda where a GPU is visible)")
     auto = dtype_default == "auto"                            # train.py's: it saves what auto chose
-    parser.add_argument("--dtype", default=dtype_default, choices=DTYPES + ["auto"] * auto,
+    parser.add_argument("--dtype", default=dtype_default, choices=DTYPES + (["auto"] if auto else []),
                         help="base model dtype (the hypernetwork and every ΔW stay float32)"
                              + ("; auto: bfloat16 where the device computes it natively, else float32" if auto else "")
                              + ("" if dtype_default else "; default: the checkpoint's"))
