@@ -5,10 +5,10 @@ Train the IBKE hypernetwork (IBKE.md §3): a plain PyTorch loop.
     python train.py --steps 6000 --train-size 0 --out out/long   # a longer run on every record (the schedules stretch)
     python train.py --lr 1e-4 --lr-schedule constant --c-loc-end 1 --c-gen-end 1   # constant weights (before session 5)
     python train.py --steps 4000 --train-size 0 --val-every 1000 --out out/sum   # many edits: the sum, then cancel on
-    python train.py --resume out/sum/best.pt --edit-layers 6 --aggregate cancel --ridge-init 5 --batch-size 256 \
+    python train.py --resume out/sum_halfeta.pt --edit-layers 6 --aggregate cancel --ridge-init 5 --batch-size 256 \
         --sample-n log --val-n 200 --lr 1e-4 --lr-schedule constant --c-loc 2 --c-gen 1 --steps 6000 \
-        --val-every 50 --patience 1000 --out out/w6
-                                                       # 6 blocks (README; RESULTS.md session 14 halves η in between)
+        --val-every 50 --patience 1000 --out out/w6   # 6 blocks; sum_halfeta.pt: out/sum/best.pt with every
+                                                       # η halved (RESULTS.md, sessions 12 and 14; README: Many edits)
     python train.py --out out/ibke --resume            # continue exactly where it stopped
     python train.py --resume out/main/latest.pt --c-gen 0.3 --c-loc 10 --extra-loc 3 --steps 7500 --out out/p2h
                                                        # a second phase with other loss weights (README: Results)
