@@ -92,7 +92,7 @@ def ibke_editor(hypernet: IBKE, tokens: str = "all") -> Callable:
         decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), batch, tokens,
                                                  forward=lambda b: runner.scored_logits(b, split=False))
         with torch.no_grad():
-            return hypernet(decomposition, mask, factored=None)[0]     # factors where cheaper to apply
+            return hypernet(decomposition, mask, factored=None, chunk=64)[0]   # factors where cheaper; 64 edits encoded at a time
     return edit
 
 

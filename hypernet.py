@@ -19,9 +19,11 @@ import argparse
 import math
 import re
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 
 from losses import gaussian_kl
 
@@ -98,13 +100,11 @@ class ShapeEditor(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def edit_vectors(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Steps 1-4. h (M, E, T, d_in), u (M, E, T, d_out), mask (E, T) bool ->
-        h̃ (M, E, T, d_in), ũ (M, E, T, d_out), token scale s (M, E, T), ITM KL per edit (E,)."""
+        """Steps 1-4 (the statistics of step 1 as they stand: forward updates them). h (M, E, T, d_in),
+        u (M, E, T, d_out), mask (E, T) bool -> h̃ (M, E, T, d_in), ũ (M, E, T, d_out), token scale s
+        (M, E, T), ITM KL per edit (E,)."""
         M, E, T, _ = h.shape
-        x = torch.cat([h, u], -1)                                              # (M, E, T, D)
-        if self.training:
-            self.norm.update(x, mask)
-        x = self.norm(x)                                                       # IBKE §3 step 1
+        x = self.norm(torch.cat([h, u], -1))                                   # IBKE §3 step 1 (M, E, T, D)
         t = self.proj(x) + self.module_emb[:, None, None]                      # step 2 (M, E, T, C)
         t = t.flatten(0, 1)                                                    # (M·E, T, C)
         padding = ~mask.repeat(M, 1)                                           # (M·E, T)
@@ -127,14 +127,24 @@ class ShapeEditor(nn.Module):
             s = x.new_full((M, E, T), 0.5)
         return h_tilde, u_tilde, s, kl
 
-    def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Step 5. Keys k_i = √w_i h̃_i and value shifts v_i = −η_m √w_i ũ_i, w_i = s_i / |e|, stacked over
         the N = E·T tokens into K (M, N, d_in), V (M, N, d_out). "sum": ΔW_m = KᵀV = −η_m Σ_e (1/|e|)
         Σ_{i∈e} s_i h̃_iᵀ ũ_i, returned as its factors. "ridge", "cancel": see ridge(), on the tokens of the mask
-        only (N = their number: padding would only make the solve larger).
+        only (N = their number: padding would only make the solve larger). chunk: steps 1-4 for that many
+        edits at a time (0: all), with autograd recomputing each chunk's activations in the backward
+        (and its IB noise: the RNG state is kept), so that memory grows with the chunk, not with n.
         -> (A (M, N, d_in), B (M, N, d_out)) with ΔW = AᵀB, or (None, ΔW (M, d_in, d_out)); KL (E,)."""
         M, E, T, _ = h.shape
-        h_tilde, u_tilde, s, kl = self.edit_vectors(h, u, mask)
+        if self.training:
+            self.norm.update(torch.cat([h, u], -1), mask)                      # step 1's statistics, once a batch
+        if chunk and E > chunk:
+            vectors = partial(checkpoint, self.edit_vectors, use_reentrant=False) if torch.is_grad_enabled() else self.edit_vectors
+            parts = [vectors(h[:, i:i + chunk], u[:, i:i + chunk], mask[i:i + chunk]) for i in range(0, E, chunk)]
+            h_tilde, u_tilde, s = (torch.cat(p, 1) for p in list(zip(*parts))[:3])
+            kl = torch.cat([p[3] for p in parts])
+        else:
+            h_tilde, u_tilde, s, kl = self.edit_vectors(h, u, mask)
         root_w = s.sqrt() * mask / mask.sum(1, keepdim=True).clamp_min(1).sqrt()   # √(s_i / |e|)  (M, E, T)
         K = (h_tilde * root_w[..., None]).flatten(1, 2)                        # (M, N, d_in)
         V = -self.log_eta.exp()[:, None, None] * (u_tilde * root_w[..., None]).flatten(1, 2)   # (M, N, d_out)
@@ -202,17 +212,17 @@ class IBKE(nn.Module):
                                       for key, names in self.groups.items()})
 
     def forward(self, decomposition: dict[str, tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor,
-                factored: bool | None = False):
+                factored: bool | None = False, chunk: int = 0):
         """{name: (h (E, T, d_in), u (E, T, d_out))}, mask (E, T) -> ({name: ΔW (d_in, d_out)}, ITM KL ()).
         factored: give each ΔW as its factors (A (N, d_in), B (N, d_out)), ΔW = AᵀB, never forming it:
         x ΔW = (x Aᵀ) B costs N (d_in + d_out) against d_in d_out a token, less for the N ≈ 100 tokens
         of a training step. None: factors where they cost less (N (d_in + d_out) < d_in d_out). The
-        ridge's d_in × d_in form (N > d_in) is always dense."""
+        ridge's d_in × d_in form (N > d_in) is always dense. chunk: edits encoded at a time (ShapeEditor)."""
         deltas, kls = {}, []
         for key, names in self.groups.items():
             h = torch.stack([decomposition[n][0] for n in names]).float()     # (M, E, T, d_in)
             u = torch.stack([decomposition[n][1] for n in names]).float()     # (M, E, T, d_out)
-            A, B, kl = self.editors[key](h, u, mask)                           # (M, N, d_in), (M, N, d_out)
+            A, B, kl = self.editors[key](h, u, mask, chunk)                    # (M, N, d_in), (M, N, d_out)
             if A is None:                                                      # the ridge's dense form
                 deltas.update(zip(names, B))
             else:

@@ -135,3 +135,40 @@ def test_draw_n_shares_and_stream():
     rng, old = random.Random(3), random.Random(3)
     assert [draw_n(rng, 8, "uniform") for _ in range(50)] == [old.randint(1, 8) for _ in range(50)]
     assert all(draw_n(rng, 8, "uniform", 1.0) == 1 for _ in range(50))
+
+
+@pytest.mark.parametrize("ib", [False, True])
+def test_encoding_in_chunks_gives_the_same_update_gradient_and_statistics(ib, monkeypatch):
+    """--chunk's memory bound in training mode: encoding 2 edits at a time (then the third alone), each
+    chunk's activations recomputed in the backward, gives the update, the gradient and the running
+    statistics of the reference: all three edits at once without IB noise (the noise is drawn per
+    chunk, so with it the reference is the same chunks with their activations kept, i.e. the
+    recomputation must redraw the same noise)."""
+    _, _, shapes, decomposition, mask = decomposed()
+    gen = torch.Generator().manual_seed(3)
+
+    def run(chunk):
+        torch.manual_seed(0)
+        net = IBKE(shapes, EditorConfig(**{**SMALL.__dict__, "aggregate": "cancel", "ib": ib})).train()
+        perturb_zero_init(net)
+        gen.manual_seed(3)
+        deltas, kl = net(decomposition, mask, chunk=chunk)
+        loss = sum((d * torch.randn(d.shape, generator=gen)).sum() for d in deltas.values()) + kl   # every entry of ΔW weighted
+        grads = torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
+        return deltas, torch.cat([g.flatten() for g in grads if g is not None]), dict(net.named_buffers())
+
+    if ib:
+        monkeypatch.setattr("hypernet.checkpoint", lambda f, *a, use_reentrant: f(*a))   # activations kept
+        ref_deltas, ref_grad, ref_stats = run(2)
+        monkeypatch.undo()
+    else:
+        ref_deltas, ref_grad, ref_stats = run(0)
+    deltas, grad, stats = run(2)
+    # the same sums in other row groupings (matrix products over 1 or 3 edits' rows) through the
+    # hypernetwork's ~8 layers of width ≤ 128, forward and back: reorder_rtol(128, 16) of the magnitude
+    rtol = reorder_rtol(128, 16)
+    for name in ref_deltas:
+        assert (deltas[name] - ref_deltas[name]).abs().max() <= rtol * ref_deltas[name].abs().max()
+    assert (grad - ref_grad).norm() <= rtol * ref_grad.norm(), ((grad - ref_grad).norm() / ref_grad.norm()).item()
+    for name, buffer in ref_stats.items():                               # updated once, on the whole batch
+        assert torch.equal(stats[name], buffer), name
