@@ -9,6 +9,8 @@ Train the IBKE hypernetwork (IBKE.md §3): a plain PyTorch loop.
         --sample-n log --val-n 200 --lr 1e-4 --lr-schedule constant --c-loc 2 --c-gen 1 --steps 6000 \
         --val-every 50 --patience 1000 --out out/w6   # 6 blocks; sum_halfeta.pt: out/sum/best.pt with every
                                                        # η halved (RESULTS.md, sessions 12 and 14; README: Many edits)
+    python train.py --resume out/w6_eta23.pt --edit-layers 9 --out out/w9   # then 9 blocks (w6's other flags come
+                                                       # from its checkpoint); out/w6/best.pt with every η × 2/3 (session 15)
     python train.py --out out/ibke --resume            # continue exactly where it stopped
     python train.py --resume out/main/latest.pt --c-gen 0.3 --c-loc 10 --extra-loc 3 --steps 7500 --out out/p2h
                                                        # a second phase with other loss weights (README: Results)
