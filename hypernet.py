@@ -127,35 +127,41 @@ class ShapeEditor(nn.Module):
             s = x.new_full((M, E, T), 0.5)
         return h_tilde, u_tilde, s, kl
 
-    def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-        """Step 5. Keys k_i = √w_i h̃_i and value shifts v_i = −η_m √w_i ũ_i, w_i = s_i / |e|, stacked over
-        the N = E·T tokens into K (M, N, d_in), V (M, N, d_out). "sum": ΔW_m = KᵀV = −η_m Σ_e (1/|e|)
-        Σ_{i∈e} s_i h̃_iᵀ ũ_i, returned as its factors. "ridge", "cancel": see ridge(), on the tokens of the mask
-        only (N = their number: padding would only make the solve larger). chunk: steps 1-4 for that many
-        edits at a time (0: all), with autograd recomputing each chunk's activations in the backward
-        (and its IB noise: the RNG state is kept), so that memory grows with the chunk, not with n.
-        -> (A (M, N, d_in), B (M, N, d_out)) with ΔW = AᵀB, or (None, ΔW (M, d_in, d_out)); KL (E,)."""
-        M, E, T, _ = h.shape
-        if self.training:
-            self.norm.update(torch.cat([h, u], -1), mask)                      # step 1's statistics, once a batch
-        if chunk and E > chunk:
-            vectors = partial(checkpoint, self.edit_vectors, use_reentrant=False) if torch.is_grad_enabled() else self.edit_vectors
-            parts = [vectors(h[:, i:i + chunk], u[:, i:i + chunk], mask[i:i + chunk]) for i in range(0, E, chunk)]
-            h_tilde, u_tilde, s = (torch.cat(p, 1) for p in list(zip(*parts))[:3])
-            kl = torch.cat([p[3] for p in parts])
-        else:
-            h_tilde, u_tilde, s, kl = self.edit_vectors(h, u, mask)
+    def keys_and_values(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        """Steps 1-4, then step 5's per-edit part: keys k_i = √w_i h̃_i, value shifts v_i = −η_m √w_i ũ_i,
+        w_i = s_i / |e| -> K (M, N, d_in), V (M, N, d_out); "cancel": each token's change under its own
+        edit's sum update, K_e K_eᵀ V_e (M, N, d_out), else None; ITM KL per edit (E,). "sum": N = E·T
+        (padding rows are zero; no host wait), else N = the mask's real tokens (one host wait)."""
+        h_tilde, u_tilde, s, kl = self.edit_vectors(h, u, mask)
         root_w = s.sqrt() * mask / mask.sum(1, keepdim=True).clamp_min(1).sqrt()   # √(s_i / |e|)  (M, E, T)
-        K = (h_tilde * root_w[..., None]).flatten(1, 2)                        # (M, N, d_in)
-        V = -self.log_eta.exp()[:, None, None] * (u_tilde * root_w[..., None]).flatten(1, 2)   # (M, N, d_out)
+        K = h_tilde * root_w[..., None]                                        # (M, E, T, d_in)
+        V = -self.log_eta.exp()[:, None, None, None] * u_tilde * root_w[..., None]   # (M, E, T, d_out)
+        if self.cfg.aggregate == "sum":
+            return K.flatten(1, 2), V.flatten(1, 2), None, kl
+        own = (K @ K.transpose(2, 3)) @ V if self.cfg.aggregate == "cancel" else None   # K_e K_eᵀ V_e  (M, E, T, d_out)
+        keep = mask.flatten().nonzero().squeeze(1)                             # the solve sees real tokens only
+        return (*(None if x is None else x.flatten(1, 2)[:, keep] for x in (K, V, own)), kl)
+
+    def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Step 5 for all E edits, with K (M, N, d_in), V (M, N, d_out) as keys_and_values gives them.
+        "sum": ΔW_m = KᵀV = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i, returned as
+        its factors. "ridge", "cancel": see ridge(). chunk: steps 1-4 for that many edits at a time (0:
+        all), with autograd recomputing each chunk's activations in the backward (and its IB noise: the
+        RNG state is kept), so that only the keys and values grow with n, not the hypernetwork's work.
+        -> (A (M, N, d_in), B (M, N, d_out)) with ΔW = AᵀB, or (None, ΔW (M, d_in, d_out)); KL (E,)."""
+        E = h.shape[1]
+        step = chunk if chunk and E > chunk else E
+        if self.training:                                                      # step 1's statistics, merged
+            for i in range(0, E, step):                                        # a chunk at a time (Chan)
+                self.norm.update(torch.cat([h[:, i:i + step], u[:, i:i + step]], -1), mask[i:i + step])
+        run = partial(checkpoint, self.keys_and_values, use_reentrant=False) if step < E and torch.is_grad_enabled() \
+            else self.keys_and_values
+        parts = [run(h[:, i:i + step], u[:, i:i + step], mask[i:i + step]) for i in range(0, E, step)]
+        K, V, own = (None if p[0] is None else p[0] if len(p) == 1 else torch.cat(p, 1) for p in list(zip(*parts))[:3])
+        kl = torch.cat([p[3] for p in parts])
         if self.cfg.aggregate == "sum":
             return K, V, kl
-        own = None
-        if self.cfg.aggregate == "cancel":                # each token's change under its own edit's sum update
-            Ke, Ve = K.view(M, E, T, -1), V.view(M, E, T, -1)
-            own = ((Ke @ Ke.transpose(2, 3)) @ Ve).flatten(1, 2)               # K_e K_eᵀ V_e  (M, N, d_out)
-        keep = mask.flatten().nonzero().squeeze(1)       # the solve sees real tokens only (one host wait)
-        return (*ridge(K[:, keep], V[:, keep], self.log_lambda.exp(), mask.sum(), None if own is None else own[:, keep]), kl)
+        return (*ridge(K, V, self.log_lambda.exp(), mask.sum(), own), kl)
 
 
 def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.Tensor,

@@ -141,7 +141,7 @@ def test_draw_n_shares_and_stream():
 def test_encoding_in_chunks_gives_the_same_update_gradient_and_statistics(ib, monkeypatch):
     """--chunk's memory bound in training mode: encoding 2 edits at a time (then the third alone), each
     chunk's activations recomputed in the backward, gives the update, the gradient and the running
-    statistics of the reference: all three edits at once without IB noise (the noise is drawn per
+    statistics (merged chunk by chunk) of the reference: all three edits at once without IB noise (the noise is drawn per
     chunk, so with it the reference is the same chunks with their activations kept, i.e. the
     recomputation must redraw the same noise)."""
     _, _, shapes, decomposition, mask = decomposed()
@@ -170,5 +170,8 @@ def test_encoding_in_chunks_gives_the_same_update_gradient_and_statistics(ib, mo
     for name in ref_deltas:
         assert (deltas[name] - ref_deltas[name]).abs().max() <= rtol * ref_deltas[name].abs().max()
     assert (grad - ref_grad).norm() <= rtol * ref_grad.norm(), ((grad - ref_grad).norm() / ref_grad.norm()).item()
-    for name, buffer in ref_stats.items():                               # updated once, on the whole batch
-        assert torch.equal(stats[name], buffer), name
+    for name, buffer in ref_stats.items():     # the batch's statistics, merged a chunk at a time (Chan):
+        # float64 sums over its N tokens in another order, two merges deep, of the buffer's magnitude
+        # (a mean near 0 carries the rounding of its larger terms)
+        tol = reorder_rtol(int(mask.sum()), 2, torch.float64) * buffer.abs().max()
+        assert ((stats[name] - buffer).abs() <= tol).all(), name
