@@ -61,7 +61,7 @@ parser.add_argument("--steps", type=int, default=2600, help="training steps (the
 parser.add_argument("--batch-size", type=int, default=8, help="most edits per step; each step draws n from 1..batch-size")
 parser.add_argument("--sample-n", default="uniform", choices=["uniform", "log"], help="how n is drawn: uniformly, or log-uniformly (P(n) ∝ log((n+1)/n): single edits keep their share of a large --batch-size)")
 parser.add_argument("--p-single", type=float, default=0.0, help="probability that a step edits one fact alone (else n is drawn as --sample-n says): lone edits' share of a large-n run")
-parser.add_argument("--chunk", type=int, default=16, help="edits whose losses are backpropagated together, and which the hypernetwork encodes at a time, recomputed in the backward (memory grows with it, not with n; the gradient is the same)")
+parser.add_argument("--chunk", type=int, default=16, help="edits whose losses are backpropagated together, and which the hypernetwork encodes at a time, recomputed in the backward (their memory grows with it, not with n; the gradient is the same)")
 parser.add_argument("--aggregate", default="sum", choices=["sum", "ridge", "cancel"], help="how a batch's edits combine: the sum of their updates (IBKE); one ridge solve over all their tokens (MALMEN's, with IBKE's keys and values; for many edits at once); or the sum with each edit's cross-talk from the others solved away (the sum at n = 1)")
 parser.add_argument("--ridge-init", type=float, default=EditorConfig.ridge_init, help="--aggregate ridge or cancel: initial λ of every module, relative to the keys' size (large: the sum)")
 parser.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (peak, with --lr-schedule cosine)")
@@ -112,8 +112,9 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     """One step of IBKE.md §3 on n edits, its backward in two stages (as MALMEN's): the edited model's
     losses, `chunk` edits at a time (0: all), are backpropagated here to ΔW, held as leaves; the
     returned surrogate's backward then takes ΔW's gradient through the solve once and through the
-    hypernetwork `chunk` edits at a time (recomputing their activations). Memory grows with the chunk,
-    not with n, and the gradient is the loss's.
+    hypernetwork `chunk` edits at a time (recomputing their activations). The losses' and the
+    hypernetwork's memory grows with the chunk, not with n (the decomposition, keys and solve grow with
+    n: 18 GB at n = 1024 on SmolLM2's last 6 blocks, RESULTS.md), and the gradient is the loss's.
     others: per edit, len(others) // n records whose edit prompts join the IL term as unrelated inputs
     (--extra-loc). -> (surrogate, parts: loss, its terms, the batch's ES/GS/LS as 0-d tensors, not
     read here: a warm step never waits for the device)."""

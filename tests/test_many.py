@@ -141,9 +141,9 @@ def test_draw_n_shares_and_stream():
 def test_encoding_in_chunks_gives_the_same_update_gradient_and_statistics(ib, monkeypatch):
     """--chunk's memory bound in training mode: encoding 2 edits at a time (then the third alone), each
     chunk's activations recomputed in the backward, gives the update, the gradient and the running
-    statistics (merged chunk by chunk) of the reference: all three edits at once without IB noise (the noise is drawn per
-    chunk, so with it the reference is the same chunks with their activations kept, i.e. the
-    recomputation must redraw the same noise)."""
+    statistics (merged chunk by chunk) of the reference: all three edits at once without IB noise (the
+    noise is drawn per chunk, so with it the reference is the same chunks with their activations kept,
+    i.e. the recomputation must redraw the same noise)."""
     _, _, shapes, decomposition, mask = decomposed()
     gen = torch.Generator().manual_seed(3)
 
