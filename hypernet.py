@@ -135,7 +135,7 @@ class ShapeEditor(nn.Module):
         h_tilde, u_tilde, s, kl = self.edit_vectors(h, u, mask)
         root_w = s.sqrt() * mask / mask.sum(1, keepdim=True).clamp_min(1).sqrt()   # √(s_i / |e|)  (M, E, T)
         K = h_tilde * root_w[..., None]                                        # (M, E, T, d_in)
-        V = -self.log_eta.exp()[:, None, None, None] * u_tilde * root_w[..., None]   # (M, E, T, d_out)
+        V = -self.log_eta.exp()[:, None, None, None] * (u_tilde * root_w[..., None])   # (M, E, T, d_out)
         if self.cfg.aggregate == "sum":
             return K.flatten(1, 2), V.flatten(1, 2), None, kl
         own = (K @ K.transpose(2, 3)) @ V if self.cfg.aggregate == "cancel" else None   # K_e K_eᵀ V_e  (M, E, T, d_out)
