@@ -147,7 +147,7 @@ class ShapeEditor(nn.Module):
         "sum": ΔW_m = KᵀV = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i, returned as
         its factors. "ridge", "cancel": see ridge(). chunk: steps 1-4 for that many edits at a time (0:
         all), with autograd recomputing each chunk's activations in the backward (and its IB noise: the
-        RNG state is kept), so that only the keys and values grow with n, not the hypernetwork's work.
+        RNG state is kept), so that the keys and values grow with n, not the hypernetwork's activations.
         -> (A (M, N, d_in), B (M, N, d_out)) with ΔW = AᵀB, or (None, ΔW (M, d_in, d_out)); KL (E,)."""
         E = h.shape[1]
         step = chunk if chunk and E > chunk else E
