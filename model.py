@@ -126,8 +126,12 @@ def native_dtype(device: str) -> str:
     """--dtype auto: bfloat16 where the device multiplies it natively (a CUDA GPU that supports it; a CPU
     with AVX512-BF16 or AMX: on this project's AMD EPYC a training step 1.35-1.56x, an evaluation 1.8x
     faster than float32, RESULTS.md session 13), else float32 (emulated bfloat16 is commonly slower)."""
-    if torch.device(device).type == "cuda":
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
+    dev = torch.device(device)
+    if dev.type == "cuda":                               # Ampere (compute capability 8) on: V100 / T4 emulate it
+        if not torch.cuda.is_available():
+            return "float32"
+        native = torch.version.hip or torch.cuda.get_device_capability(dev)[0] >= 8
+        return "bfloat16" if native else "float32"
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return "bfloat16" if any(probe is not None and probe() for probe in probes) else "float32"
 

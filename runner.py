@@ -57,7 +57,7 @@ def hidden_before(model: nn.Module, block: int, input_ids: torch.Tensor, attenti
 
 class _NoPosition(nn.Module):  # GPT-2 adds absolute position embeddings to inputs_embeds; the cache has them
     def forward(self, position_ids):
-        return torch.zeros(())
+        return position_ids.new_zeros((), dtype=torch.float32)   # on the device: no host-to-device copy
 
 
 def run_from_block(model: nn.Module, block: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -82,9 +82,9 @@ def run_from_block(model: nn.Module, block: int, hidden: torch.Tensor, attention
 
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A host tensor onto `device` without making the host wait for it (pinned, non-blocking)."""
-    if torch.device(device).type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True)
-    return x.to(device)
+    if torch.device(device).type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
 
 
 def index(values: list[int], device: torch.device) -> torch.Tensor:
@@ -115,8 +115,8 @@ def _uncached(keys: list, cached: dict) -> list[int]:
 
 
 class Store:
-    """Rows of one width in one growing device tensor, addressed by offset. Row 0 stays zero, so
-    gathering it gives padding. Capacity doubles: few allocations, one gather per batch."""
+    """Rows of one width in one growing tensor, addressed by offset. Row 0 stays zero, so gathering it
+    gives padding. Capacity doubles: few allocations, one gather per batch."""
 
     def __init__(self, width: int, dtype: torch.dtype, device: torch.device, capacity: int = 4096):
         self.data = torch.zeros(capacity, width, dtype=dtype, device=device)
@@ -151,10 +151,13 @@ class Runner:
         self.block = first_edited_block(model, names)
         self.device = model.device
         width = model.config.hidden_size
+        # the cache grows with the texts seen, so on a GPU it lives in host memory: a batch's rows are
+        # gathered there and copied over without waiting (to_device); the GPU holds none of it
+        self.keep = torch.device("cpu") if self.device.type == "cuda" else self.device
         if cache:
-            self.hidden, self.hidden_at = Store(width, model.dtype, self.device), {}   # entering the block: text -> offset
+            self.hidden, self.hidden_at = Store(width, model.dtype, self.keep), {}     # entering the block: text -> offset
             self.hidden_n, self.on_disk = {}, set()                                     # text -> its tokens; texts in the states file
-            self.final, self.final_at = Store(width, model.dtype, self.device), {}     # final norm: text -> (offset, n)
+            self.final, self.final_at = Store(width, model.dtype, self.keep), {}       # final norm: text -> (offset, n)
 
     def batch(self, prompts: list[str], targets: list[str]) -> dict:
         """Device tensors input_ids, attention_mask, labels (B, T) and hidden (B, T, C); host lists
@@ -177,7 +180,7 @@ class Runner:
                     self.hidden_n[key] = n
         T = batch["input_ids"].shape[1]
         gather = [at[key] + t if t < n else 0 for key, n in zip(keys, lengths) for t in range(T)]
-        batch["hidden"] = store.data[index(gather, self.device)].view(len(keys), T, -1)      # (B, T, C)
+        batch["hidden"] = to_device(store.data[index(gather, store.data.device)], self.device).view(len(keys), T, -1)  # (B, T, C)
         return batch
 
     def scored_logits(self, batch: dict, split: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -227,7 +230,7 @@ class Runner:
         """Take the hidden states that save_states wrote to `path` into the cache -> texts taken."""
         if not os.path.exists(path):
             return 0
-        saved = torch.load(path, map_location=self.device)
+        saved = torch.load(path, map_location=self.keep)
         offset = self.hidden.append(saved["data"].to(self.model.dtype))
         for key, start, n in zip(saved["keys"], itertools.accumulate(saved["lengths"], initial=0), saved["lengths"]):
             if tuple(key) not in self.hidden_at:
@@ -248,7 +251,7 @@ class Runner:
         if not new:
             return
         rows = [self.hidden_at[k] + t for k in new for t in range(self.hidden_n[k])]
-        data = torch.cat([old["data"], self.hidden.data[index(rows, self.device)].cpu()])
+        data = torch.cat([old["data"], self.hidden.data[index(rows, self.keep)].cpu()])
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
         torch.save({"keys": old["keys"] + new, "lengths": old["lengths"] + [self.hidden_n[k] for k in new], "data": data}, tmp)
@@ -269,7 +272,7 @@ class Runner:
                 self.final_at[key] = (offset, len(scored_span(start, n)))
                 offset += self.final_at[key][1]
         gather = [i for key in keys for i in range(self.final_at[key][0], sum(self.final_at[key]))]
-        return self.model.get_output_embeddings()(self.final.data[index(gather, self.device)])   # (N, V)
+        return self.model.get_output_embeddings()(to_device(self.final.data[index(gather, self.keep)], self.device))   # (N, V)
 
 
 def take(batch: dict, rows: list[int] | slice) -> dict:
@@ -291,8 +294,11 @@ def take(batch: dict, rows: list[int] | slice) -> dict:
 
 
 def padding(part: dict) -> torch.Tensor | None:
-    """The part's attention mask where it has padding, else None (the model's causal path)."""
-    return part["attention_mask"] if min(part["lengths"]) < max(part["lengths"]) else None
+    """The part's attention mask where it has padding, else None (the model's causal path). On CUDA
+    always the mask: given none, transformers reads the position ids off the device to look for packed
+    sequences (masking_utils.find_packed_sequence_indices), a host sync."""
+    mask = part["attention_mask"]
+    return mask if mask.is_cuda or min(part["lengths"]) < max(part["lengths"]) else None
 
 
 def length_groups(lengths: list[int], slack: float = 1.25, free: int = 128) -> list[list[int]]:

@@ -4,7 +4,8 @@ once indexed a device tensor with `torch.tensor(loc)` and every GPU run died at 
 validation). HostTensors tags every tensor a factory makes without `device=` as host-made, and fails
 any op where a host-made tensor meets one of the model's tensors without having been moved (`.to`,
 runner.to_device); host-made tensors may meet each other (host-side bookkeeping) and 0-d ones anything
-(a CPU scalar may join a CUDA op)."""
+(a CPU scalar may join a CUDA op). HostTensors(strict=True) also fails every blocking move of a
+host-made tensor, 0-d ones too: on a GPU, `.to("cuda")` of pageable memory waits for the device."""
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
@@ -24,11 +25,19 @@ FACTORIES = {torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full,
 
 
 class HostTensors(TorchFunctionMode):
+    def __init__(self, strict: bool = False):
+        super().__init__()
+        self.strict = strict
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         tensors = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t) and t.dim() > 0]
         host = [getattr(t, "_host_made", False) for t in tensors]
         moving = func in (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.pin_memory)
+        copied = func in (torch.Tensor.to, torch.Tensor.cuda) and getattr(args[0], "_host_made", False)
+        if self.strict and copied and not kwargs.get("non_blocking", False):
+            raise AssertionError(f"{func.__name__}: a blocking copy of a tensor made without a device "
+                                 f"(shape {tuple(args[0].shape)}); on a GPU the host waits for it")
         if any(host) and not all(host) and not moving:
             raise AssertionError(f"{getattr(func, '__name__', func)}: a tensor made without a device meets the "
                                  f"model's tensors; on a GPU they would be on different devices")
@@ -75,6 +84,25 @@ def test_training_step_makes_every_tensor_on_the_models_device(tiny_setup, data_
             update(editor, optimizer, loss, parts, clip=1.0)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_warm_training_step_copies_nothing_to_the_device_blocking(kind, gpt2_tokenizer, data_dir):
+    """GPT-2's upper blocks once got their position embeddings as a 0-d host tensor that transformers
+    moves with .to(device): a blocking copy, 3-5 times a warm step, on CUDA only."""
+    model = tiny(kind, init=0.2)
+    model.resize_token_embeddings(len(gpt2_tokenizer))
+    model.requires_grad_(False)
+    names = edit_module_names(model)
+    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, EditorConfig(d_m=32, latent_len=2, latent_dim=16, heads=2))
+    records = load("counterfact", data_dir)["train"][:8]
+    runner = Runner(model, gpt2_tokenizer, names, cache=True)
+    optimizer = torch.optim.Adam(editor.parameters(), lr=1e-4, fused=True)
+    editor.train()
+    for strict in (False, True):                                             # cold, then warm
+        with HostTensors(strict=strict):
+            loss, parts = train_step(runner, editor, records[:3], records[3:6], LossWeights())
+            update(editor, optimizer, loss, parts, clip=1.0)
+
+
 def test_evaluation_makes_every_tensor_on_the_models_device(tiny_setup, data_dir):
     model, tokenizer, names, editor = tiny_setup
     editor.eval()
@@ -109,12 +137,40 @@ def test_warm_training_step_reads_nothing_off_the_device(tiny_setup, data_dir):
 
 def test_dtype_auto_is_bfloat16_only_where_the_device_computes_it_natively(monkeypatch):
     """--dtype auto: float32 on a CPU without AVX512-BF16 or AMX (emulated bfloat16 is commonly slower), bfloat16
-    with either; on CUDA, what torch.cuda.is_bf16_supported() says."""
+    with either; on CUDA, compute capability 8 or more of the device asked for (not the current one; V100
+    and T4 emulate bfloat16, which torch.cuda.is_bf16_supported() counts)."""
     for avx, amx, expected in [(False, False, "float32"), (True, False, "bfloat16"), (False, True, "bfloat16")]:
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx, raising=False)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
         assert native_dtype("cpu") == expected, (avx, amx)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    for supported in (False, True):
-        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: supported)
-        assert native_dtype("cuda:0") == ("bfloat16" if supported else "float32")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)   # counts emulation
+    monkeypatch.setattr(torch.version, "hip", None)
+    capability = {0: (8, 0), 1: (7, 0), 2: (7, 5)}                                   # A100, V100, T4; current device 0
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability[0 if d is None else torch.device(d).index or 0])
+    for device, expected in [("cuda", "bfloat16"), ("cuda:0", "bfloat16"), ("cuda:1", "float32"), ("cuda:2", "float32")]:
+        assert native_dtype(device) == expected, device
+
+
+def test_resume_restores_the_training_gpus_generator_only(monkeypatch, capsys):
+    """A checkpoint once held one CUDA generator state per visible GPU and a resume restored them all:
+    with fewer GPUs visible it raised. Now only the training device's is saved and restored, and an
+    older list gives the training device's entry where it has one."""
+    from train import restore_rng, rng_state
+    states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
+    restored = {}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[torch.device(device).index or 0])
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.update({torch.device(device).index or 0: state}))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every GPU's state restored"))
+    saved = rng_state(torch.device("cuda:1"))
+    assert torch.equal(saved["cuda_rng"], states[1])
+    restore_rng(saved, torch.device("cuda:0"))                            # one GPU visible now: it takes the state
+    assert torch.equal(restored.pop(0), states[1])
+    old = {"torch_rng": torch.get_rng_state(), "cuda_rng": [states[0], states[1]]}   # two GPUs were visible
+    restore_rng(old, torch.device("cuda:1"))
+    assert list(restored) == [1] and torch.equal(restored.pop(1), states[1])
+    restore_rng({**old, "cuda_rng": [states[0]]}, torch.device("cuda:1"))  # the list lacks it: a note, no error
+    assert not restored and "no generator state for cuda:1" in capsys.readouterr().out
+    restore_rng(old, torch.device("cpu"))                                   # a CPU run touches no GPU
+    assert not restored
+    assert rng_state(torch.device("cpu"))["cuda_rng"] is None
