@@ -150,10 +150,13 @@ def measure(runner: Runner, editor: Callable, records: list[EditRequest], rows_p
     n = len(records)
     bounds = [0] + list(range(max(n, rows_per_pass), len(prompts), rows_per_pass)) + [len(prompts)]
     first = runner.batch(prompts[:bounds[1]], targets[:bounds[1]])
+    cuda = runner.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(runner.device)          # the batch's lower blocks are done before the clock starts
     start = time.perf_counter()
     deltas = editor(runner, take(first, slice(0, n)))
-    if runner.device.type == "cuda":
-        torch.cuda.synchronize()                       # the edit's time, not its launch
+    if cuda:
+        torch.cuda.synchronize(runner.device)          # the edit's time, not its launch
     seconds = time.perf_counter() - start
     s = {"acc": [], "agree": [], "nll": []}            # per row; nll: mean NLL per answer token
     for a, b in zip(bounds, bounds[1:]):
@@ -237,8 +240,16 @@ def load_editor(path: str, device: str = "cpu", model_name: str | None = None, d
     """(model, tokenizer, hypernet, checkpoint) from the checkpoint alone (dtype: the base model's,
     default the one trained with)."""
     check_device(device, dtype or "float32")
-    ckpt = read_checkpoint(path, device)
+    ckpt = read_checkpoint(path)
     model, tokenizer = load_model(model_name or ckpt["model"], dtype or ckpt["config"].get("dtype", "float32"), device)
+    hypernet, ckpt = editor_of(ckpt, model, path)
+    return model, tokenizer, hypernet, ckpt
+
+
+def editor_of(ckpt: dict, model: torch.nn.Module, path: str) -> tuple[IBKE, dict]:
+    """The checkpoint's hypernetwork on the model's device, in eval mode, after checking that it edits
+    this model -> (hypernet, ckpt without its optimizer state and weights: Adam's moments, twice the
+    hypernetwork's size, are not needed to edit and would sit on the device for the whole run)."""
     shapes = {n: tuple(s) for n, s in ckpt["shapes"].items()}
     found = {}
     for n in shapes:
@@ -248,10 +259,11 @@ def load_editor(path: str, device: str = "cpu", model_name: str | None = None, d
             found[n] = None
     if found != shapes:
         raise ModelError(f"checkpoint {path} was trained on '{ckpt['model']}' and edits {shapes}; "
-                         f"this model ({model_name}) has {found}. Use the model it was trained on.")
-    hypernet = IBKE(shapes, EditorConfig(**ckpt["editor"])).to(device)
+                         f"this model ({model.name_or_path}) has {found}. Use the model it was trained on.")
+    hypernet = IBKE(shapes, EditorConfig(**ckpt["editor"]))
     hypernet.load_state_dict(ckpt["hypernet"])
-    return model, tokenizer, hypernet.eval(), ckpt
+    ckpt = {k: v for k, v in ckpt.items() if k not in ("optimizer", "hypernet")}
+    return hypernet.to(model.device).eval(), ckpt
 
 
 def table(rows: list[tuple[str, dict]]) -> str:

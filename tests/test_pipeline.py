@@ -54,6 +54,19 @@ def test_checkpoint_rebuilds_editor_with_same_validation_numbers(trained):
         assert summary[k] == pytest.approx(best["val"][k], abs=1e-9), k
 
 
+def test_loaded_editor_holds_no_optimizer_state(trained, monkeypatch):
+    """evaluate.py reads the checkpoint on the host and keeps only the hypernetwork: Adam's moments
+    (twice the hypernetwork's size) once sat on the evaluation device for the whole run."""
+    import evaluate
+    out, _ = trained
+    where = []
+    load = torch.load
+    monkeypatch.setattr(evaluate.torch, "load", lambda *a, **k: where.append(k.get("map_location")) or load(*a, **k))
+    _, _, hypernet, ckpt = evaluate.load_editor(str(out / "b" / "best.pt"), "cpu")
+    assert where == ["cpu"] and "optimizer" not in ckpt and "hypernet" not in ckpt
+    assert ckpt["step"] > 0 and not hypernet.training
+
+
 def test_resume_continues_step_count_and_optimizer_state(trained):
     out, _ = trained
     resumed, straight = (torch.load(out / d / "latest.pt", weights_only=False) for d in ("a", "b"))
