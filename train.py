@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from data import DataError, EditRequest, load, split_val
-from evaluate import CheckpointError, ibke_editor, measure, read_checkpoint, summarise
+from evaluate import CheckpointError, ibke_editor, measure, peak_mib, read_checkpoint, summarise
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl
@@ -216,6 +216,8 @@ def check_args(args: argparse.Namespace) -> None:
     rules += [(args.extra_loc >= 0, f"--extra-loc {args.extra_loc}: give 0 or more"),
               (0 <= args.p_single <= 1, f"--p-single {args.p_single}: give a probability from 0 to 1"),
               (args.train_size >= 0, f"--train-size {args.train_size}: give 0 (all records) or more"),
+              (args.dtype != "float16", "--dtype float16: training here has no loss scaling, so the gradients u and ΔW's "
+               "underflow in float16; use bfloat16 (the same memory, float32's range) or float32"),
               (args.edit_layers >= 0, f"--edit-layers {args.edit_layers}: give the number of last blocks to edit, or 0 for all"),
               (args.heads < 1 or args.d_m % args.heads == 0, f"--heads {args.heads} must divide --d-m {args.d_m} (each head gets d_m / heads)"),
               (not os.path.exists(args.out) or os.path.isdir(args.out), f"--out {args.out} is a file; give a folder for best.pt, latest.pt and log.jsonl")]
@@ -271,6 +273,26 @@ def loc_groups(records: list[EditRequest], loc_from: str) -> dict:
         groups.setdefault(LOC_KEYS[loc_from](r), []).append(i)
     groups.pop(None, None)
     return groups
+
+
+def rng_state(device: torch.device) -> dict:
+    """The generators a run draws from: the host's, and the training GPU's (only that one: a resume may
+    see other GPUs)."""
+    return {"torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def restore_rng(ckpt: dict, device: torch.device) -> None:
+    """Set the generators rng_state saved. A list under cuda_rng is one state per GPU that was visible
+    (older checkpoints): the training device's is taken where the list has it."""
+    torch.set_rng_state(ckpt["torch_rng"])
+    state = ckpt.get("cuda_rng")
+    if isinstance(state, list):
+        i = device.index if device.index is not None else 0
+        state = state[i] if device.type == "cuda" and i < len(state) else None
+    if state is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    elif device.type == "cuda":
+        print(f"note: the checkpoint holds no generator state for {device}; its random draws start afresh")
 
 
 BEFORE = {"train_size": 0, "ramp_end": 1.0, "lr_schedule": "constant", "c_loc_end": None, "c_gen_end": None, "aggregate": "sum", "sample_n": "uniform",
@@ -359,9 +381,7 @@ def main() -> None:
         if new_phase:  # its losses may differ: best.pt of this --out is judged within this phase
             best_f1, bad_validations = -1.0, 0
         sampler.setstate(ckpt["sampler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        if ckpt.get("cuda_rng") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        restore_rng(ckpt, torch.device(args.device))
         print(f"resumed {source} at step {step} (best F1 {best_f1:.3f})")
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "log.jsonl")
@@ -386,8 +406,7 @@ def main() -> None:
         state = {"hypernet": hypernet.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                  "config": vars(args), "editor": asdict(cfg), "model": args.model, "shapes": shapes,
                  "best_f1": best_f1, "bad_validations": bad_validations, "nonfinite": nonfinite,
-                 "sampler": sampler.getstate(), "torch_rng": torch.get_rng_state(),
-                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+                 "sampler": sampler.getstate(), **rng_state(torch.device(args.device))}
         torch.save(state, path + ".tmp")
         os.replace(path + ".tmp", path)
 
@@ -488,7 +507,7 @@ def main() -> None:
             bar.write(f"val step {step}: ES {val['ES']:.3f} GS {val['GS']:.3f} LS {val['LS']:.3f} F1 {val['F1']:.3f}"
                       + (f" (n=1: {val['F1@1']:.3f}, n={args.val_n}: {val[f'F1@{args.val_n}']:.3f})" if args.val_n > 1 else "")
                       + (" (best)" if improved else f" (best {best_f1:.3f})"))
-            log({"step": step, "val": val})
+            log({"step": step, "val": val, "peak_mib": round(peak_mib(args.device))})   # device memory on CUDA, else RSS
             if improved:
                 save(best_path)
             save(latest_path)

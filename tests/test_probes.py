@@ -56,6 +56,7 @@ TRAIN_ARGS = [  # (flags, message)
     (["--edit-layers", "-1"], "--edit-layers -1"),
     (["--edit-layers", "999"], "has 4 blocks; give 1..4"),
     (["--chunk", "0"], "--chunk 0: give at least 1"),
+    (["--dtype", "float16"], "no loss scaling"),
     (["--ridge-init", "0"], "--ridge-init 0.0: give a positive finite number"),
     (["--lr-lambda", "-1"], "--lr-lambda -1.0: give a positive finite number"),
     (["--p-single", "1.5"], "--p-single 1.5: give a probability from 0 to 1"),
