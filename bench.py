@@ -24,32 +24,56 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data import encode, load
-from evaluate import ibke_editor, load_editor, measure, peak_mib
+from evaluate import CheckpointError, editor_of, ibke_editor, measure, peak_mib, read_checkpoint
 from hooks import grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
-from model import ModelError, add_device_args, edit_module_names, load_model, meta_model, weight_shape
+from model import ModelError, add_device_args, edit_module_names, load_model, meta_model, native_dtype, weight_shape
 from runner import Runner, to_device
 from train import train_step, update
 
 
-def sync() -> None:
-    """Wait for the GPU, so that a time covers the work and not only its launch."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def sync(device: torch.device) -> None:
+    """Wait for the GPU `device`, so that a time covers the work and not only its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
+def median_seconds(fn, repeats: int, device: torch.device, warmup: int = 1) -> float:
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeats):
-        sync()
+        sync(device)
         start = time.perf_counter()
         fn()
-        sync()
+        sync(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def new_phase(device: torch.device) -> None:
+    """Peak memory counted from here: each phase's peak is its own (on CUDA; RSS on a CPU only grows)."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def never_waits(fn, device: torch.device) -> bool | None:
+    """On CUDA: fn runs under torch.cuda.set_sync_debug_mode("error") without raising (it waited for the
+    device at no point that torch knows of, C++ ones included). None on other devices."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+        return True
+    except RuntimeError as err:
+        print(f"warm step waited for the GPU: {str(err).splitlines()[0]}")
+        return False
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 class HostSyncs(TorchFunctionMode):
@@ -112,7 +136,9 @@ def plain_pass(model, names, batch) -> None:
 
 def meta_estimate(name: str, cfg: EditorConfig, tokens_cached: int, step_tokens: int, base_bytes: int = 2) -> dict:
     """Parameter counts on the meta device and a training-memory estimate in GB (base model and its
-    activations at base_bytes per number: 2 for bf16)."""
+    activations at base_bytes per number: 2 for bf16). total_GB: what the device holds at the peak of
+    a training step; the cached hidden states are on the device on a CPU, in host memory on a GPU
+    (runner.Runner), host_GB."""
     model = meta_model(name)
     names = edit_module_names(model)
     shapes = {n: weight_shape(model.get_submodule(n)) for n in names}
@@ -121,55 +147,65 @@ def meta_estimate(name: str, cfg: EditorConfig, tokens_cached: int, step_tokens:
     base = sum(p.numel() for p in model.parameters())
     C, V = model.config.hidden_size, model.config.vocab_size
     n_tail = len({n.rsplit(".mlp", 1)[0] for n in names})
-    gb = {"base weights (bf16)": base_bytes * base,
+    gb = {"base weights": base_bytes * base,
           "hypernet + grads + Adam (fp32)": 16 * hyper,
           "ΔW and its gradient (fp32)": 8 * sum(a * b for a, b in shapes.values()),
-          "cached hidden states (bf16)": base_bytes * tokens_cached * C,
-          "activations of the edited blocks (bf16, est.)": base_bytes * step_tokens * n_tail * 24 * C,
+          "activations of the edited blocks (est.)": base_bytes * step_tokens * n_tail * 24 * C,
           "hypernet activations (fp32, est.)": 4 * step_tokens * 2 * len(shapes) * 12 * cfg.d_m,
           "LM head at scored positions (fp32)": 4 * 3 * step_tokens // 4 * V}
     gb = {k: v / 1e9 for k, v in gb.items()}
     return {"model": name, "base_params_M": base / 1e6, "hypernet_params_M": hyper / 1e6,
-            "edited_weights_M": sum(a * b for a, b in shapes.values()) / 1e6, "memory_GB": gb, "total_GB": sum(gb.values())}
+            "edited_weights_M": sum(a * b for a, b in shapes.values()) / 1e6, "memory_GB": gb, "total_GB": sum(gb.values()),
+            "host_GB": 2 * base_bytes * tokens_cached * C / 1e9}   # hidden + final states, capacity up to 2x the rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="model to benchmark")
+    parser.add_argument("--model", default=None, help="model to benchmark (default: the --ckpt's, else smollm2-135m)")
     parser.add_argument("--ckpt", default=None, help="use this checkpoint's editor (default: a fresh one, same cost)")
     parser.add_argument("--d-m", type=int, default=512, help="hypernetwork width when no --ckpt")
     parser.add_argument("--latent-dim", type=int, default=512, help="latent width when no --ckpt")
     parser.add_argument("--data-dir", default="data", help="CounterFact lives here")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per figure (median reported)")
-    add_device_args(parser)
+    add_device_args(parser, "auto")
     parser.add_argument("--meta", action="store_true", help="only sizes and memory estimates, on the meta device")
     parser.add_argument("--out", default="bench.json", help="where the figures go")
     args = parser.parse_args()
     cfg = EditorConfig(d_m=args.d_m, latent_dim=args.latent_dim)
+    ckpt = None
+    if args.ckpt:
+        try:
+            ckpt = read_checkpoint(args.ckpt)
+        except CheckpointError as err:
+            raise SystemExit(f"error: --ckpt: {err}")
+    args.model = args.model or (ckpt["model"] if ckpt else "smollm2-135m")
 
     if args.meta:
         names = [args.model] + [m for m in ("gpt2-xl", "EleutherAI/gpt-j-6B", "Qwen/Qwen3-8B") if m != args.model]
         rows = [meta_estimate(m, c, tokens_cached=10000 * 4 * 16, step_tokens=8 * 4 * 16)
                 for m in names for c in (EditorConfig(), cfg)]
-        print("| model | d_m | base | hypernet | edited | est. training memory (GB, bf16 base) |\n|---|---|---|---|---|---|")
+        print("| model | d_m | base | hypernet | edited | est. GPU training memory (GB, bf16 base) | cache, host (GB) |")
+        print("|---|---|---|---|---|---|---|")
         for r, c in zip(rows, [EditorConfig(), cfg] * len(names)):
             print(f"| {r['model']} | {c.d_m} | {r['base_params_M']:.0f}M | {r['hypernet_params_M']:.1f}M | "
-                  f"{r['edited_weights_M']:.1f}M | {r['total_GB']:.1f} |")
+                  f"{r['edited_weights_M']:.1f}M | {r['total_GB']:.1f} | {r['host_GB']:.1f} |")
         print("\nbreakdown for", rows[0]["model"], "d_m", EditorConfig().d_m, {k: round(v, 2) for k, v in rows[0]["memory_GB"].items()})
         json.dump({"meta": rows}, open(args.out, "w"), indent=1)
         return
 
+    if args.dtype == "auto":                          # as train.py: what the device computes natively
+        args.dtype = native_dtype(args.device)
     try:
         model, tokenizer = load_model(args.model, args.dtype, args.device)
+        names = edit_module_names(model)
+        if ckpt:
+            hypernet, _ = editor_of(ckpt, model, args.ckpt)
+        else:
+            hypernet = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, cfg).to(args.device).eval()
     except ModelError as err:
         raise SystemExit(f"error: {err}")
-    names = edit_module_names(model)
-    if torch.device(args.device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    if args.ckpt:
-        _, _, hypernet, _ = load_editor(args.ckpt, args.device, dtype=args.dtype)
-    else:
-        hypernet = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, cfg).to(args.device).eval()
+    device = model.device
+    del ckpt
     records = load("counterfact", args.data_dir)["train"]
     figures = {}
 
@@ -177,6 +213,7 @@ def main() -> None:
         return {k: to_device(v, model.device) for k, v in encode(tokenizer, prompts, targets).items()}
 
     # edit latency against the floor
+    new_phase(device)
     editor = ibke_editor(hypernet)
     for n in (1, 8, 64):
         chunk = records[:n]
@@ -188,17 +225,21 @@ def main() -> None:
 
         def floor():
             plain_pass(model, names, rows(prompts, targets))
-        t_edit, t_floor = median_seconds(edit, args.repeats), median_seconds(floor, args.repeats)
+        t_edit, t_floor = median_seconds(edit, args.repeats, device), median_seconds(floor, args.repeats, device)
         figures[f"edit_n{n}"] = {"edit_ms": 1000 * t_edit, "floor_ms": 1000 * t_floor, "ratio": t_edit / t_floor}
-    figures["edit_peak_memory_MB"] = peak_mib(args.device)
+    figures["edit_peak_memory_MB"] = peak_mib(device)
 
     # evaluation throughput, single edits
     runner = Runner(model, tokenizer, names, cache=False)
     eval_records = records[100:100 + 4 * args.repeats]
+    sync(device)
     start = time.perf_counter()
     for r in eval_records:
         measure(runner, editor, [r])
+    sync(device)
     figures["eval_edits_per_s"] = len(eval_records) / (time.perf_counter() - start)
+
+    new_phase(device)
 
     # training step against the plain passes, 8 edits (+ 8 extra locality prompts), warm cache
     hypernet.train()
@@ -221,7 +262,7 @@ def main() -> None:
     def plain():
         for rows in (edit_rows, gen_rows, loc_rows):
             plain_pass(model, names, rows)
-    t_step, t_plain = median_seconds(step, args.repeats), median_seconds(plain, args.repeats)
+    t_step, t_plain = median_seconds(step, args.repeats, device), median_seconds(plain, args.repeats, device)
     figures["train_step"] = {"step_ms": 1000 * t_step, "plain_passes_ms": 1000 * t_plain, "ratio": t_step / t_plain,
                              "steps_per_min": 60 / t_step}
     fresh = iter(range(400, 400 + 16 * (args.repeats + 1), 16))
@@ -229,13 +270,14 @@ def main() -> None:
     def cold_step():  # every text new to the cache, as early in training: the lower blocks run too
         i = next(fresh)
         train_once(records[i:i + 8], records[i + 8:i + 16])
-    figures["train_step_counts"] = count_step(step)
-    t_cold = median_seconds(cold_step, args.repeats)
+    figures["train_step_counts"] = {**count_step(step), "cuda_never_waits": never_waits(step, device)}
+    t_cold = median_seconds(cold_step, args.repeats, device)
     figures["train_step_cold"] = {"step_ms": 1000 * t_cold, "ratio": t_cold / t_plain, "steps_per_min": 60 / t_cold}
-    figures["train_peak_memory_MB"] = peak_mib(args.device)
+    figures["train_peak_memory_MB"] = peak_mib(device)
     step_tokens = sum(rows_["attention_mask"].sum().item() for rows_ in (edit_rows, gen_rows, loc_rows))
-    figures["meta_estimate_GB"] = meta_estimate(args.model, hypernet.cfg, tokens_cached=runner.hidden.size, step_tokens=step_tokens,
-                                                base_bytes=torch.finfo(model.dtype).bits // 8)["total_GB"]
+    estimate = meta_estimate(args.model, hypernet.cfg, tokens_cached=runner.hidden.size, step_tokens=step_tokens,
+                             base_bytes=torch.finfo(model.dtype).bits // 8)
+    figures["meta_estimate_GB"], figures["meta_estimate_parts_GB"] = estimate["total_GB"], estimate["memory_GB"]
     hypernet.eval()
 
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
