@@ -14,9 +14,11 @@ multi-hop questions, so that evaluation applies them as one batch.
 Texts are cut for teacher forcing: a prompt keeps its last 128 tokens (with the answer), an answer
 its first MAX_ANSWER = 32 (CounterFact's are 1-5, zsRE's up to ~15).
 
-zsRE split: the full MEND files (zsre_mend_train.json, zsre_mend_eval.json) are used when present.
-With only a train file (e.g. the 1k subset), a seeded split holds out 20% as eval:
-random.Random(0).shuffle of the record indices, the first len // 5 go to eval.
+zsRE split: MEND's files (zsre_mend_train.json, ~163k records, the paper's training data, and
+zsre_mend_eval.json, 19,086) are used when present, and downloaded when no zsRE file is there yet;
+where they cannot be, a 1,000-record subset of the train file (said in one line). With only a train
+file, a seeded split holds out 20% as eval: random.Random(0).shuffle of the record indices, the
+first len // 5 go to eval. train.py's default --train-size keeps memory bounded whatever the size.
 """
 import argparse
 import hashlib
@@ -30,18 +32,22 @@ from dataclasses import dataclass, field
 import torch
 from tqdm import tqdm
 
-# path under --data-dir -> (public URL, sha256 of the file we tested with; None: the size is checked)
+# path under --data-dir -> (public URL, checksum of the file we tested with or named: 64 hex digits a
+# sha256, 40 the git blob id its repository gives it at that commit; None: the size is checked)
+RECIPE = "https://raw.githubusercontent.com/qizhou000/RECIPE/b8ff1fc2c649d44dc88d2d4fccfa14343066a835/data"
 FILES = {
     "counterfact/counterfact-train.json": (
-        "https://raw.githubusercontent.com/qizhou000/RECIPE/main/data/meta-train/cf/counterfact-train.json",
+        f"{RECIPE}/meta-train/cf/counterfact-train.json",
         "bb40e12c7b740d6859e521674cf438f063c7c3e444bc1b449e74cdd0900772d0"),
     "counterfact/counterfact-edit.json": (
-        "https://raw.githubusercontent.com/qizhou000/RECIPE/main/data/evaluation/cf/counterfact-edit.json",
+        f"{RECIPE}/evaluation/cf/counterfact-edit.json",
         "c31a07f7eb3d37e4acdaa284f0926a40d5a9340ca115141e0d026c79425bea56"),
+    # MEND's zsRE splits (the paper's training data), as qizhou000/RECIPE keeps them
+    "zsre/zsre_mend_train.json": (f"{RECIPE}/meta-train/zsre/zsre_mend_train.json", "b5113a1f2018f641e6350d097cf7c081f478fbb6"),
+    "zsre/zsre_mend_eval.json": (f"{RECIPE}/evaluation/zsre/zsre_mend_eval.json", "db17283afbb832185b7f0e2a9b6e95424576c914"),
     "zsre/zsre_mend_train-1k.json": (
         "https://raw.githubusercontent.com/Jometeorie/KnowledgeSpread/51d7402617c2e52bde0dc11b76e400c3725a181a/data/zsre/zsre_mend_train-1k.json",
         "e62596101d8ed551889c26c0d2a5277f92eaef3b14416d8eaee39b04a244ab60"),
-    "zsre/zsre_mend_eval.json": ("https://rome.baulab.info/data/dsets/zsre_mend_eval.json", None),
     "mquake/MQuAKE-hard.json": (
         "https://raw.githubusercontent.com/Alanzxd/memit_for_mquake/main/data/MQuAKE-hard.json",
         "fc78dc7bec4625d3ce6e2923acae7f1920691b0b23e663182bf799f2856f2a11"),
@@ -78,8 +84,18 @@ class EditRequest:
 # -----------------------------------------------------------------------------
 # files: find, download, read
 
-def download(url: str, dest: str, sha256: str | None = None) -> None:
-    """Fetch url to dest with a progress bar; check the sha256 (or the size); atomic."""
+def git_blob_id(path: str) -> str:
+    """The id git gives the file's bytes: sha1 of "blob <size>\\0" and the bytes."""
+    digest = hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode())
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def download(url: str, dest: str, checksum: str | None = None) -> None:
+    """Fetch url to dest with a progress bar; check the checksum (FILES: a sha256 or a git blob id) or
+    the size; atomic."""
     os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
     part, digest, got = dest + ".part", hashlib.sha256(), 0
     try:
@@ -96,8 +112,9 @@ def download(url: str, dest: str, sha256: str | None = None) -> None:
             os.remove(part)
         raise DataError(f"could not download {os.path.basename(dest)} from {url} ({err}).\n"
                         f"Download it by hand and save it as {dest}, or point --data-dir at a folder that has it.") from None
+    found = None if not checksum else git_blob_id(part) if len(checksum) == 40 else digest.hexdigest()
     problem = (f"{got} bytes arrived, {size} were announced" if size and got != size else
-               f"sha256 {digest.hexdigest()} is not the expected {sha256}" if sha256 and digest.hexdigest() != sha256 else None)
+               f"checksum {found} is not the expected {checksum}" if found != checksum else None)
     if problem:
         os.remove(part)
         raise DataError(f"download of {url} failed its check: {problem}. Nothing was saved at {dest}.")
@@ -118,10 +135,10 @@ def ensure(data_dir: str, *relpaths: str) -> list[str]:
             folder = os.path.dirname(folder)
     failed = []
     for rel, path in missing:
-        url, sha256 = FILES[rel]
+        url, checksum = FILES[rel]
         print(f"{path} is missing; downloading it from {url}")
         try:
-            download(url, path, sha256)
+            download(url, path, checksum)
         except DataError as err:
             failed.append((rel, path, url, str(err).splitlines()[0]))
     if failed:
@@ -252,8 +269,17 @@ def load_uniedit(data_dir: str) -> dict[str, list[EditRequest]]:
 def load_zsre(data_dir: str) -> dict[str, list[EditRequest]]:
     full, subset, official_eval = (os.path.join(data_dir, "zsre", f) for f in
                                    ("zsre_mend_train.json", "zsre_mend_train-1k.json", "zsre_mend_eval.json"))
-    if not (os.path.exists(full) or os.path.exists(subset)):
-        ensure(data_dir, "zsre/zsre_mend_train-1k.json", "zsre/zsre_mend_eval.json")
+    if not (os.path.exists(full) or os.path.exists(subset)):   # nothing yet: MEND's splits, else the subset
+        try:
+            for rel in ("zsre/zsre_mend_train.json", "zsre/zsre_mend_eval.json"):   # the eval file only with the train
+                ensure(data_dir, rel)
+        except DataError as err:
+            print(f"zsRE: MEND's {'eval' if os.path.exists(full) else 'train'} split is not downloadable "
+                  f"({str(err).splitlines()[0]}); " + ("20% of the train split is held out instead" if os.path.exists(full) else
+                  f"using the 1,000-record subset. For the paper's data, put zsre_mend_train.json and "
+                  f"zsre_mend_eval.json in {os.path.dirname(full)}/"))
+            if not os.path.exists(full):
+                ensure(data_dir, "zsre/zsre_mend_train-1k.json")
     train = read_zsre(full if os.path.exists(full) else subset)
     if os.path.exists(official_eval):
         return {"train": train, "eval": read_zsre(official_eval)}

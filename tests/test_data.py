@@ -85,9 +85,33 @@ def test_download_from_file_url_with_checksum(data_dir, tmp_path, monkeypatch):
     assert open(tmp_path / "mquake" / "MQuAKE-hard.json", "rb").read() == open(src, "rb").read()
     monkeypatch.setitem(data.FILES, "mquake/MQuAKE-hard.json", (url, "0" * 64))
     os.remove(tmp_path / "mquake" / "MQuAKE-hard.json")
-    with pytest.raises(DataError, match="sha256"):
+    with pytest.raises(DataError, match="checksum"):
         load("mquake", str(tmp_path))
     assert os.listdir(tmp_path / "mquake") == []                         # nothing half-written stays
+
+
+def test_git_blob_id_names_a_file_as_its_repository_does(data_dir):
+    """MEND's zsRE files are checked by the id qizhou000/RECIPE's tree gives them at b8ff1fc2 (git
+    ls-tree): this is that tree's id for counterfact-edit.json, the file data/ holds."""
+    assert data.git_blob_id(os.path.join(data_dir, "counterfact", "counterfact-edit.json")) == "a24e5bb3b963d4d683ae032344ddce7566ba1ee7"
+
+
+def test_zsre_takes_the_full_split_where_it_downloads_else_the_subset(data_dir, tmp_path, monkeypatch, capsys):
+    subset = os.path.join(data_dir, "zsre", "zsre_mend_train-1k.json")
+    records = json.load(open(subset))
+    full = tmp_path / "full.json"                                            # a stand-in for MEND's splits
+    json.dump(records[:30], open(full, "w"))
+    for rel in ("zsre/zsre_mend_train.json", "zsre/zsre_mend_eval.json"):
+        monkeypatch.setitem(data.FILES, rel, ("file://" + str(full), data.git_blob_id(full)))
+    monkeypatch.setitem(data.FILES, "zsre/zsre_mend_train-1k.json", ("file://" + subset, None))
+    splits = load("zsre", str(tmp_path / "online"))
+    assert {k: len(v) for k, v in splits.items()} == {"train": 30, "eval": 30}
+    assert "1,000-record" not in capsys.readouterr().out
+    monkeypatch.setitem(data.FILES, "zsre/zsre_mend_train.json", ("http://127.0.0.1:9/zsre_mend_train.json", None))
+    splits = load("zsre", str(tmp_path / "offline"))                         # nothing listens on port 9
+    assert {k: len(v) for k, v in splits.items()} == {k: len(v) for k, v in load("zsre", data_dir).items()}   # 800/200
+    assert "zsRE: MEND's train split is not downloadable" in capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path / "offline" / "zsre")) == ["zsre_mend_train-1k.json"]
 
 
 def test_offline_error_names_file_url_and_place(tmp_path, monkeypatch):
