@@ -1,5 +1,5 @@
 """Shared fixtures: tiny random GPT-2 (Conv1D) and Llama (nn.Linear) models, a real GPT-2 tokenizer,
-and the benchmark files in ../shared/data (override with IBKE_DATA_DIR)."""
+and the benchmark files (find_data: $IBKE_DATA_DIR, data/, ../shared/data)."""
 import importlib.util
 import math
 import os
@@ -13,7 +13,18 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2Tokenizer, LlamaC
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-DATA_DIR = os.environ.get("IBKE_DATA_DIR", os.path.join(ROOT, "..", "shared", "data"))
+
+
+def find_data() -> str:
+    """Where the benchmark files are: $IBKE_DATA_DIR, else data/ in the project (where train.py downloads
+    them and the README puts them), else ../shared/data beside it."""
+    if os.environ.get("IBKE_DATA_DIR"):
+        return os.environ["IBKE_DATA_DIR"]
+    places = [os.path.join(ROOT, "data"), os.path.join(ROOT, "..", "shared", "data")]
+    return next((p for p in places if os.path.exists(os.path.join(p, "counterfact", "counterfact-edit.json"))), places[0])
+
+
+DATA_DIR = find_data()
 
 
 def reorder_rtol(width: int, depth: int, dtype=torch.float32) -> float:
@@ -47,7 +58,8 @@ def tiny_model(request):
 @pytest.fixture
 def data_dir():
     if not os.path.exists(os.path.join(DATA_DIR, "counterfact", "counterfact-edit.json")):
-        pytest.fail(f"benchmark files not found in {DATA_DIR}; put ../shared/data beside the project or set IBKE_DATA_DIR")
+        pytest.fail(f"benchmark files not found in {DATA_DIR}: run `python data.py --data counterfact` (downloads them into "
+                    f"data/), put them there by hand (README), or set IBKE_DATA_DIR")
     return DATA_DIR
 
 
