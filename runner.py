@@ -154,6 +154,9 @@ class Runner:
         # the cache grows with the texts seen, so on a GPU it lives in host memory: a batch's rows are
         # gathered there and copied over without waiting (to_device); the GPU holds none of it
         self.keep = torch.device("cpu") if self.device.type == "cuda" else self.device
+        # rows of similar length run together on a CPU, where padding costs as much as text; a GPU at
+        # these sizes waits on kernel launches, not arithmetic, so there a pass takes all its rows
+        self.free = float("inf") if self.device.type == "cuda" else 128
         if cache:
             self.hidden, self.hidden_at = Store(width, model.dtype, self.keep), {}     # entering the block: text -> offset
             self.hidden_n, self.on_disk = {}, set()                                     # text -> its tokens; texts in the states file
@@ -168,7 +171,7 @@ class Runner:
         keys, lengths = batch["keys"], batch["lengths"]
         store, at = (self.hidden, self.hidden_at) if self.cache else (Store(self.model.config.hidden_size, self.model.dtype, self.device, 256), {})
         todo = _uncached(keys, at)
-        for group in length_groups([lengths[b] for b in todo]):                  # texts of similar length together
+        for group in length_groups([lengths[b] for b in todo], free=self.free):  # texts of similar length together
             part = take(batch, [todo[g] for g in group])
             hidden = hidden_before(self.model, self.block, part["input_ids"], padding(part))   # (b, t, C)
             t = hidden.shape[1]
@@ -193,7 +196,7 @@ class Runner:
     def _final(self, batch: dict, split: bool = True) -> torch.Tensor:
         """Final-norm states (N, C) at the scored positions, in losses.scored's row-major order."""
         lengths = batch["lengths"]
-        groups = length_groups(lengths) if split else [list(range(len(lengths)))]
+        groups = length_groups(lengths, free=self.free) if split else [list(range(len(lengths)))]
         counts = [len(scored_span(start, n)) for start, n in zip(batch["starts"], lengths)]
         first = list(itertools.accumulate(counts, initial=0))   # row b's first position in row-major order
         states, order = [], []
@@ -301,7 +304,7 @@ def padding(part: dict) -> torch.Tensor | None:
     return mask if mask.is_cuda or min(part["lengths"]) < max(part["lengths"]) else None
 
 
-def length_groups(lengths: list[int], slack: float = 1.25, free: int = 128) -> list[list[int]]:
+def length_groups(lengths: list[int], slack: float = 1.25, free: float = 128) -> list[list[int]]:
     """Row indices grouped by length, so that no group pads more than `slack` × its text, or `free`
     positions (less padding than that costs less than one more pass through the blocks)."""
     groups, tokens = [], 0

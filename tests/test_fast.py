@@ -37,7 +37,7 @@ def plain_step(model, tokenizer, editor, batch, others, weights):
     return deltas, ibke_loss(edit_nll, gen_nll, locality_kl(pre, post), itm, weights)[0]
 
 
-def check_same(model, tokenizer, records):
+def check_same(model, tokenizer, records, free: float = 128):
     """The plain step runs every block from the embeddings, the fast one from cached hidden states in
     other row groups: the same sums in another order through the model's depth (its FFN width the
     longest reduction); gradients go back through the same blocks (twice the depth)."""
@@ -49,6 +49,7 @@ def check_same(model, tokenizer, records):
     perturb_zero_init(editor)                                                            # every path live
     batch, others = records[:3], records[3:6]
     runner = Runner(model, tokenizer, names, cache=True)
+    runner.free = free                                       # inf: every pass takes all its rows, as on a GPU
     params = list(editor.parameters())
     ref_deltas, ref_loss = plain_step(model, tokenizer, editor, batch, others, LossWeights())
     ref_grads = torch.autograd.grad(ref_loss, params, allow_unused=True)
@@ -65,12 +66,13 @@ def check_same(model, tokenizer, records):
         torch.testing.assert_close(dense(deltas[name]), ref_deltas[name].detach(), rtol=rtol, atol=rtol * ref_deltas[name].abs().max().item())
 
 
+@pytest.mark.parametrize("free", [128, float("inf")])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_fast_step_equals_plain_step_on_tiny_models(kind, gpt2_tokenizer, data_dir):
+def test_fast_step_equals_plain_step_on_tiny_models(kind, free, gpt2_tokenizer, data_dir):
     model = tiny(kind, init=0.2)
     model.resize_token_embeddings(len(gpt2_tokenizer))            # real CounterFact text, real GPT-2 tokens
     model.requires_grad_(False)
-    check_same(model, gpt2_tokenizer, load("counterfact", data_dir)["train"][:6])
+    check_same(model, gpt2_tokenizer, load("counterfact", data_dir)["train"][:6], free)
 
 
 @pytest.mark.slow
