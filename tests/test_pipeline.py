@@ -271,3 +271,21 @@ def test_schedule_ramps_the_weights_between_its_fractions_and_holds_them():
     assert schedule(args, 50)[0] == pytest.approx(0.5e-3)
     args.c_loc_end = None                                   # a weight without an -end is held
     assert schedule(args, 80)[1].c_loc == 1.0
+
+
+def test_bench_with_a_checkpoint_loads_one_model(trained, tmp_path, monkeypatch):
+    """bench.py --ckpt takes the base model from the checkpoint and loads it once (it once loaded a
+    second copy through load_editor, after the peak-memory reset)."""
+    import sys
+    import bench
+    out, data_dir = trained
+    loads = []
+    load = bench.load_model
+    monkeypatch.setattr(bench, "load_model", lambda *a, **k: loads.append(a[0]) or load(*a, **k))
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--ckpt", str(out / "b" / "best.pt"), "--repeats", "1", "--dtype", "float32",
+                                      "--data-dir", data_dir, "--out", str(tmp_path / "bench.json")])
+    bench.main()
+    figures = json.load(open(tmp_path / "bench.json"))
+    assert len(loads) == 1 and "tiny-gpt2" in loads[0]
+    assert figures["args"]["dtype"] == "float32" and figures["train_step_counts"]["host_syncs"] == 0
+    assert figures["train_step_counts"]["cuda_never_waits"] is None                # only asked on CUDA
