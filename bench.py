@@ -24,7 +24,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data import encode, load
-from evaluate import CheckpointError, editor_of, ibke_editor, measure, peak_mib, read_checkpoint
+from checkpoint import CheckpointError, editor_of, read_checkpoint
+from evaluate import ibke_editor, measure, peak_mib
 from hooks import grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
@@ -202,7 +203,7 @@ def main() -> None:
             hypernet, _ = editor_of(ckpt, model, args.ckpt)
         else:
             hypernet = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, cfg).to(args.device).eval()
-    except ModelError as err:
+    except (ModelError, CheckpointError) as err:
         raise SystemExit(f"error: {err}")
     device = model.device
     del ckpt

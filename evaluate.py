@@ -37,9 +37,10 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from checkpoint import CheckpointError, RunLock, check_folder, editor_of, is_results, read_checkpoint, resumable, write_json
 from data import DataError, EditRequest, load, split_val
 from hooks import functional_edit, grad_decomposition
-from hypernet import IBKE, EditorConfig
+from hypernet import IBKE
 from losses import answer_nll
 from model import ModelError, add_device_args, check_device, load_model, weight_shape
 from runner import Runner, index, take
@@ -212,30 +213,6 @@ def multihop(runner: Runner, deltas: dict, records: list[EditRequest], max_new_t
 # -----------------------------------------------------------------------------
 # rebuilding from a checkpoint
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, unreadable, or not one train.py wrote."""
-
-
-CKPT_KEYS = ("hypernet", "optimizer", "step", "config", "editor", "model", "shapes")
-
-
-def read_checkpoint(path: str, device: str = "cpu") -> dict:
-    """The dict train.py saves, or CheckpointError: "not a checkpoint of this project: PATH (reason)"."""
-    if not os.path.exists(path):
-        raise CheckpointError(f"no checkpoint at {path}; train one with `python train.py --out DIR`")
-    if os.path.isdir(path):
-        raise CheckpointError(f"{path} is a folder; give a checkpoint file in it (best.pt or latest.pt)")
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as err:  # truncated zip, empty file, another pickle: all mean the same to a user
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else "unreadable"
-        raise CheckpointError(f"not a checkpoint of this project: {path} ({type(err).__name__}: {reason})") from None
-    missing = [k for k in CKPT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise CheckpointError(f"not a checkpoint of this project: {path} (it has no {', '.join(missing)})")
-    return ckpt
-
-
 def load_editor(path: str, device: str = "cpu", model_name: str | None = None, dtype: str | None = None) -> tuple:
     """(model, tokenizer, hypernet, checkpoint) from the checkpoint alone (dtype: the base model's,
     default the one trained with)."""
@@ -244,26 +221,6 @@ def load_editor(path: str, device: str = "cpu", model_name: str | None = None, d
     model, tokenizer = load_model(model_name or ckpt["model"], dtype or ckpt["config"].get("dtype", "float32"), device)
     hypernet, ckpt = editor_of(ckpt, model, path)
     return model, tokenizer, hypernet, ckpt
-
-
-def editor_of(ckpt: dict, model: torch.nn.Module, path: str) -> tuple[IBKE, dict]:
-    """The checkpoint's hypernetwork on the model's device, in eval mode, after checking that it edits
-    this model -> (hypernet, ckpt without its optimizer state and weights: Adam's moments, twice the
-    hypernetwork's size, are not needed to edit and would sit on the device for the whole run)."""
-    shapes = {n: tuple(s) for n, s in ckpt["shapes"].items()}
-    found = {}
-    for n in shapes:
-        try:
-            found[n] = weight_shape(model.get_submodule(n))
-        except AttributeError:
-            found[n] = None
-    if found != shapes:
-        raise ModelError(f"checkpoint {path} was trained on '{ckpt['model']}' and edits {shapes}; "
-                         f"this model ({model.name_or_path}) has {found}. Use the model it was trained on.")
-    hypernet = IBKE(shapes, EditorConfig(**ckpt["editor"]))
-    hypernet.load_state_dict(ckpt["hypernet"])
-    ckpt = {k: v for k, v in ckpt.items() if k not in ("optimizer", "hypernet")}
-    return hypernet.to(model.device).eval(), ckpt
 
 
 def table(rows: list[tuple[str, dict]]) -> str:
@@ -282,13 +239,6 @@ def peak_mib(device: torch.device | str) -> float:
         return torch.cuda.max_memory_allocated(device) / 2 ** 20
     import resource                                          # POSIX only
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
-
-
-def write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -318,41 +268,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: cannot write --out {out} ({err.strerror or err})")
 
 
-def is_results(path: str) -> bool:
-    """Whether path is a results file this script wrote (one it may replace)."""
-    try:
-        with open(path) as f:
-            return {"summary", "args"} <= json.load(f).keys()
-    except (OSError, ValueError, AttributeError):                 # unreadable, not JSON (a checkpoint), not a dict
-        return False
-
-
-def resumable(partial: str, signature: dict, n_batches: int) -> list[dict]:
-    """The batches an interrupted run of the same evaluation finished (its first line is the
-    signature); a cut last line is dropped and redone; another evaluation's file is started afresh."""
-    if not os.path.exists(partial) or os.path.getsize(partial) == 0:
-        return []
-    lines = open(partial).read().split("\n")
-    parsed = []
-    for i, line in enumerate(lines):
-        try:
-            parsed.append(json.loads(line))
-        except ValueError:
-            if any(rest.strip() for rest in lines[i + 1:]) or i == 0:     # not just a cut last line
-                print(f"note: {partial} is damaged at line {i + 1}; starting afresh")
-                return []
-            break
-    if parsed[0] != signature:
-        changed = sorted(k for k in signature.keys() | parsed[0].keys() if signature.get(k) != parsed[0].get(k))
-        print(f"note: {partial} holds another evaluation ({', '.join(changed)} differ); starting afresh")
-        return []
-    done = parsed[1:n_batches + 1]
-    print(f"resuming: {len(done)} of {n_batches} batches already in {partial}")
-    with open(partial, "w") as f:                               # without a cut last line
-        f.writelines(json.dumps(line) + "\n" for line in parsed[:len(done) + 1])
-    return done
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or latest.pt)")
@@ -370,8 +285,19 @@ def main() -> None:
     parser.add_argument("--out", default="results.json", help="where the summary goes (per-batch progress: <out>.partial.jsonl)")
     parser.add_argument("--cache-dir", default=None, help="keep the frozen lower blocks' states of the texts evaluated in this folder (as train.py's): "
                         "evaluating the same records again (another checkpoint, another n) skips that work; peak memory then includes them")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --out that holds the results of another checkpoint (else refused)")
     args = parser.parse_args()
     check_args(args)
+    check_folder(args.cache_dir, "--cache-dir")
+    with RunLock(args.out, f"--out {args.out}"):
+        try:
+            evaluate(args)
+        except KeyboardInterrupt:                             # the batches so far are in the partial file
+            raise SystemExit(f"interrupted: the finished batches are in {args.out}.partial.jsonl; "
+                             f"the same command resumes from them") from None
+
+
+def evaluate(args: argparse.Namespace) -> None:
     partial = args.out + ".partial.jsonl"
 
     try:
@@ -402,13 +328,18 @@ def main() -> None:
     if not batches:
         raise SystemExit(f"error: --skip {args.skip} leaves no records of {data_name} {args.split} ({total} in all)")
 
-    # everything the numbers depend on: the checkpoint's content, the records, every flag but --out
+    # everything the numbers depend on: the checkpoint's content, the records, every flag but --out, --overwrite
     content = hashlib.sha256()
     with open(args.ckpt, "rb") as f:
         while chunk := f.read(1 << 24):
             content.update(chunk)
-    signature = {**{k: v for k, v in vars(args).items() if k != "out"}, "data": data_name, "ckpt_sha256": content.hexdigest(),
+    signature = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}, "data": data_name, "ckpt_sha256": content.hexdigest(),
                  "records_sha256": hashlib.sha256(repr([dataclasses.astuple(r) for b in batches for r in b]).encode()).hexdigest()}
+    if is_results(args.out) and not args.overwrite:
+        before = json.load(open(args.out)).get("signature", {}).get("ckpt_sha256")
+        if before != signature["ckpt_sha256"]:
+            raise SystemExit(f"error: --out {args.out} holds the results of another checkpoint; give another --out, "
+                             f"or --overwrite to replace them")
     done = resumable(partial, signature, len(batches))
     with open(partial, "w" if not done else "a") as f:
         if not done:

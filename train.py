@@ -36,13 +36,13 @@ import random
 import signal
 import sys
 import time
-from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
 
+from checkpoint import RunLock, atomic_save, check_folder, finite, restore, resume_args, state, trim_log
 from data import DataError, EditRequest, load, split_val
-from evaluate import CheckpointError, ibke_editor, measure, peak_mib, read_checkpoint, summarise
+from evaluate import ibke_editor, measure, peak_mib, summarise
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl
@@ -102,9 +102,6 @@ parser.add_argument("--seed", type=int, default=0, help="seed for sampling, init
 parser.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                     help="continue from <out>/latest.pt, or from CKPT (another run's checkpoint: a second phase written to --out, "
                          "with its own best F1); flags given here override the checkpoint's, except those fixing the hypernetwork")
-FIXED = ("model", "data", "seed", "val_size", "d_m", "latent_len", "latent_dim", "heads", "no_ib", "no_scale", "tokens")
-# the checkpoint's architecture, base model and validation split. A new phase (--resume CKPT of another run) may change
-PHASE = ("aggregate", "edit_modules", "edit_layers")  # these: λ starts at --ridge-init, new modules as IBKE.carry_over says
 
 
 def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others: list[EditRequest],
@@ -275,62 +272,19 @@ def loc_groups(records: list[EditRequest], loc_from: str) -> dict:
     return groups
 
 
-def rng_state(device: torch.device) -> dict:
-    """The generators a run draws from: the host's, and the training GPU's (only that one: a resume may
-    see other GPUs)."""
-    return {"torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-
-
-def restore_rng(ckpt: dict, device: torch.device) -> None:
-    """Set the generators rng_state saved. A list under cuda_rng is one state per GPU that was visible
-    (older checkpoints): the training device's is taken where the list has it."""
-    torch.set_rng_state(ckpt["torch_rng"])
-    state = ckpt.get("cuda_rng")
-    if isinstance(state, list):
-        i = device.index if device.index is not None else 0
-        state = state[i] if device.type == "cuda" and i < len(state) else None
-    if state is not None and device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
-    elif device.type == "cuda":
-        print(f"note: the checkpoint holds no generator state for {device}; its random draws start afresh")
-
-
-BEFORE = {"train_size": 0, "ramp_end": 1.0, "lr_schedule": "constant", "c_loc_end": None, "c_gen_end": None, "aggregate": "sum", "sample_n": "uniform",
-          "val_n": 1}  # what a checkpoint from before these flags ran with
-
-
 def main() -> None:
-    args = parser.parse_args()
-    defaults, unset = vars(parser.parse_args([])), object()      # given flags: those not left at `unset`
-    given = {k: v for k, v in vars(parser.parse_args(namespace=argparse.Namespace(**dict.fromkeys(defaults, unset)))).items()
-             if v is not unset}
+    check_args(parser.parse_args())                          # the flags as given, before a checkpoint is read
+    args, ckpt, new_phase = resume_args(parser)
     check_args(args)
-
-    latest_path, best_path = os.path.join(args.out, "latest.pt"), os.path.join(args.out, "best.pt")
-    ckpt, new_phase, source = None, False, args.resume or latest_path
-    if args.resume is not None:
-        try:
-            ckpt = read_checkpoint(source)
-        except CheckpointError as err:
-            raise SystemExit(f"error: --resume: {err}")
-        new_phase = os.path.abspath(source) != os.path.abspath(latest_path)
-        saved = {**BEFORE, **ckpt["config"]}
-        for k in FIXED + (() if new_phase else PHASE):
-            if k in given and given[k] != saved.get(k):
-                raise SystemExit(f"error: {source} is a checkpoint of {k} {saved.get(k)!r}, not {given[k]!r}; "
-                                 f"the checkpoint fixes --{k.replace('_', '-')}: drop the flag, or train anew")
-        args = argparse.Namespace(**{**defaults, **saved, **given, "overwrite": given.get("overwrite", False)})
-    for k in ("c_loc", "c_gen"):                                 # a weight given without its -end is held
-        if k in given and f"{k}_end" not in given:
-            setattr(args, f"{k}_end", None)
-    check_args(args)
-    if args.dtype == "auto":                                     # saved as chosen: evaluate.py and a resume use it
+    if args.dtype == "auto":                                 # saved as chosen: evaluate.py and a resume use it
         args.dtype = native_dtype(args.device)
         print(f"dtype: {args.dtype} (--dtype auto: what {args.device} computes natively; --dtype float32 for full precision)")
+    check_folder(args.cache_dir, "--cache-dir")
+    with RunLock(os.path.join(args.out, "run"), f"--out {args.out}"):
+        train(args, ckpt, new_phase)
 
-    # -------------------------------------------------------------------------
-    # setup
 
+def train(args: argparse.Namespace, ckpt: dict | None, new_phase: bool) -> None:
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     try:
@@ -360,55 +314,24 @@ def main() -> None:
     states_path = runner.use_states(args.cache_dir)
     sampler = random.Random(args.seed + 1)
     groups = loc_groups(train_records, args.loc_from)
-    step, best_f1, bad_validations, nonfinite = 0, -1.0, 0, 0
+    c = {"step": 0, "best_f1": -1.0, "bad_validations": 0, "nonfinite": 0}   # the loop's counters, saved with it
     if ckpt is not None:
-        then = {n: tuple(s) for n, s in ckpt["shapes"].items()}
-        same_modules = then == shapes
-        if same_modules:
-            hypernet.load_state_dict(ckpt["hypernet"], strict=args.aggregate == saved["aggregate"])  # else λ: new or gone
-        else:                                               # a new phase editing other modules
-            added = hypernet.carry_over(ckpt["hypernet"], then)
-            print(f"edited modules: {len(then)} -> {len(shapes)}; new, from the nearest edited block: {', '.join(added) or 'none'}")
-        if same_modules and len(ckpt["optimizer"]["param_groups"]) == len(optimizer.param_groups):
-            optimizer.load_state_dict(ckpt["optimizer"])
-        else:                                               # λ's group or the modules are new: Adam starts afresh
-            why = ("the edited modules changed" if not same_modules
-                   else f"--aggregate {saved['aggregate']} -> {args.aggregate}" if saved["aggregate"] != args.aggregate
-                   else "the checkpoint predates λ's own parameter group")
-            new_lambda = saved["aggregate"] == "sum" and args.aggregate != "sum"
-            print(f"a fresh optimizer ({why})" + (f"; λ from --ridge-init {args.ridge_init}" if new_lambda else ""))
-        step, best_f1, bad_validations, nonfinite = ckpt["step"], ckpt["best_f1"], ckpt["bad_validations"], ckpt["nonfinite"]
-        if new_phase:  # its losses may differ: best.pt of this --out is judged within this phase
-            best_f1, bad_validations = -1.0, 0
-        sampler.setstate(ckpt["sampler"])
-        restore_rng(ckpt, torch.device(args.device))
-        print(f"resumed {source} at step {step} (best F1 {best_f1:.3f})")
-    os.makedirs(args.out, exist_ok=True)
-    log_path = os.path.join(args.out, "log.jsonl")
+        c = restore(ckpt, hypernet, optimizer, args, new_phase)
+        sampler.setstate(c.pop("sampler"))
+        print(f"resumed {args.resume or 'latest.pt'} at step {c['step']} (best F1 {c['best_f1']:.3f})")
+    latest_path, best_path, log_path = (os.path.join(args.out, f) for f in ("latest.pt", "best.pt", "log.jsonl"))
     if args.overwrite:                                      # asked for: the run that was here goes
         for f in (latest_path, best_path, log_path):
             if os.path.exists(f):
                 os.remove(f)
-    elif ckpt is not None and not new_phase and os.path.exists(log_path):   # the log as of the checkpoint
-        lines = [line for line in open(log_path) if line.strip()]
-        kept = [line for line in lines if json.loads(line)["step"] <= step]
-        if len(kept) < len(lines):
-            print(f"log.jsonl: dropped {len(lines) - len(kept)} lines after step {step} (they are redone)")
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(kept)
-            os.replace(log_path + ".tmp", log_path)
+    elif ckpt is not None and not new_phase:                # the log as of the checkpoint
+        trim_log(log_path, c["step"])
     print(f"editing {len(names)} modules of {args.model}: {', '.join(names)}")
     print(f"hypernetwork: {sum(p.numel() for p in hypernet.parameters()) / 1e6:.1f}M parameters; "
           f"{len(train_records)} train / {len(val_records)} val records of {args.data}")
 
     def save(path: str) -> None:
-        """One dict that rebuilds everything; written atomically."""
-        state = {"hypernet": hypernet.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                 "config": vars(args), "editor": asdict(cfg), "model": args.model, "shapes": shapes,
-                 "best_f1": best_f1, "bad_validations": bad_validations, "nonfinite": nonfinite,
-                 "sampler": sampler.getstate(), **rng_state(torch.device(args.device))}
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
+        atomic_save({**state(hypernet, optimizer, args, c), "sampler": sampler.getstate()}, path)
 
     def keep_states() -> None:
         if states_path:                                     # --cache-dir: for later runs of this model
@@ -434,12 +357,12 @@ def main() -> None:
     # -------------------------------------------------------------------------
     # loop
 
-    bar = tqdm(total=args.steps, initial=step, desc="train", dynamic_ncols=True)
+    bar = tqdm(total=args.steps, initial=c["step"], desc="train", dynamic_ncols=True)
     pending, consecutive_nonfinite, last_read = [], 0, time.perf_counter()   # steps whose numbers are still on the device
 
     def read_pending() -> None:
         """Read the pending steps' numbers off the device in one wait; log each, print the newest."""
-        nonlocal nonfinite, consecutive_nonfinite, last_read
+        nonlocal consecutive_nonfinite, last_read
         if not pending:
             return
         keys = list(pending[0][2])
@@ -448,11 +371,12 @@ def main() -> None:
         for (s, n, _), row in zip(pending, values):
             parts = dict(zip(keys, row))
             finite = math.isfinite(parts["loss"]) and parts["loss"] < DIVERGED and math.isfinite(parts["grad_norm"])
-            nonfinite, consecutive_nonfinite = nonfinite + (not finite), 0 if finite else consecutive_nonfinite + 1
+            c["nonfinite"], consecutive_nonfinite = c["nonfinite"] + (not finite), 0 if finite else consecutive_nonfinite + 1
             log({"step": s, "n": n, **{k: round(v, 4) for k, v in parts.items()}, "ms": round(ms)})
         bar.write(f"step {s}: n {n} | loss {parts['loss']:.3f} (edit {parts['edit']:.3f} gen {parts['gen']:.3f} "
                   f"loc {parts['loc']:.4f} itm {parts['itm']:.3f}) | ES {parts['ES']:.2f} GS {parts['GS']:.2f} "
-                  f"LS {parts['LS']:.2f} | {ms:.0f}ms/step" + (f" | {nonfinite} non-finite or diverged steps skipped" if nonfinite else ""))
+                  f"LS {parts['LS']:.2f} | {ms:.0f}ms/step"
+                  + (f" | {c['nonfinite']} non-finite or diverged steps skipped" if c["nonfinite"] else ""))
         pending.clear()
         last_read = time.perf_counter()
         if consecutive_nonfinite >= 5:
@@ -470,10 +394,10 @@ def main() -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
 
-    while step < args.steps:
+    while c["step"] < args.steps:
         n = draw_n(sampler, args.batch_size, args.sample_n, args.p_single)
         batch, others = draw(sampler, train_records, n, args.extra_loc, args.loc_from, groups)
-        lr, weights = schedule(args, step)
+        lr, weights = schedule(args, c["step"])
         for group, scale in zip(optimizer.param_groups, scales):
             group["lr"] = lr * scale                        # × 1.0: the hypernetwork's lr exactly as scheduled
         loss, parts = train_step(runner, hypernet, batch, others, weights, args.tokens, args.chunk)
@@ -482,7 +406,8 @@ def main() -> None:
         parts["eta"] = first_editor.log_eta.detach().exp().mean()
         if args.aggregate != "sum":
             parts["lambda"] = first_editor.log_lambda.detach().exp().mean()
-        step += 1
+        c["step"] += 1
+        step = c["step"]
         pending.append((step, n, parts))
         bar.update(1)
         if step % args.log_every == 0:
@@ -502,17 +427,19 @@ def main() -> None:
         if step % args.val_every == 0 or step == args.steps:
             read_pending()
             val = validate()
-            improved = val["F1"] > best_f1
-            best_f1, bad_validations = (val["F1"], 0) if improved else (best_f1, bad_validations + 1)
+            usable = finite(hypernet)                       # a diverged editor is never best.pt
+            improved = usable and val["F1"] > c["best_f1"]
+            c["best_f1"], c["bad_validations"] = (val["F1"], 0) if improved else (c["best_f1"], c["bad_validations"] + 1)
             bar.write(f"val step {step}: ES {val['ES']:.3f} GS {val['GS']:.3f} LS {val['LS']:.3f} F1 {val['F1']:.3f}"
                       + (f" (n=1: {val['F1@1']:.3f}, n={args.val_n}: {val[f'F1@{args.val_n}']:.3f})" if args.val_n > 1 else "")
-                      + (" (best)" if improved else f" (best {best_f1:.3f})"))
+                      + (" (best)" if improved else f" (best {c['best_f1']:.3f})")
+                      + ("" if usable else "; non-finite weights: not saved as best.pt (lower --lr)"))
             log({"step": step, "val": val, "peak_mib": round(peak_mib(args.device))})   # device memory on CUDA, else RSS
             if improved:
                 save(best_path)
             save(latest_path)
             keep_states()
-            if bad_validations >= args.patience:
+            if c["bad_validations"] >= args.patience:
                 bar.write(f"early stop: no better validation F1 in {args.patience} validations")
                 break
             last_read = time.perf_counter()                 # ms/step counts training steps only
@@ -520,8 +447,8 @@ def main() -> None:
     bar.close()
     save(latest_path)
     keep_states()
-    print(f"done at step {step}; " + (f"best validation F1 {best_f1:.3f} in {best_path}" if os.path.exists(best_path)
-                                      else f"no validation in this run (--val-every {args.val_every}); {latest_path} holds it"))
+    print(f"done at step {c['step']}; " + (f"best validation F1 {c['best_f1']:.3f} in {best_path}" if os.path.exists(best_path)
+                                           else f"no validation in this run (--val-every {args.val_every}); {latest_path} holds it"))
 
 
 if __name__ == "__main__":

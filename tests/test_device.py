@@ -156,7 +156,7 @@ def test_resume_restores_the_training_gpus_generator_only(monkeypatch, capsys):
     """A checkpoint once held one CUDA generator state per visible GPU and a resume restored them all:
     with fewer GPUs visible it raised. Now only the training device's is saved and restored, and an
     older list gives the training device's entry where it has one."""
-    from train import restore_rng, rng_state
+    from checkpoint import restore_rng, rng_state
     states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
     restored = {}
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[torch.device(device).index or 0])

@@ -57,11 +57,12 @@ def test_checkpoint_rebuilds_editor_with_same_validation_numbers(trained):
 def test_loaded_editor_holds_no_optimizer_state(trained, monkeypatch):
     """evaluate.py reads the checkpoint on the host and keeps only the hypernetwork: Adam's moments
     (twice the hypernetwork's size) once sat on the evaluation device for the whole run."""
+    import checkpoint
     import evaluate
     out, _ = trained
     where = []
     load = torch.load
-    monkeypatch.setattr(evaluate.torch, "load", lambda *a, **k: where.append(k.get("map_location")) or load(*a, **k))
+    monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: where.append(k.get("map_location")) or load(*a, **k))
     _, _, hypernet, ckpt = evaluate.load_editor(str(out / "b" / "best.pt"), "cpu")
     assert where == ["cpu"] and "optimizer" not in ckpt and "hypernet" not in ckpt
     assert ckpt["step"] > 0 and not hypernet.training
@@ -190,8 +191,13 @@ def test_interrupted_evaluation_resumes(trained):
     assert full["summary"]["peak_mib"] > 50                              # torch alone takes more resident memory
     with open(out / "cut.json.partial.jsonl", "w") as f:               # another checkpoint's partial file
         f.writelines(lines[:2])
-    other = run("evaluate.py", *args[:1], out / "a" / "latest.pt", *args[2:], "--out", out / "cut.json")
-    assert "holds another evaluation (ckpt, ckpt_sha256 differ); starting afresh" in other.stdout
+    other = [*args[:1], out / "a" / "latest.pt", *args[2:], "--out", out / "cut.json"]
+    kept = open(out / "cut.json").read()
+    refused = run("evaluate.py", *other, check=False)                   # cut.json holds b's results: kept
+    assert refused.returncode != 0 and "holds the results of another checkpoint" in refused.stderr
+    assert open(out / "cut.json").read() == kept and "Traceback" not in refused.stderr
+    replaced = run("evaluate.py", *other, "--overwrite")
+    assert "holds another evaluation (ckpt, ckpt_sha256 differ); starting afresh" in replaced.stdout
 
 
 def test_evaluation_skip_takes_a_later_slice(trained):

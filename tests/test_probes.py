@@ -213,3 +213,88 @@ def test_a_diverged_loss_skips_the_update_on_the_device():
         train.update(net, optimizer, loss, parts, clip=1.0)
         assert (not torch.equal(weight.detach(), before)) == moves, scale
     assert optimizer.state[weight]["step"].item() == 1
+
+
+def wait_for(path, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.1)
+    assert os.path.exists(path), f"{path} never appeared"
+
+
+def test_a_second_run_into_the_same_out_stops_at_once(setting, tmp_path):
+    """Two real processes: a run owns its --out (train.py: the folder; evaluate.py: the results file);
+    the second stops with one line naming the first, and changes nothing of it."""
+    out, data_dir, common = setting
+    script = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, common), "--steps", "100000", "--val-every", "100000",
+              "--save-every", "100000", "--out", str(tmp_path / "run")]
+    first = subprocess.Popen(script, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(tmp_path / "run" / "run.lock")
+        second = run("train.py", *common, "--seed", "1", "--steps", "5", "--out", tmp_path / "run", check=False)
+        assert second.returncode != 0 and f"in use by another run (pid {first.pid}" in second.stderr
+        assert "Traceback" not in second.stderr and first.poll() is None
+    finally:
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=120)
+    assert not (tmp_path / "run" / "run.lock").exists()                        # released at the end
+    results = str(tmp_path / "r.json")
+    evaluation = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--ckpt", str(out / "b" / "best.pt"), "--data-dir", data_dir,
+                  "--limit", "5000", "--out", results]
+    first = subprocess.Popen(evaluation, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(results + ".lock")
+        second = run("evaluate.py", "--ckpt", out / "a" / "latest.pt", "--data-dir", data_dir, "--limit", "2", "--out", results, check=False)
+        assert second.returncode != 0 and f"in use by another run (pid {first.pid}" in second.stderr
+    finally:
+        first.send_signal(signal.SIGINT)
+        _, stderr = first.communicate(timeout=120)
+    assert "Traceback" not in stderr and "the same command resumes" in stderr   # Ctrl-C: one line
+
+
+def test_a_lock_left_by_a_dead_run_is_taken_over(tmp_path):
+    from checkpoint import RunLock
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "out.lock").write_text(dead.stdout.strip())
+    with RunLock(str(tmp_path / "out"), "--out out"):
+        assert (tmp_path / "out.lock").read_text() == str(os.getpid())
+    assert not (tmp_path / "out.lock").exists()
+
+
+def test_outputs_are_checked_before_any_work(setting, tmp_path, monkeypatch):
+    """A --cache-dir that is a file, a read-only --out: one line before the model is loaded."""
+    out, data_dir, common = setting
+    (tmp_path / "file").write_text("mine")
+    fails(train.main, [*common, "--cache-dir", tmp_path / "file", "--out", tmp_path / "new"], "--cache-dir", monkeypatch)
+    fails(evaluate.main, ["--ckpt", out / "b" / "best.pt", "--data-dir", data_dir, "--cache-dir", tmp_path / "file",
+                          "--out", tmp_path / "r.json"], "is a file; give a folder", monkeypatch)
+    assert (tmp_path / "file").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["file"]
+    if os.geteuid() != 0:                                                    # root writes anywhere
+        (tmp_path / "ro").mkdir(mode=0o555)
+        fails(train.main, [*common, "--out", tmp_path / "ro" / "run"], "cannot write", monkeypatch)
+
+
+def test_non_finite_weights_are_never_an_editor(setting, tmp_path, monkeypatch):
+    """A diverged checkpoint (NaN in the hypernetwork) is refused in one line by evaluate.py; train.py
+    never saves such weights as best.pt (--lr 1e300 diverges at the first step)."""
+    out, data_dir, common = setting
+    ckpt = torch.load(out / "b" / "best.pt", weights_only=False)
+    first = next(k for k, v in ckpt["hypernet"].items() if v.is_floating_point())
+    ckpt["hypernet"][first] = torch.full_like(ckpt["hypernet"][first], float("nan"))
+    torch.save(ckpt, tmp_path / "nan.pt")
+    fails(evaluate.main, ["--ckpt", tmp_path / "nan.pt", "--data-dir", data_dir, "--out", tmp_path / "r.json"],
+          "non-finite weights", monkeypatch)
+    result = run("train.py", *common, "--lr", "1e300", "--steps", "2", "--val-every", "2", "--out", tmp_path / "run", check=False)
+    assert not (tmp_path / "run" / "best.pt").exists() and "not saved as best.pt" in result.stdout + result.stderr
+
+
+def test_resume_after_a_torn_log_line(setting, tmp_path):
+    """Killed while writing log.jsonl: --resume drops the torn last line and goes on."""
+    _, _, common = setting
+    run("train.py", *common, "--steps", "3", "--val-every", "3", "--out", tmp_path / "run")
+    with open(tmp_path / "run" / "log.jsonl", "a") as f:
+        f.write('{"step": 4, "lo')
+    resumed = run("train.py", "--resume", "--steps", "4", "--out", tmp_path / "run")
+    assert "Traceback" not in resumed.stderr
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl") if '"val"' not in line]
+    assert steps == [1, 2, 3, 4]
