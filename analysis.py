@@ -355,7 +355,7 @@ def report(args: argparse.Namespace) -> None:
 def latent(args: argparse.Namespace) -> None:
     import torch
     from data import load
-    from evaluate import ibke_editor, load_editor
+    from editor import Editor, ibke_editor
     from runner import Runner
     edits = {"counterfact": load("counterfact", args.data_dir, "eval")["eval"][args.eval_skip:][:args.latent_n],
              "zsre": load("zsre", args.data_dir, "eval")["eval"][:args.latent_n],
@@ -364,7 +364,8 @@ def latent(args: argparse.Namespace) -> None:
     arrays = {"domain": np.array([d for d, _ in records]), "relation": np.array([r.relation or "" for _, r in records])}
     for name, seed in [(n, s) for n in args.latent_runs.split(",") for s in args.seeds]:
         ckpt = os.path.join(run_dir(args.out, name, seed), "best.pt")
-        model, tokenizer, hypernet, saved = load_editor(ckpt, args.device or "cpu", dtype=args.dtype)
+        loaded = Editor.load(ckpt, args.device or "cpu", dtype=args.dtype)
+        model, tokenizer, hypernet, saved = loaded.model, loaded.tokenizer, loaded.hypernet, loaded.ckpt
         runner, edit = Runner(model, tokenizer, list(hypernet.shapes), cache=False), ibke_editor(hypernet, saved["config"].get("tokens", "all"))
         seen = {key: [] for key in hypernet.editors}
         hooks = [net.to_mu.register_forward_hook(lambda m, i, o, key=key: seen[key].append(o.detach()))

@@ -25,7 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from data import encode, load
 from checkpoint import CheckpointError, editor_of, read_checkpoint
-from evaluate import ibke_editor, measure, peak_mib
+from editor import ibke_editor
+from evaluate import measure, peak_mib
 from hooks import grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights

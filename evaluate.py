@@ -37,12 +37,12 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, RunLock, check_folder, editor_of, is_results, read_checkpoint, resumable, write_json
+from checkpoint import CheckpointError, RunLock, check_folder, is_results, resumable, write_json
 from data import DataError, EditRequest, load, split_val
-from hooks import functional_edit, grad_decomposition
-from hypernet import IBKE
+from editor import Editor, ft_editor, ibke_editor, no_editor
+from hooks import functional_edit
 from losses import answer_nll
-from model import ModelError, add_device_args, check_device, load_model, weight_shape
+from model import ModelError, add_device_args
 from runner import Runner, index, take
 
 METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p"]
@@ -83,39 +83,6 @@ def summarise(results: list[dict]) -> dict[str, float]:
         out["S_p"] = harmonic(out["ES_p"], out["PS_p"], out["NS_p"])
     out["n"] = len(results)
     return out
-
-
-# -----------------------------------------------------------------------------
-# editors: (runner, batch of the edit rows) -> {module: ΔW}
-
-def ibke_editor(hypernet: IBKE, tokens: str = "all") -> Callable:
-    def edit(runner: Runner, batch: dict) -> dict[str, torch.Tensor]:
-        decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), batch, tokens,
-                                                 forward=lambda b: runner.scored_logits(b, split=False))
-        with torch.no_grad():
-            return hypernet(decomposition, mask, factored=None, chunk=64)[0]   # factors where cheaper; 64 edits encoded at a time
-    return edit
-
-
-def ft_editor(names: list[str], steps: int = 25, lr: float = 5e-4) -> Callable:
-    """FT-L: fine-tune the same modules on the edit prompts (Adam, a fixed number of steps)."""
-    def edit(runner: Runner, batch: dict) -> dict[str, torch.Tensor]:
-        deltas = {n: torch.zeros(*weight_shape(runner.model.get_submodule(n)), device=runner.model.device,
-                                 requires_grad=True) for n in names}
-        optimizer = torch.optim.Adam(deltas.values(), lr=lr)
-        for _ in range(steps):
-            with torch.enable_grad(), functional_edit(runner.model, deltas):
-                logits, targets, rows = runner.scored_logits(batch)
-                loss = answer_nll(logits, targets, rows, batch["labels"].shape[0]).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        return {n: d.detach() for n, d in deltas.items()}
-    return edit
-
-
-def no_editor(runner: Runner, batch: dict) -> dict[str, torch.Tensor]:
-    return {}
 
 
 # -----------------------------------------------------------------------------
@@ -213,16 +180,6 @@ def multihop(runner: Runner, deltas: dict, records: list[EditRequest], max_new_t
 # -----------------------------------------------------------------------------
 # rebuilding from a checkpoint
 
-def load_editor(path: str, device: str = "cpu", model_name: str | None = None, dtype: str | None = None) -> tuple:
-    """(model, tokenizer, hypernet, checkpoint) from the checkpoint alone (dtype: the base model's,
-    default the one trained with)."""
-    check_device(device, dtype or "float32")
-    ckpt = read_checkpoint(path)
-    model, tokenizer = load_model(model_name or ckpt["model"], dtype or ckpt["config"].get("dtype", "float32"), device)
-    hypernet, ckpt = editor_of(ckpt, model, path)
-    return model, tokenizer, hypernet, ckpt
-
-
 def table(rows: list[tuple[str, dict]]) -> str:
     cols = [c for c in METRICS + ["MH"] if any(c in r for _, r in rows)]
     lines = ["| run | " + " | ".join(cols) + " | ms/edit | peak MiB |", "|---" * (len(cols) + 3) + "|"]
@@ -301,7 +258,8 @@ def evaluate(args: argparse.Namespace) -> None:
     partial = args.out + ".partial.jsonl"
 
     try:
-        model, tokenizer, hypernet, ckpt = load_editor(args.ckpt, args.device, args.model, args.dtype)
+        loaded = Editor.load(args.ckpt, args.device, args.model, args.dtype)
+        model, tokenizer, hypernet, ckpt = loaded.model, loaded.tokenizer, loaded.hypernet, loaded.ckpt
         data_name = args.data or ckpt["config"]["data"]
         splits = load(data_name, args.data_dir, split="train" if args.split == "val" else args.split)
         if (args.split if args.split != "val" else "train") not in splits:

@@ -42,7 +42,8 @@ from tqdm import tqdm
 
 from checkpoint import RunLock, atomic_save, check_folder, finite, restore, resume_args, state, trim_log
 from data import DataError, EditRequest, load, split_val
-from evaluate import ibke_editor, measure, peak_mib, summarise
+from editor import ibke_editor
+from evaluate import measure, peak_mib, summarise
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl

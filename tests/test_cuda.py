@@ -15,7 +15,8 @@ import torch
 
 from conftest import DATA_DIR, reorder_rtol, tiny
 from data import load
-from evaluate import ibke_editor, measure
+from editor import ibke_editor
+from evaluate import measure
 from hooks import dense
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
@@ -196,14 +197,15 @@ def test_edit_time_starts_after_the_batchs_lower_blocks(tiny_setup_cuda, monkeyp
 
 
 def test_evaluation_keeps_no_optimizer_state_on_the_gpu(tiny_folders, tmp_path):
-    """load_editor puts the model and the hypernetwork on the GPU, not the checkpoint's Adam moments."""
-    from evaluate import load_editor
+    """Editor.load puts the model and the hypernetwork on the GPU, not the checkpoint's Adam moments."""
+    from editor import Editor
     run("train.py", "--model", tiny_folders["llama"], "--data-dir", DATA_DIR, "--device", "cuda", "--dtype", "float32",
         "--d-m", "256", "--latent-dim", "64", "--steps", "1", "--val-every", "1", "--val-size", "2", "--batch-size", "2",
         "--out", tmp_path / "run")
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()
-    model, _, hypernet, ckpt = load_editor(str(tmp_path / "run" / "best.pt"), "cuda")
+    loaded = Editor.load(str(tmp_path / "run" / "best.pt"), "cuda")
+    model, hypernet, ckpt = loaded.model, loaded.hypernet, loaded.ckpt
     held = sum(t.numel() * t.element_size() for m in (model, hypernet) for t in [*m.parameters(), *m.buffers()])
     assert torch.cuda.memory_allocated() - before <= held + 2 ** 20       # + 1 MiB: allocator rounding
     assert "optimizer" not in ckpt

@@ -13,7 +13,8 @@ from torch.utils._pytree import tree_flatten
 
 from conftest import tiny
 from data import load
-from evaluate import ft_editor, ibke_editor, measure, multihop, no_editor
+from editor import ft_editor, ibke_editor, no_editor
+from evaluate import measure, multihop
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
 from model import edit_module_names, native_dtype, weight_shape

@@ -6,7 +6,7 @@ import torch
 
 from conftest import reorder_rtol, tiny
 from data import encode, load
-from evaluate import ibke_editor
+from editor import ibke_editor
 from hooks import dense, functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl, scored

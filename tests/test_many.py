@@ -8,7 +8,8 @@ import torch
 
 from conftest import reorder_rtol, tiny
 from data import load
-from evaluate import ibke_editor, measure
+from editor import ibke_editor
+from evaluate import measure
 from hooks import dense
 from hypernet import IBKE, EditorConfig, ridge
 from model import edit_module_names, weight_shape

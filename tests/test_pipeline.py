@@ -58,12 +58,13 @@ def test_loaded_editor_holds_no_optimizer_state(trained, monkeypatch):
     """evaluate.py reads the checkpoint on the host and keeps only the hypernetwork: Adam's moments
     (twice the hypernetwork's size) once sat on the evaluation device for the whole run."""
     import checkpoint
-    import evaluate
+    from editor import Editor
     out, _ = trained
     where = []
     load = torch.load
     monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: where.append(k.get("map_location")) or load(*a, **k))
-    _, _, hypernet, ckpt = evaluate.load_editor(str(out / "b" / "best.pt"), "cpu")
+    loaded = Editor.load(str(out / "b" / "best.pt"), "cpu")
+    hypernet, ckpt = loaded.hypernet, loaded.ckpt
     assert where == ["cpu"] and "optimizer" not in ckpt and "hypernet" not in ckpt
     assert ckpt["step"] > 0 and not hypernet.training
 
@@ -281,7 +282,7 @@ def test_schedule_ramps_the_weights_between_its_fractions_and_holds_them():
 
 def test_bench_with_a_checkpoint_loads_one_model(trained, tmp_path, monkeypatch):
     """bench.py --ckpt takes the base model from the checkpoint and loads it once (it once loaded a
-    second copy through load_editor, after the peak-memory reset)."""
+    second copy, after the peak-memory reset)."""
     import sys
     import bench
     out, data_dir = trained

@@ -1,0 +1,147 @@
+"""
+Edit your own facts with a trained editor: see what the model says before and after, keep the result.
+
+    python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome"
+    python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" \\
+        --ask "The Eiffel Tower is located in the city of" --save edited/
+    python edit.py --ckpt out/ibke/best.pt --facts facts.jsonl --save edited/
+    python -c "from transformers import pipeline; print(pipeline('text-generation', 'edited/')('The Eiffel Tower is in'))"
+
+A fact file is a JSON list or JSON lines of {"prompt", "target"}, each with optional "subject",
+"rephrase" and "locality" (a prompt or a list of them): rephrases should take the new answer,
+locality prompts should not change. For each fact's prompt, each --ask prompt and each rephrase and
+locality prompt, the model's greedy continuation before and after the edit is printed side by side,
+with P(target) before and after on the facts' prompts and rephrases. All facts are written as one
+edit (the editor's own way of combining a batch). --save DIR writes the edited model, W + ΔW merged,
+as a Hugging Face folder that transformers loads with no code from here, and DIR/edits.json.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+from checkpoint import CheckpointError
+from editor import Editor, Fact, as_fact
+from model import ModelError, add_device_args
+
+
+def read_facts(path: str) -> list[Fact]:
+    """The facts in a JSON list or JSON-lines file; one line naming the problem (and its line) if not."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"error: --facts {path}: cannot read it ({getattr(err, 'strerror', None) or err})")
+    try:
+        items = json.loads(text)
+        items = items if isinstance(items, list) else [items]
+        where = [f"item {i}" for i in range(len(items))]
+    except ValueError:
+        items, where = [], []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append(json.loads(line))
+                except ValueError as err:
+                    raise SystemExit(f"error: --facts {path} line {i} is not JSON ({err.msg}); one "
+                                     f'{{"prompt": ..., "target": ...}} per line, or a JSON list') from None
+                where.append(f"line {i}")
+    facts = []
+    for item, at in zip(items, where):
+        problem = check_fact(item)
+        if problem:
+            raise SystemExit(f"error: --facts {path} {at}: {problem}")
+        facts.append(as_fact(item))
+    if not facts:
+        raise SystemExit(f"error: --facts {path} holds no facts")
+    return facts
+
+
+def check_fact(item) -> str | None:
+    """What is wrong with one fact (a dict), or None."""
+    if not isinstance(item, dict):
+        return f'a fact is {{"prompt": ..., "target": ...}}, not {type(item).__name__}'
+    for key in ("prompt", "target"):
+        if not isinstance(item.get(key), str) or not item[key].strip():
+            return f'"{key}" must be a non-empty string'
+    for key in ("rephrase", "locality"):
+        value = item.get(key)
+        if value is not None and not (isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return f'"{key}" must be a prompt or a list of prompts'
+    return None
+
+
+def show(editor: Editor, facts: list[Fact], asks: list[str], deltas: dict, max_new_tokens: int) -> None:
+    """Before and after, side by side: continuations of every prompt; P(target) where a target applies."""
+    rows = [("fact", f.prompt, f.target) for f in facts] + [("rephrase", q, f.target) for f in facts for q in f.rephrase]
+    rows += [("locality", q, None) for f in facts for q in f.locality] + [("ask", q, None) for q in asks]
+    prompts = [p for _, p, _ in rows]
+    scored = [(p, t) for _, p, t in rows if t is not None]
+    before = editor.generate(prompts, max_new_tokens)
+    p_before = editor.probability(*zip(*scored)) if scored else []
+    with editor.applied(deltas):
+        after = editor.generate(prompts, max_new_tokens)
+        p_after = editor.probability(*zip(*scored)) if scored else []
+    probs = iter(zip(p_before, p_after))
+    for (kind, prompt, target), b, a in zip(rows, before, after):
+        print(f"[{kind}] {prompt}")
+        print(f"    before: {b.strip()!r}")
+        print(f"    after:  {a.strip()!r}")
+        if target is not None:
+            pb, pa = next(probs)
+            print(f"    P({target!r}): {pb:.3f} -> {pa:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("prompt", nargs="?", help="the fact's prompt, e.g. \"The Eiffel Tower is in\"")
+    parser.add_argument("target", nargs="?", help="its new answer, e.g. \"Rome\"")
+    parser.add_argument("--ckpt", required=True, help="an editor checkpoint of train.py (best.pt)")
+    parser.add_argument("--facts", default=None, help="a JSON list or JSON-lines file of facts (see above), instead of or besides PROMPT TARGET")
+    parser.add_argument("--ask", action="append", default=[], help="another prompt to show before and after (repeatable)")
+    parser.add_argument("--save", default=None, metavar="DIR", help="write the edited model (W + ΔW) and edits.json to DIR (new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="--save into a non-empty DIR, replacing it")
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens of each greedy continuation")
+    parser.add_argument("--memory", default=None, metavar="FILE",
+                        help="add the facts to a lifelong edit memory instead of merging them: not built yet (issue 31); "
+                             "until then, many facts are one merged edit")
+    parser.add_argument("--model", default=None, help="override the checkpoint's base model (it must have the same edited modules)")
+    add_device_args(parser, dtype_default=None)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    if args.memory:
+        raise SystemExit("error: --memory: the lifelong edit memory is not built yet; leave it out to merge the facts into one edit")
+    if (args.prompt is None) != (args.target is None):
+        raise SystemExit('error: give a prompt and its target ("The Eiffel Tower is in" "Rome"), or --facts FILE')
+    facts = read_facts(args.facts) if args.facts else []
+    if args.prompt is not None:
+        problem = check_fact({"prompt": args.prompt, "target": args.target})
+        if problem:
+            raise SystemExit(f"error: {problem}")
+        facts.insert(0, Fact(args.prompt, args.target))
+    if not facts:
+        raise SystemExit('error: nothing to edit: give a prompt and its target, or --facts FILE')
+    if args.max_new_tokens < 1:
+        raise SystemExit(f"error: --max-new-tokens {args.max_new_tokens}: give at least 1")
+    if args.save and os.path.isdir(args.save) and os.listdir(args.save) and not args.overwrite:
+        raise SystemExit(f"error: --save {args.save} is not empty; give an empty or new folder, or --overwrite")
+    try:
+        editor = Editor.load(args.ckpt, args.device, args.model, args.dtype)
+    except (CheckpointError, ModelError) as err:
+        raise SystemExit(f"error: {err}")
+    if len(facts) > editor.trained_n:
+        print(f"note: {len(facts)} facts in one edit; this editor was trained on up to {editor.trained_n} at once, "
+              f"so expect weaker edits (many facts over time are what the edit memory, issue 31, is for)")
+    deltas = editor.edit(facts)
+    print(f"{len(facts)} fact(s) edited in {time.perf_counter() - start:.1f}s (from the command's start)\n")
+    show(editor, facts, args.ask, deltas, args.max_new_tokens)
+    if args.save:
+        try:
+            editor.save(args.save, deltas, facts, overwrite=args.overwrite)
+        except (ValueError, OSError) as err:
+            raise SystemExit(f"error: {err}")
+        print(f"\nsaved the edited model to {args.save} (W + ΔW in {str(editor.model.dtype).split('.')[-1]}; edits.json beside it)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
