@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, RunLock, check_folder, is_results, resumable, write_json
 from data import DataError, EditRequest, load, split_val
-from editor import Editor, ft_editor, ibke_editor, no_editor
+from editor import Editor, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit
 from losses import answer_nll
 from model import ModelError, add_device_args
@@ -287,11 +287,7 @@ def evaluate(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --skip {args.skip} leaves no records of {data_name} {args.split} ({total} in all)")
 
     # everything the numbers depend on: the checkpoint's content, the records, every flag but --out, --overwrite
-    content = hashlib.sha256()
-    with open(args.ckpt, "rb") as f:
-        while chunk := f.read(1 << 24):
-            content.update(chunk)
-    signature = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}, "data": data_name, "ckpt_sha256": content.hexdigest(),
+    signature = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}, "data": data_name, "ckpt_sha256": sha256(args.ckpt),
                  "records_sha256": hashlib.sha256(repr([dataclasses.astuple(r) for b in batches for r in b]).encode()).hexdigest()}
     if is_results(args.out) and not args.overwrite:
         before = json.load(open(args.out)).get("signature", {}).get("ckpt_sha256")
