@@ -24,6 +24,7 @@ complete they move into --out, which is never a file evaluate.py did not write. 
 last 128 tokens, answers their first 32 (data.MAX_ANSWER).
 """
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,8 +40,9 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, RunLock, check_folder, is_results, resumable, write_json
 from data import DataError, EditRequest, load, split_val
-from editor import Editor, ft_editor, ibke_editor, no_editor, sha256
-from hooks import functional_edit
+from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
+from hooks import functional_edit, merge, restore
+from memory import EditMemory, Key, MemoryFileError
 from losses import answer_nll
 from model import ModelError, add_device_args
 from runner import Runner, index, take
@@ -62,12 +64,13 @@ def harmonic(*xs: float) -> float:
 
 
 def score_rows(pre, post, n_rows: int) -> dict[str, torch.Tensor]:
-    """Per row: token accuracy, agreement with the pre-edit argmax, mean NLL. pre/post: scored triples;
-    pre may cover only some rows (the locality ones; None: none), whose agreement is then the only one computed."""
+    """Per row: token accuracy, agreement with the pre-edit argmax, mean NLL. post: a scored triple;
+    pre: (argmax (P,), rows (P,)) at some rows' scored positions, row-major (the locality ones; None:
+    none), whose agreement is then the only one computed."""
     logits, targets, rows = post
-    pre_logits, _, pre_rows = pre if pre is not None else (logits[:0], None, rows[:0])
+    pre_top, pre_rows = pre if pre is not None else (targets[:0], rows[:0])
     at = torch.isin(rows, pre_rows)                                  # pre's rows, in the same row-major order
-    agree = logits[at].argmax(-1) == pre_logits.argmax(-1)
+    agree = logits[at].argmax(-1) == pre_top
     return {"acc": per_row(logits.argmax(-1) == targets, rows, n_rows),
             "agree": per_row(agree, rows[at], n_rows),
             "nll": answer_nll(logits.detach(), targets, rows, n_rows)}
@@ -116,8 +119,8 @@ def measure(runner: Runner, editor: Callable, records: list[EditRequest], rows_p
     grow with the number of edits."""
     prompts, targets, kinds = rows_of(records)
     n = len(records)
-    bounds = [0] + list(range(max(n, rows_per_pass), len(prompts), rows_per_pass)) + [len(prompts)]
-    first = runner.batch(prompts[:bounds[1]], targets[:bounds[1]])
+    end = min(max(n, rows_per_pass), len(prompts))   # the first pass: the edit rows and more
+    first = runner.batch(prompts[:end], targets[:end])
     cuda = runner.device.type == "cuda"
     if cuda:
         torch.cuda.synchronize(runner.device)          # the batch's lower blocks are done before the clock starts
@@ -126,17 +129,37 @@ def measure(runner: Runner, editor: Callable, records: list[EditRequest], rows_p
     if cuda:
         torch.cuda.synchronize(runner.device)          # the edit's time, not its launch
     seconds = time.perf_counter() - start
+    results = score(runner, records, lambda prompts: functional_edit(runner.model, deltas), rows_per_pass=rows_per_pass, first=first)
+    return results, seconds, deltas
+
+
+def score(runner: Runner, records: list[EditRequest], edited: Callable, reference: dict | None = None,
+          rows_per_pass: int = 512, first: dict | None = None) -> list[dict]:
+    """Per-record metrics of `records`' rows, each pass run inside `edited(its prompts)` (a context).
+    LS compares with the pre-edit argmax at the locality rows: `reference` ({(prompt, answer): argmax
+    list}, the original model's, from references()) or, without it, the model outside `edited` now.
+    first: the first pass's batch, already built."""
+    prompts, targets, kinds = rows_of(records)
+    n = len(records)
+    bounds = [0] + list(range(max(n, rows_per_pass), len(prompts), rows_per_pass)) + [len(prompts)]
     s = {"acc": [], "agree": [], "nll": []}            # per row; nll: mean NLL per answer token
     for a, b in zip(bounds, bounds[1:]):
-        batch = first if a == 0 else runner.batch(prompts[a:b], targets[a:b])
+        batch = first if a == 0 and first is not None else runner.batch(prompts[a:b], targets[a:b])
         loc = [r for r in range(b - a) if kinds[a + r][0] == "loc"]
         pre = None
-        if loc:
+        if loc and reference is not None:               # the original model's argmax, read before any edit
+            pre = (torch.tensor([t for r in loc for t in reference[batch["keys"][r]]], device=runner.device),
+                   index([r for r in loc for _ in reference[batch["keys"][r]]], runner.device))
+        elif loc:
             with torch.no_grad():                      # pre-edit logits: needed at the locality rows only
-                pre_logits, pre_targets, pre_rows = runner.scored_logits(take(batch, loc))
-            pre = (pre_logits, pre_targets, index(loc, runner.device)[pre_rows])   # rows numbered as in batch
-        with functional_edit(runner.model, deltas), torch.no_grad():
-            post = runner.scored_logits(batch)
+                pre_logits, _, pre_rows = runner.scored_logits(take(batch, loc))
+            pre = (pre_logits.argmax(-1), index(loc, runner.device)[pre_rows])   # rows numbered as in batch
+        with edited(prompts[a:b]) as routing, torch.no_grad():
+            runner.on_part = getattr(routing, "select", None)      # a memory routes per row
+            try:
+                post = runner.scored_logits(batch)
+            finally:
+                runner.on_part = None
         for k, v in score_rows(pre, post, b - a).items():                # one read per pass
             s[k] += v.tolist()
     acc, agree, nll = s["acc"], s["agree"], s["nll"]
@@ -159,7 +182,82 @@ def measure(runner: Runner, editor: Callable, records: list[EditRequest], rows_p
         if loc_new:
             r["NS_p"] = statistics.fmean(float(nll[a] < nll[b]) for a, b in zip(locs, loc_new))
         results.append(r)
-    return results, seconds, deltas
+    return results
+
+
+@torch.no_grad()
+def references(runner: Runner, records: list[EditRequest], rows_per_pass: int = 512) -> dict:
+    """The unedited model's argmax at the scored positions of every locality row: {(prompt, answer): list}."""
+    pairs = list(dict.fromkeys((q, a) for r in records for q, a in r.locality))
+    out = {}
+    for i in range(0, len(pairs), rows_per_pass):
+        batch = runner.batch(*map(list, zip(*pairs[i:i + rows_per_pass])))
+        logits, _, rows = runner.scored_logits(batch)
+        top, rows = logits.argmax(-1).tolist(), rows.tolist()
+        for r, key in enumerate(batch["keys"]):
+            out[key] = [t for t, row in zip(top, rows) if row == r]
+    return out
+
+
+def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditRequest], runner: Runner, editor: Callable) -> dict:
+    """The lifelong protocol: the T records' edits in order, n at a time, each batch kept on top of all
+    earlier ones (merge: its ΔW, computed on the model as it stands, written into the weights; memory:
+    edited alone on the original model and stored, memory.py); after the last, every edit measured again,
+    locality against the ORIGINAL model's answers. The first 100 edits are also measured after 100,
+    1,000 and 10,000 edits (retention). A memory is saved to --memory every 500 edits and at the end,
+    and a run resumes from it."""
+    T, n = len(records), args.edits_per_batch
+    reference = references(runner, records)                 # before any edit
+    start, retention, seconds = 0, {}, 0.0
+    if args.sequential == "memory":
+        memory = open_memory(args, loaded, records)
+        start = len(memory)
+        edited = lambda prompts: memory.applied(memory.route(prompts))
+    else:
+        master = {}                                          # float32 weights of the edited modules
+        originals = {m: loaded.model.get_submodule(m).weight.detach().clone() for m in loaded.names}
+        edited = lambda prompts: contextlib.nullcontext()
+    try:
+        for i in tqdm(range(start, T, n), desc=f"{args.sequential} n={n}", initial=start // n, total=-(-T // n)):
+            batch = records[i:i + n]
+            clock = time.perf_counter()
+            if args.sequential == "memory":
+                memory.add(batch)
+            else:
+                edit_rows = runner.batch([r.prompt for r in batch], [r.target for r in batch])
+                merge(runner.model, editor(runner, edit_rows), master)
+            seconds += time.perf_counter() - clock
+            done = i + len(batch)
+            if args.sequential == "memory" and (done % 500 < n or done == T):
+                memory.save(args.memory)
+            if done in (100, 1000, 10000) and done < T:
+                retention[done] = summarise(score(runner, records[:100], edited, reference))
+        results = score(runner, records, edited, reference)
+    finally:
+        if args.sequential == "merge":
+            restore(runner.model, originals)
+    retention[T] = summarise(results[:100])
+    out = {"results": results, "seconds": seconds, "edits": T - start, "retention": retention}
+    if args.sequential == "memory":
+        out["memory"] = {"file": args.memory, "edits": len(memory), "rank": memory.rank, "bytes_per_edit": memory.bytes_per_edit(),
+                         "routed": memory.key.config() | {"threshold": memory.key.threshold}}
+    return out
+
+
+def open_memory(args: argparse.Namespace, loaded: Editor, records: list[EditRequest]) -> EditMemory:
+    """--memory: resumed if the file holds the first k of these records' facts, else a new memory with --key."""
+    if os.path.exists(args.memory):
+        memory = EditMemory.load(args.memory, loaded)
+        mine = [vars(as_fact(r)) for r in records[:len(memory)]]
+        if memory.facts != mine:
+            raise MemoryFileError(f"--memory {args.memory} holds other facts than the first {len(memory)} of these records; "
+                              f"give a new --memory file")
+        print(f"resuming {args.memory}: {len(memory)} of {len(records)} edits stored")
+        return memory
+    key_path = args.key or os.path.join(os.path.dirname(args.ckpt), "key.pt")
+    if not os.path.exists(key_path):
+        raise MemoryFileError(f"no key at {key_path}; learn one with `python memory.py key --ckpt {args.ckpt}` or give --key")
+    return EditMemory(loaded, Key.rebuild(torch.load(key_path, weights_only=False)), args.rank)
 
 
 def multihop(runner: Runner, deltas: dict, records: list[EditRequest], max_new_tokens: int = 12) -> dict:
@@ -203,6 +301,9 @@ def check_args(args: argparse.Namespace) -> None:
     rules = [(args.limit is None or args.limit >= 1, f"--limit {args.limit}: give at least 1 (leave it out for all records)"),
              (args.skip >= 0, f"--skip {args.skip}: give 0 or more"),
              (args.edits_per_batch >= 1, f"--edits-per-batch {args.edits_per_batch}: give at least 1"),
+             (args.rank >= 1, f"--rank {args.rank}: give at least 1"),
+             (args.sequential != "memory" or args.memory, "--sequential memory needs --memory FILE (where the memory is kept)"),
+             (args.sequential is None or args.method != "none", "--sequential with --method none: nothing to keep; give ibke or ft"),
              (args.ft_steps >= 1, f"--ft-steps {args.ft_steps}: give at least 1"),
              (math.isfinite(args.ft_lr) and args.ft_lr > 0, f"--ft-lr {args.ft_lr}: give a positive finite learning rate")]
     for ok, problem in rules:
@@ -242,6 +343,11 @@ def main() -> None:
     parser.add_argument("--out", default="results.json", help="where the summary goes (per-batch progress: <out>.partial.jsonl)")
     parser.add_argument("--cache-dir", default=None, help="keep the frozen lower blocks' states of the texts evaluated in this folder (as train.py's): "
                         "evaluating the same records again (another checkpoint, another n) skips that work; peak memory then includes them")
+    parser.add_argument("--sequential", default=None, choices=["merge", "memory"], help="lifelong protocol: the records' edits in order, --edits-per-batch at a time, "
+                        "all kept (merge: written into the weights one batch after another; memory: memory.py), then all measured again")
+    parser.add_argument("--memory", default=None, help="--sequential memory: the memory file (resumed if it holds the first k records' edits; saved every 500)")
+    parser.add_argument("--key", default=None, help="--sequential memory, a new memory: the key from `python memory.py key` (default: key.pt beside --ckpt)")
+    parser.add_argument("--rank", type=int, default=4, help="--sequential memory, a new memory: rank r at which each edit's update is stored")
     parser.add_argument("--overwrite", action="store_true", help="replace an --out that holds the results of another checkpoint (else refused)")
     args = parser.parse_args()
     check_args(args)
@@ -294,6 +400,43 @@ def evaluate(args: argparse.Namespace) -> None:
         if before != signature["ckpt_sha256"]:
             raise SystemExit(f"error: --out {args.out} holds the results of another checkpoint; give another --out, "
                              f"or --overwrite to replace them")
+    if args.sequential:
+        if data_name.startswith("mquake"):
+            raise SystemExit("error: --sequential takes single-hop records (counterfact, zsre); for MQuAKE use memory.py")
+        try:
+            line = sequential(args, loaded, records, runner, editor)
+        except MemoryFileError as err:
+            raise SystemExit(f"error: {err}")
+        done = [line]
+    else:
+        done = run_batches(args, batches, runner, editor, data_name, partial, signature)
+    if states_path:
+        runner.save_states(states_path)
+    results = [r for line in done for r in line["results"]]
+    summary = summarise(results)
+    if args.sequential and len(results) > 1000:                # chosen on the first 1,000 records; the rest apart
+        summary["after_1000"] = summarise(results[1000:])
+    if data_name.startswith("mquake"):
+        summary["MH"] = statistics.fmean(line["results"][0]["MH"] for line in done)
+    edits = sum(line["edits"] for line in done)             # made in this sitting (a resumed memory: maybe none)
+    if edits:
+        summary["ms_per_edit"] = 1000 * sum(line["seconds"] for line in done) / edits
+    summary["peak_mib"] = peak_mib(runner.device)                # this sitting's, model included
+    write_json(args.out, {"summary": summary, "args": vars(args), "trained": {"model": ckpt["model"], "step": ckpt["step"], "config": ckpt["config"]},
+                          "signature": signature, "batches": done})
+    if os.path.exists(partial):
+        os.remove(partial)                                    # finished: the batches are in --out
+    name = f"{args.method} n={args.edits_per_batch}" if not data_name.startswith("mquake") else f"{args.method} {data_name}"
+    if args.sequential:
+        name = f"{args.method} {args.sequential} T={len(results)} n={args.edits_per_batch}"
+        for t, r in done[0]["retention"].items():
+            print(f"first 100 edits after {t}: F1 {r.get('F1', 0):.3f} (ES {r['ES']:.3f} GS {r.get('GS', 0):.3f} LS {r.get('LS', 0):.3f})")
+    print(table([(name, summary)] + ([(f"{name}, records 1000+", summary["after_1000"])] if "after_1000" in summary else [])))
+    print(f"wrote {args.out}")
+
+
+def run_batches(args, batches, runner, editor, data_name, partial, signature) -> list[dict]:
+    """Each batch edited, measured and dropped; one line per batch in the partial file (resumable)."""
     done = resumable(partial, signature, len(batches))
     with open(partial, "w" if not done else "a") as f:
         if not done:
@@ -308,20 +451,7 @@ def evaluate(args: argparse.Namespace) -> None:
             f.write(json.dumps(line) + "\n")
             f.flush()
             done.append(line)
-    if states_path:
-        runner.save_states(states_path)
-    results = [r for line in done for r in line["results"]]
-    summary = summarise(results)
-    if data_name.startswith("mquake"):
-        summary["MH"] = statistics.fmean(line["results"][0]["MH"] for line in done)
-    summary["ms_per_edit"] = 1000 * sum(line["seconds"] for line in done) / sum(line["edits"] for line in done)
-    summary["peak_mib"] = peak_mib(runner.device)                # this sitting's, model included
-    write_json(args.out, {"summary": summary, "args": vars(args), "trained": {"model": ckpt["model"], "step": ckpt["step"], "config": ckpt["config"]},
-                          "signature": signature, "batches": done})
-    os.remove(partial)                                        # finished: the batches are in --out
-    name = f"{args.method} n={args.edits_per_batch}" if not data_name.startswith("mquake") else f"{args.method} {data_name}"
-    print(table([(name, summary)]))
-    print(f"wrote {args.out}")
+    return done
 
 
 if __name__ == "__main__":

@@ -122,6 +122,19 @@ def apply_delta(model: nn.Module, deltas: dict) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
+def merge(model: nn.Module, deltas: dict, master: dict[str, torch.Tensor]) -> None:
+    """One more edit written for good, as sequential editing keeps them: W ← W + ΔW summed in float32
+    in `master` ({name: W}, float32, filled on first use; the model's own weights are its rounding), so
+    that thousands of small updates do not each lose their low bits to a bf16 weight."""
+    for name, delta in deltas.items():
+        module = model.get_submodule(name)
+        if name not in master:
+            master[name] = module.weight.detach().float().clone()
+        master[name] += _weight_delta(module, dense(delta).float())
+        module.weight.copy_(master[name])
+
+
+@torch.no_grad()
 def restore(model: nn.Module, originals: dict[str, torch.Tensor]) -> None:
     """Put the saved weights back, bit for bit (W + ΔW − ΔW would not be exact in floating point)."""
     for name, weight in originals.items():

@@ -157,6 +157,7 @@ class Runner:
         # rows of similar length run together on a CPU, where padding costs as much as text; a GPU at
         # these sizes waits on kernel launches, not arithmetic, so there a pass takes all its rows
         self.free = float("inf") if self.device.type == "cuda" else 128
+        self.on_part = None         # called with the batch rows each pass of _final runs (memory.Routing.select)
         if cache:
             self.hidden, self.hidden_at = Store(width, model.dtype, self.keep), {}     # entering the block: text -> offset
             self.hidden_n, self.on_disk = {}, set()                                     # text -> its tokens; texts in the states file
@@ -202,6 +203,8 @@ class Runner:
         states, order = [], []
         for group in groups:
             part = take(batch, group)
+            if self.on_part is not None:
+                self.on_part(group)
             rows, cols = positions(part)
             final = run_from_block(self.model, self.block, part["hidden"], padding(part))   # (b, t, C)
             states.append(final[index(rows, self.device), index(cols, self.device)])

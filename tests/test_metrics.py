@@ -20,7 +20,7 @@ def test_token_accuracy_agreement_and_nll_per_row():
     targets = torch.tensor([1, 2, 3, 0, 0, 4])
     post = one_hot_logits([1, 4, 3, 0, 1, 4])           # row 0: 1 of 2 right; row 1: right; row 2: 2 of 3
     pre = one_hot_logits([1, 4, 0, 0, 0, 0])            # agreement with post: row 0 2/2, row 1 0/1, row 2 1/3
-    s = score_rows((pre, targets, rows), (post, targets, rows), 3)
+    s = score_rows((pre.argmax(-1), rows), (post, targets, rows), 3)
     assert s["acc"].tolist() == pytest.approx([0.5, 1.0, 2 / 3])
     assert s["agree"].tolist() == pytest.approx([1.0, 0.0, 1 / 3])
     right, wrong = (-torch.log_softmax(torch.tensor([10.0, 0, 0, 0, 0]), 0))[[0, 1]].tolist()

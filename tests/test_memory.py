@@ -1,0 +1,144 @@
+"""memory.py: a memory of one edit runs that edit on the rows it routes and the original model, bit for bit,
+on the others; stored at rank r it is ΔW's best rank-r approximation; saved and loaded it gives the same
+outputs; a file of another model or editor is refused in one line. evaluate.py --sequential end to end."""
+import json
+
+import pytest
+import torch
+
+from conftest import DATA_DIR, reorder_rtol, run
+from editor import Editor, Fact
+from hooks import functional_edit
+from memory import EditMemory, Key, MemoryFileError, low_rank, prompt_features, train_key
+
+FACT = Fact("The Eiffel Tower is in", "Rome")
+OTHER = "The Colosseum is in the city of"
+
+
+@pytest.fixture(scope="module")
+def editor(trained):
+    """The tiny run's editor, its model's token rows past the first 101 made distinct (resized to the GPT-2
+    vocabulary, they are all one vector, and every prompt of a length would have one key)."""
+    editor = Editor.load(str(trained[0] / "b" / "best.pt"), "cpu")
+    emb = editor.model.get_input_embeddings().weight
+    with torch.no_grad():
+        emb[101:] = torch.randn(emb[101:].shape, generator=torch.Generator().manual_seed(0)) * 0.02
+    return editor
+
+
+PROMPTS = ["The Eiffel Tower is in", "The Louvre is in", "Mount Fuji rises above the plains of", "Berlin is the capital of",
+           "Tokyo is in", "The mother tongue of Danielle Darrieux is", "Michel Rocard is a native speaker of",
+           "Apple was founded by", "The Nile flows into", "Toyota's headquarters are in"]
+
+
+def untrained_key(editor, threshold):
+    """No projection; standardised by a few prompts' statistics (raw states share one large direction)."""
+    key = Key(editor.model.config.hidden_size, layer=1, learned=False)
+    f = prompt_features(editor.model, editor.tokenizer, PROMPTS, 1)
+    train_key(key, f, f, f)
+    key.threshold = threshold
+    return key
+
+
+def logits(editor, prompts):
+    ids = editor.tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return editor.model(**ids).logits
+
+
+def test_low_rank_is_the_truncated_svd():
+    torch.manual_seed(0)
+    A, B = torch.randn(5, 12), torch.randn(5, 7)                              # ΔW = AᵀB, rank 5
+    dense = A.T @ B
+    a, b = low_rank((A, B), 8)                                                 # rank 8 ≥ 5: exact, zero rows past 5
+    torch.testing.assert_close(a.T @ b, dense, rtol=0, atol=1e-5 * dense.abs().max().item())  # float32 rounding of a double SVD
+    assert a[5:].abs().max() == 0 and b[5:].abs().max() == 0
+    u, s, vh = torch.linalg.svd(dense.double())
+    a2, b2 = low_rank((A, B), 2)
+    best = (u[:, :2] * s[:2]) @ vh[:2]                                         # Eckart–Young: the best rank 2
+    torch.testing.assert_close((a2.T @ b2).double(), best, rtol=0, atol=1e-5 * dense.abs().max().item())
+    a3, b3 = low_rank(dense, 2)                                                # from the dense form: the same
+    torch.testing.assert_close(a3.T @ b3, a2.T @ b2, rtol=0, atol=1e-5 * dense.abs().max().item())
+
+
+def test_one_edit_routed_rows_edited_others_untouched(editor):
+    memory = EditMemory(editor, untrained_key(editor, threshold=0.999), rank=64, dtype=torch.float32)
+    memory.add([FACT])
+    routes = memory.route([FACT.prompt, OTHER])
+    assert routes.tolist() == [0, -1]                                          # its own prompt: cosine 1
+    before = logits(editor, [FACT.prompt, OTHER])
+    with memory.applied(routes):
+        after = logits(editor, [FACT.prompt, OTHER])
+    factors = {m: (memory.a[m][0], memory.b[m][0]) for m in memory.a}
+    with functional_edit(editor.model, factors):
+        edited = logits(editor, [FACT.prompt, OTHER])
+    assert torch.equal(after[1], before[1])                                    # no edit: the original model exactly
+    tol = reorder_rtol(4 * editor.model.config.hidden_size, editor.model.config.n_layer) * edited.abs().max().item()
+    torch.testing.assert_close(after[0], edited[0], rtol=0, atol=tol)          # (R, T, ·) batched products: other order
+    assert (after[0] - before[0]).abs().max() > 100 * tol                      # and the edit is there
+    dense = editor.edit([FACT])                                                # the stored edit is the editor's
+    for m, d in dense.items():
+        torch.testing.assert_close(memory.a[m][0].T @ memory.b[m][0], d, rtol=0, atol=1e-5 * d.abs().max().item())
+
+
+def test_saved_memory_loads_and_answers_alike(editor, trained, tmp_path):
+    memory = EditMemory(editor, untrained_key(editor, threshold=0.999))
+    memory.add([FACT, ("The Louvre is in", "Berlin")])
+    path = str(tmp_path / "m.mem")
+    memory.save(path)
+    again = EditMemory.load(path, editor)
+    prompts = [FACT.prompt, OTHER, "The Louvre is in"]
+    assert again.route(prompts).tolist() == memory.route(prompts).tolist() == [0, -1, 1]
+    with memory.applied(memory.route(prompts)):
+        a = logits(editor, prompts)
+    with again.applied(again.route(prompts)):
+        b = logits(editor, prompts)
+    assert torch.equal(a, b) and len(again) == 2 and again.facts[1]["target"] == "Berlin"
+    again.add([("Mount Fuji rises above the plains of", "Oslo")])             # extended later
+    assert again.route(["Mount Fuji rises above the plains of"]).tolist() == [2]
+    other = Editor.load(str(trained[0] / "a" / "latest.pt"), "cpu")            # same model, another editor
+    with pytest.raises(MemoryFileError, match="another editor checkpoint"):
+        EditMemory.load(path, other)
+    state = torch.load(path, weights_only=False)
+    state["model"] = "gpt2-xl"
+    torch.save(state, path)
+    with pytest.raises(MemoryFileError, match="edits of model gpt2-xl"):
+        EditMemory.load(path, editor)
+
+
+def test_learned_key_pulls_rephrases_to_their_prompt(editor):
+    prompts = ["The Eiffel Tower is in", "The Louvre is in", "Berlin is the capital of", "Tokyo is in"] * 8
+    rephrases = ["Where is the Eiffel Tower? In", "Where is the Louvre? In", "What is Berlin the capital of?", "Where is Tokyo?"] * 8
+    neighbours = ["The Colosseum is in", "The Prado is in", "Rome is the capital of", "Osaka is in"] * 8
+    f = [prompt_features(editor.model, editor.tokenizer, x, 1) for x in (prompts, rephrases, neighbours)]
+    key = Key(editor.model.config.hidden_size, layer=1, dim=16)
+    losses = train_key(key, *f, steps=60, batch=8, seed=0)
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10               # it learns
+
+
+def test_sequential_protocols_end_to_end(trained, tmp_path):
+    ckpt = trained[0] / "b" / "best.pt"
+    out = run("memory.py", "key", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--layer", "1", "--dim", "16",
+              "--train-records", "64", "--val-records", "16", "--steps", "20", "--out", tmp_path / "key.pt")
+    assert "routing among 16 edits" in out.stdout
+    common = ["--ckpt", ckpt, "--data-dir", DATA_DIR, "--limit", "6", "--edits-per-batch", "2"]
+    run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "m.mem", "--key", tmp_path / "key.pt",
+        "--out", tmp_path / "mem.json")
+    res = json.load(open(tmp_path / "mem.json"))
+    assert res["summary"]["n"] == 6 and res["batches"][0]["memory"]["edits"] == 6
+    assert "6 edits" in run("memory.py", "show", tmp_path / "m.mem").stdout
+    run("evaluate.py", *common, "--sequential", "merge", "--out", tmp_path / "merge.json")
+    assert json.load(open(tmp_path / "merge.json"))["summary"]["n"] == 6
+    # a memory that routes nothing leaves every answer as it was: LS exactly 1 against the original model
+    key = torch.load(tmp_path / "key.pt", weights_only=False)
+    key["threshold"] = 2.0
+    torch.save(key, tmp_path / "never.pt")
+    run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "n.mem", "--key", tmp_path / "never.pt",
+        "--out", tmp_path / "never.json")
+    assert json.load(open(tmp_path / "never.json"))["summary"]["LS"] == 1.0
+    # resumed: a memory holding these records' edits is not edited again; another's is refused in one line
+    again = run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "m.mem", "--out", tmp_path / "mem2.json")
+    assert "resuming" in again.stdout and "6 of 6 edits stored" in again.stdout
+    bad = run("evaluate.py", *common, "--skip", "6", "--sequential", "memory", "--memory", tmp_path / "m.mem",
+              "--out", tmp_path / "mem3.json", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: --memory") and "Traceback" not in bad.stderr
