@@ -6,6 +6,7 @@ Edit your own facts with a trained editor: see what the model says before and af
         --ask "The Eiffel Tower is located in the city of" --save edited/
     python edit.py --ckpt out/ibke/best.pt --facts facts.jsonl --save edited/
     python -c "from transformers import pipeline; print(pipeline('text-generation', 'edited/')('The Eiffel Tower is in'))"
+    python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --memory facts.mem   # kept in an edit memory
 
 A fact file is a JSON list or JSON lines of {"prompt", "target"}, each with optional "subject",
 "rephrase" and "locality" (a prompt or a list of them): rephrases should take the new answer,
@@ -21,8 +22,11 @@ import os
 import sys
 import time
 
+import torch
+
 from checkpoint import CheckpointError
 from editor import Editor, Fact, as_fact
+from memory import EditMemory, Key, MemoryFileError
 from model import ModelError, add_device_args
 
 
@@ -71,17 +75,19 @@ def check_fact(item) -> str | None:
     return None
 
 
-def show(editor: Editor, facts: list[Fact], asks: list[str], deltas: dict, max_new_tokens: int) -> None:
-    """Before and after, side by side: continuations of every prompt; P(target) where a target applies."""
+def show(editor: Editor, facts: list[Fact], asks: list[str], deltas: dict | None, max_new_tokens: int, memory=None) -> None:
+    """Before and after, side by side: continuations of every prompt; P(target) where a target applies.
+    After: with the edit applied (deltas), or through the memory (each prompt routed by its own key)."""
     rows = [("fact", f.prompt, f.target) for f in facts] + [("rephrase", q, f.target) for f in facts for q in f.rephrase]
     rows += [("locality", q, None) for f in facts for q in f.locality] + [("ask", q, None) for q in asks]
     prompts = [p for _, p, _ in rows]
     scored = [(p, t) for _, p, t in rows if t is not None]
     before = editor.generate(prompts, max_new_tokens)
     p_before = editor.probability(*zip(*scored)) if scored else []
-    with editor.applied(deltas):
+    with memory.serving() if memory else editor.applied(deltas):
         after = editor.generate(prompts, max_new_tokens)
-        p_after = editor.probability(*zip(*scored)) if scored else []
+    edited = (lambda q: memory.applied(memory.route(q))) if memory else (lambda q: editor.applied(deltas))
+    p_after = editor.probability(*zip(*scored), edited=edited) if scored else []
     probs = iter(zip(p_before, p_after))
     for (kind, prompt, target), b, a in zip(rows, before, after):
         print(f"[{kind}] {prompt}")
@@ -103,14 +109,16 @@ def main() -> None:
     parser.add_argument("--overwrite", action="store_true", help="--save into a non-empty DIR, replacing it")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens of each greedy continuation")
     parser.add_argument("--memory", default=None, metavar="FILE",
-                        help="add the facts to a lifelong edit memory instead of merging them: not built yet (issue 31); "
-                             "until then, many facts are one merged edit")
+                        help="add the facts to this lifelong edit memory (memory.py; created if new, else extended) instead of "
+                             "merging them: each fact edited alone, applied only to the prompts it concerns")
+    parser.add_argument("--key", default=None, help="--memory, a new file: the routing key (default: key.pt beside --ckpt; `python memory.py key`)")
+    parser.add_argument("--rank", type=int, default=4, help="--memory, a new file: rank at which each fact's update is stored")
     parser.add_argument("--model", default=None, help="override the checkpoint's base model (it must have the same edited modules)")
     add_device_args(parser, dtype_default=None)
     args = parser.parse_args()
     start = time.perf_counter()
-    if args.memory:
-        raise SystemExit("error: --memory: the lifelong edit memory is not built yet; leave it out to merge the facts into one edit")
+    if args.memory and args.save:
+        raise SystemExit("error: --memory keeps the facts in FILE, unmerged; --save writes a merged model: give one of them")
     if (args.prompt is None) != (args.target is None):
         raise SystemExit('error: give a prompt and its target ("The Eiffel Tower is in" "Rome"), or --facts FILE')
     facts = read_facts(args.facts) if args.facts else []
@@ -129,9 +137,20 @@ def main() -> None:
         editor = Editor.load(args.ckpt, args.device, args.model, args.dtype)
     except (CheckpointError, ModelError) as err:
         raise SystemExit(f"error: {err}")
+    if args.memory:
+        try:
+            memory = open_memory(args, editor)
+        except MemoryFileError as err:
+            raise SystemExit(f"error: {err}")
+        memory.add(facts)
+        memory.save(args.memory)
+        print(f"{len(facts)} fact(s) added to {args.memory} ({len(memory)} in all) in {time.perf_counter() - start:.1f}s "
+              f"(from the command's start)\n")
+        show(editor, facts, args.ask, None, args.max_new_tokens, memory)
+        return
     if len(facts) > editor.trained_n:
         print(f"note: {len(facts)} facts in one edit; this editor was trained on up to {editor.trained_n} at once, "
-              f"so expect weaker edits (many facts over time are what the edit memory, issue 31, is for)")
+              f"so expect weaker edits (for many facts, keep them in an edit memory: --memory FILE)")
     deltas = editor.edit(facts)
     print(f"{len(facts)} fact(s) edited in {time.perf_counter() - start:.1f}s (from the command's start)\n")
     show(editor, facts, args.ask, deltas, args.max_new_tokens)
@@ -141,6 +160,16 @@ def main() -> None:
         except (ValueError, OSError) as err:
             raise SystemExit(f"error: {err}")
         print(f"\nsaved the edited model to {args.save} (W + ΔW in {str(editor.model.dtype).split('.')[-1]}; edits.json beside it)")
+
+
+def open_memory(args: argparse.Namespace, editor: Editor) -> EditMemory:
+    """--memory FILE as it stands (extended), or a new one with --key."""
+    if os.path.exists(args.memory):
+        return EditMemory.load(args.memory, editor)
+    key = args.key or os.path.join(os.path.dirname(args.ckpt), "key.pt")
+    if not os.path.exists(key):
+        raise MemoryFileError(f"no key at {key}; learn one with `python memory.py key --ckpt {args.ckpt}`, or give --key")
+    return EditMemory(editor, Key.rebuild(torch.load(key, weights_only=False)), args.rank)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import datetime
 import hashlib
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -144,11 +144,14 @@ class Editor:
         return tok.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
     @torch.no_grad()
-    def probability(self, prompts: list[str], targets: list[str]) -> list[float]:
-        """P(target | prompt) for each pair: the product over the target's tokens, teacher-forced."""
+    def probability(self, prompts: list[str], targets: list[str], edited: Callable | None = None) -> list[float]:
+        """P(target | prompt) for each pair: the product over the target's tokens, teacher-forced; inside
+        edited(prompts) if given (a context: applied below, or a memory's, memory.EditMemory.applied)."""
         runner = self.runner()
         batch = runner.batch(prompts, targets)
-        logits, answer, rows = runner.scored_logits(batch)
+        with edited(prompts) if edited else nullcontext() as routing:
+            runner.on_part = getattr(routing, "select", None)          # a memory routes per row
+            logits, answer, rows = runner.scored_logits(batch)
         logp = torch.log_softmax(logits.float(), -1).gather(1, answer[:, None])[:, 0]
         per_row = torch.zeros(len(prompts), device=logp.device).index_add_(0, rows, logp)
         return per_row.exp().tolist()

@@ -36,6 +36,7 @@ from checkpoint import atomic_save
 from data import pad, tokenize
 from editor import as_fact, sha256
 from hooks import grad_decomposition
+from model import blocks_path
 from runner import hidden_before, to_device
 
 FORMAT = "ibke-memory-1"
@@ -252,13 +253,18 @@ class EditMemory:
         untouched at −1): y_i = x_i W + (x_i aᵀ) b at each edited module, in float32, rounded once. A pass
         over only some of the rows (runner.Runner's length groups) says which first: rows.select(list)."""
         routing = Routing(self, routes)
+        with self._hooks(lambda: routing):
+            yield routing
 
+    @contextmanager
+    def _hooks(self, routing):
+        """The edited modules add their routed rows' updates; routing() -> the Routing of the pass."""
         def hook(name):
             def add(module, inputs, output):                                     # (B, T, d_out)
-                rows = routing.rows
+                rows = routing().rows
                 if len(rows) == 0:
                     return output
-                a, b = routing.factors[name]                                     # (R, r, d_in), (R, r, d_out)
+                a, b = routing().factors[name]                                   # (R, r, d_in), (R, r, d_out)
                 x = inputs[0][rows].float()                                      # (R, T, d_in)
                 change = (x @ a.transpose(1, 2)) @ b                             # (R, T, d_out)
                 return output.index_copy(0, rows, (output[rows].float() + change).to(output.dtype))
@@ -267,7 +273,46 @@ class EditMemory:
         handles = [self.editor.model.get_submodule(m).register_forward_hook(hook(m)) for m in self.a]
         try:
             with torch.no_grad():
-                yield routing
+                yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def serving(self):
+        """`with memory.serving():` every call of the model routes itself: the pass over a prompt (more than
+        one new token) reads its key off the states entering block `layer`, inside that same forward, and
+        its rows take their edits from there up; a generation step (one new token) keeps its prompt's.
+        Rows are the non-padding tokens of the attention mask (left or right padding)."""
+        model, seen = self.editor.model, {}
+
+        def read_mask(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            mask = kwargs.get("attention_mask")
+            seen["mask"] = mask if mask is not None and mask.dim() == 2 else torch.ones_like(ids)
+
+        def route(module, args, kwargs):
+            x = (args[0] if args else kwargs["hidden_states"]).float()            # (B, T, C)
+            if x.shape[1] == 1 and "routing" in seen:
+                return                                                           # a generation step
+            mask = seen["mask"][:, -x.shape[1]:].to(x.dtype)                      # (B, T)
+            n = mask.sum(1, keepdim=True)
+            last = mask.shape[1] - 1 - mask.flip(1).argmax(1)                     # the last real token
+            f = torch.cat([(x * mask[..., None]).sum(1) / n, x[torch.arange(len(x), device=x.device), last]], -1)
+            with torch.no_grad():
+                sims = self.key(f.cpu()) @ self.keys[:self.n].T if self.n else torch.zeros(len(x), 0)
+            best = sims.max(1) if self.n else None
+            routes = torch.where(best.values >= self.key.threshold, best.indices, -1) if self.n else torch.full((len(x),), -1)
+            seen["routing"].routes = routes
+            seen["routing"].select(None)
+
+        seen["routing"] = Routing(self, torch.full((0,), -1))
+        block = model.get_submodule(blocks_path(model))[self.key.layer]
+        handles = [model.register_forward_pre_hook(read_mask, with_kwargs=True),
+                   block.register_forward_pre_hook(route, with_kwargs=True)]
+        try:
+            with self._hooks(lambda: seen["routing"]):
+                yield self
         finally:
             for h in handles:
                 h.remove()

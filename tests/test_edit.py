@@ -97,7 +97,8 @@ def test_edit_py_shows_before_and_after_and_saves(trained, tmp_path):
     (["--facts", "F"], '[{"prompt": "a", "target": "b"}, {"prompt": "c"}]', 'item 1: "target" must be a non-empty string'),
     (["--facts", "F"], '[{"prompt": "a", "target": "b", "rephrase": 3}]', '"rephrase" must be a prompt or a list'),
     (["--facts", "F"], "[]", "holds no facts"),
-    (["--memory", "m.pt", "a", "b"], None, "not built yet"),
+    (["--memory", "m.mem", "a", "b"], None, "no key at"),
+    (["--memory", "m.mem", "--save", "d", "a", "b"], None, "give one of them"),
 ])
 def test_edit_py_bad_input_gets_one_line(trained, tmp_path, args, content, message):
     if content is not None:

@@ -129,6 +129,10 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     assert "6 edits" in run("memory.py", "show", tmp_path / "m.mem").stdout
     run("evaluate.py", *common, "--sequential", "merge", "--out", tmp_path / "merge.json")
     assert json.load(open(tmp_path / "merge.json"))["summary"]["n"] == 6
+    # edit.py keeps a user's facts in a memory file and extends it
+    first = run("edit.py", "--ckpt", ckpt, "The Eiffel Tower is in", "Rome", "--memory", tmp_path / "u.mem", "--key", tmp_path / "key.pt")
+    again = run("edit.py", "--ckpt", ckpt, "The Louvre is in", "Berlin", "--memory", tmp_path / "u.mem", "--ask", "The Eiffel Tower is in")
+    assert "(1 in all)" in first.stdout and "(2 in all)" in again.stdout and "[ask] The Eiffel Tower is in" in again.stdout
     # a memory that routes nothing leaves every answer as it was: LS exactly 1 against the original model
     key = torch.load(tmp_path / "key.pt", weights_only=False)
     key["threshold"] = 2.0
@@ -142,3 +146,18 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     bad = run("evaluate.py", *common, "--skip", "6", "--sequential", "memory", "--memory", tmp_path / "m.mem",
               "--out", tmp_path / "mem3.json", check=False)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: --memory") and "Traceback" not in bad.stderr
+
+
+def test_serving_routes_inside_the_forward_as_route_does(editor):
+    memory = EditMemory(editor, untrained_key(editor, threshold=0.999))
+    memory.add([FACT, ("The Louvre is in", "Berlin")])
+    prompts = [OTHER, "The Louvre is in", FACT.prompt]                        # right padding, rows of three lengths
+    with memory.applied(memory.route(prompts)):
+        routed = logits(editor, prompts)
+    with memory.serving():
+        served = logits(editor, prompts)
+        ids = editor.tokenizer(["The Louvre is in"], return_tensors="pt")
+        out = editor.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=editor.tokenizer.pad_token_id)
+    assert torch.equal(served, routed) and memory.route(prompts).tolist() == [-1, 1, 0]
+    with memory.applied(torch.tensor([1])):                                   # generation keeps the prompt's edit
+        assert torch.equal(out, editor.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=editor.tokenizer.pad_token_id))
