@@ -233,11 +233,17 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
             if done in (100, 1000, 10000) and done < T:
                 retention[done] = summarise(score(runner, records[:100], edited, reference))
         results = score(runner, records, edited, reference)
+        if records[0].questions:                             # MQuAKE: each case's questions, every case's edits kept
+            cases = list({r.case_id: r for r in records}.values())
+            serving = memory.serving if args.sequential == "memory" else contextlib.nullcontext
+            mh = [multihop(runner, serving(), [r]) for r in tqdm(cases, desc="multi-hop", leave=False)]
     finally:
         if args.sequential == "merge":
             restore(runner.model, originals)
     retention[T] = summarise(results[:100])
     out = {"results": results, "seconds": seconds, "edits": T - start, "retention": retention}
+    if records[0].questions:
+        out["MH"], out["answers"] = [m["MH"] for m in mh], [m["answers"] for m in mh]
     if args.sequential == "memory":
         out["memory"] = {"file": args.memory, "edits": len(memory), "rank": memory.rank, "bytes_per_edit": memory.bytes_per_edit(),
                          "routed": memory.key.config() | {"threshold": memory.key.threshold}}
@@ -253,6 +259,12 @@ def open_memory(args: argparse.Namespace, loaded: Editor, records: list[EditRequ
             raise MemoryFileError(f"--memory {args.memory} holds other facts than the first {len(memory)} of these records; "
                               f"give a new --memory file")
         print(f"resuming {args.memory}: {len(memory)} of {len(records)} edits stored")
+        if args.rank < memory.rank:                          # a rank curve from one full-rank memory
+            if len(memory) < len(records):
+                raise MemoryFileError(f"--rank {args.rank} below the rank of --memory {args.memory} ({memory.rank}) truncates "
+                                      f"its updates for this run only: give a memory that holds all {len(records)} edits")
+            print(f"updates truncated to rank {args.rank} for this run (the file keeps rank {memory.rank})")
+            memory.truncate(args.rank)
         return memory
     key_path = args.key or os.path.join(os.path.dirname(args.ckpt), "key.pt")
     if not os.path.exists(key_path):
@@ -260,15 +272,15 @@ def open_memory(args: argparse.Namespace, loaded: Editor, records: list[EditRequ
     return EditMemory(loaded, Key.rebuild(torch.load(key_path, weights_only=False)), args.rank)
 
 
-def multihop(runner: Runner, deltas: dict, records: list[EditRequest], max_new_tokens: int = 12) -> dict:
-    """MQuAKE: with one case's edits applied (deltas, from measure), greedy answers to its questions."""
+def multihop(runner: Runner, edited: contextlib.AbstractContextManager, records: list[EditRequest], max_new_tokens: int = 12) -> dict:
+    """MQuAKE: inside `edited` (one case's deltas applied, or a memory serving), greedy answers to its questions."""
     model, tokenizer = runner.model, runner.tokenizer
     answers = [a.lower() for a in records[0].answers]
     prompts = [f"Q: {q} A:" for q in records[0].questions]
     tokenizer.padding_side = "left"                     # generation continues from the right end
     ids = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     tokenizer.padding_side = "right"
-    with functional_edit(model, deltas), torch.no_grad():
+    with edited, torch.no_grad():
         out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     texts = [t.split("\n")[0].lower() for t in tokenizer.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)]
     solved = any(re.search(rf"\b{re.escape(a)}\b", t) for t in texts for a in answers)  # whole words: "ar" ≠ "are"
@@ -347,7 +359,8 @@ def main() -> None:
                         "all kept (merge: written into the weights one batch after another; memory: memory.py), then all measured again")
     parser.add_argument("--memory", default=None, help="--sequential memory: the memory file (resumed if it holds the first k records' edits; saved every 500)")
     parser.add_argument("--key", default=None, help="--sequential memory, a new memory: the key from `python memory.py key` (default: key.pt beside --ckpt)")
-    parser.add_argument("--rank", type=int, default=4, help="--sequential memory, a new memory: rank r at which each edit's update is stored")
+    parser.add_argument("--rank", type=int, default=4, help="--sequential memory: rank r at which each edit's update is stored (a new memory), "
+                        "or to which a complete memory's updates are truncated for this run (a rank curve)")
     parser.add_argument("--overwrite", action="store_true", help="replace an --out that holds the results of another checkpoint (else refused)")
     args = parser.parse_args()
     check_args(args)
@@ -401,10 +414,8 @@ def evaluate(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: --out {args.out} holds the results of another checkpoint; give another --out, "
                              f"or --overwrite to replace them")
     if args.sequential:
-        if data_name.startswith("mquake"):
-            raise SystemExit("error: --sequential takes single-hop records (counterfact, zsre); for MQuAKE use memory.py")
         try:
-            line = sequential(args, loaded, records, runner, editor)
+            line = sequential(args, loaded, [r for b in batches for r in b], runner, editor)
         except MemoryFileError as err:
             raise SystemExit(f"error: {err}")
         done = [line]
@@ -414,10 +425,10 @@ def evaluate(args: argparse.Namespace) -> None:
         runner.save_states(states_path)
     results = [r for line in done for r in line["results"]]
     summary = summarise(results)
-    if args.sequential and len(results) > 1000:                # chosen on the first 1,000 records; the rest apart
-        summary["after_1000"] = summarise(results[1000:])
-    if data_name.startswith("mquake"):
-        summary["MH"] = statistics.fmean(line["results"][0]["MH"] for line in done)
+    if args.sequential and len(results) > 1000:                # chosen on the first 1,000 records; each part apart
+        summary["first_1000"], summary["after_1000"] = summarise(results[:1000]), summarise(results[1000:])
+    if data_name.startswith("mquake"):                      # per case: its first record carries it, or the sequential list
+        summary["MH"] = statistics.fmean(done[0]["MH"] if args.sequential else [line["results"][0]["MH"] for line in done])
     edits = sum(line["edits"] for line in done)             # made in this sitting (a resumed memory: maybe none)
     if edits:
         summary["ms_per_edit"] = 1000 * sum(line["seconds"] for line in done) / edits
@@ -431,7 +442,8 @@ def evaluate(args: argparse.Namespace) -> None:
         name = f"{args.method} {args.sequential} T={len(results)} n={args.edits_per_batch}"
         for t, r in done[0]["retention"].items():
             print(f"first 100 edits after {t}: F1 {r.get('F1', 0):.3f} (ES {r['ES']:.3f} GS {r.get('GS', 0):.3f} LS {r.get('LS', 0):.3f})")
-    print(table([(name, summary)] + ([(f"{name}, records 1000+", summary["after_1000"])] if "after_1000" in summary else [])))
+    parts = [(f"{name}, records 0-999", summary["first_1000"]), (f"{name}, records 1000+", summary["after_1000"])] if "after_1000" in summary else []
+    print(table([(name, summary)] + parts))
     print(f"wrote {args.out}")
 
 
@@ -445,7 +457,7 @@ def run_batches(args, batches, runner, editor, data_name, partial, signature) ->
             results, seconds, deltas = measure(runner, editor, batch)
             line = {"results": results, "seconds": seconds, "edits": len(batch)}
             if data_name.startswith("mquake"):
-                mh = multihop(runner, deltas, batch)
+                mh = multihop(runner, functional_edit(runner.model, deltas), batch)
                 line["results"] = [dict(r, MH=mh["MH"]) for r in results]
                 line["answers"] = mh["answers"]                  # the greedy answers, for reading
             f.write(json.dumps(line) + "\n")

@@ -5,13 +5,13 @@ and is stored as a retrieval key and its update at rank r. A query runs the mode
 the one stored fact it concerns, per row of a batch; a row that concerns none runs the original model
 untouched. Adding a fact never re-edits the others, and the weights are never written.
 
-    python memory.py key --ckpt out/ibke/best.pt                 # learn the key -> out/ibke/key.pt (~15 min on 2 cores)
+    python memory.py key --ckpt out/ibke/best.pt                 # learn the key -> out/ibke/key.pt (~3 min on 2 cores)
     python evaluate.py --ckpt out/ibke/best.pt --sequential memory --limit 10000 --memory out/ibke/cf.mem
     python memory.py show out/ibke/cf.mem                         # what a memory holds
 
 Routing reads the query's text alone (the prompt: a question without its answer), never a record's
 fields. Its key is computed from the hidden states entering block `layer` over the prompt's tokens:
-    f(q) = [mean_t x_t ; x_last]                  (2C,)  the prompt's states, pooled two ways
+    f(q) = mean_t x_t                             (C,)   the prompt's states, averaged over its tokens
     k(q) = normalise(W (f(q) − μ) / σ)            (k,)   μ, σ: the train prompts'; W learned (or identity)
 A query goes to argmax_e k(q)·k_e when that cosine is ≥ τ, else to no edit. W is trained on the train
 split only, contrastively: a prompt and its rephrase together, apart from the other prompts of the
@@ -52,38 +52,35 @@ class MemoryFileError(ValueError):
 @torch.no_grad()
 def prompt_features(model: nn.Module, tokenizer, prompts: list[str], layer: int, batch_size: int = 64,
                     progress: bool = False) -> torch.Tensor:
-    """f(q) for each prompt: mean and last of the states entering block `layer` (N, 2C) float32, host."""
+    """f(q) for each prompt: the mean of the states entering block `layer` over its tokens (N, C) float32, host."""
     rows = tokenize(tokenizer, prompts, [""] * len(prompts))                 # the prompt alone, as a query
-    out = torch.zeros(len(prompts), 2 * model.config.hidden_size)
+    out = torch.zeros(len(prompts), model.config.hidden_size)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     for s in tqdm(range(0, len(order), batch_size), desc="keys", disable=not progress, leave=False):
         idx = order[s:s + batch_size]
         part = pad([rows[i] for i in idx], tokenizer.pad_token_id)
         mask = to_device(part["attention_mask"], model.device)
         x = hidden_before(model, layer, to_device(part["input_ids"], model.device), mask).float()   # (b, T, C)
-        n = mask.sum(1, keepdim=True)                                          # (b, 1)
-        mean = (x * mask[..., None]).sum(1) / n
-        last = x[torch.arange(len(idx), device=x.device), n[:, 0] - 1]
-        out[idx] = torch.cat([mean, last], -1).cpu()
+        out[idx] = ((x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).cpu()
     return out
 
 
 class Key(nn.Module):
-    """f(q) (N, 2C) -> k(q) (N, k): standardised, projected (a learned W, or none: identity), unit length."""
+    """f(q) (N, C) -> k(q) (N, k): standardised, projected (a learned W, or none: identity), unit length."""
 
     def __init__(self, width: int, layer: int, dim: int = 256, learned: bool = True):
         super().__init__()
         self.layer, self.threshold = layer, 1.0
-        self.register_buffer("mean", torch.zeros(2 * width))
-        self.register_buffer("std", torch.ones(2 * width))
-        self.proj = nn.Linear(2 * width, dim) if learned else None
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+        self.proj = nn.Linear(width, dim) if learned else None
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
         x = (f - self.mean) / self.std
         return F.normalize(self.proj(x) if self.proj is not None else x, dim=-1)
 
     def config(self) -> dict:
-        return {"width": self.mean.shape[0] // 2, "layer": self.layer, "learned": self.proj is not None,
+        return {"width": self.mean.shape[0], "layer": self.layer, "learned": self.proj is not None,
                 "dim": self.proj.out_features if self.proj is not None else self.mean.shape[0]}
 
     @classmethod
@@ -99,8 +96,8 @@ class Key(nn.Module):
 
 
 def train_key(key: Key, prompts: torch.Tensor, rephrases: torch.Tensor, neighbours: torch.Tensor,
-              steps: int = 1500, batch: int = 256, lr: float = 1e-3, tau: float = 0.05, seed: int = 0) -> list[float]:
-    """Contrastive training of W on train-split features (N, 2C) each, row i of all three from one record:
+              steps: int = 1500, batch: int = 256, lr: float = 1e-3, tau: float = 0.1, seed: int = 0) -> list[float]:
+    """Contrastive training of W on train-split features (N, C) each, row i of all three from one record:
     InfoNCE both ways between prompt and rephrase, the batch's other prompts (rephrases) and all its
     neighbours as negatives, temperature tau. Sets μ, σ from the prompts. -> the losses."""
     key.mean.copy_(prompts.mean(0))
@@ -296,9 +293,7 @@ class EditMemory:
             if x.shape[1] == 1 and "routing" in seen:
                 return                                                           # a generation step
             mask = seen["mask"][:, -x.shape[1]:].to(x.dtype)                      # (B, T)
-            n = mask.sum(1, keepdim=True)
-            last = mask.shape[1] - 1 - mask.flip(1).argmax(1)                     # the last real token
-            f = torch.cat([(x * mask[..., None]).sum(1) / n, x[torch.arange(len(x), device=x.device), last]], -1)
+            f = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)          # f(q) (B, C)
             with torch.no_grad():
                 sims = self.key(f.cpu()) @ self.keys[:self.n].T if self.n else torch.zeros(len(x), 0)
             best = sims.max(1) if self.n else None
@@ -316,6 +311,13 @@ class EditMemory:
         finally:
             for h in handles:
                 h.remove()
+
+    def truncate(self, rank: int) -> None:
+        """Keep the first `rank` terms of every stored update: its best rank-`rank` approximation (the factors
+        are ordered by singular value; memory.low_rank). For a rank curve from one full-rank memory."""
+        self.rank = min(rank, self.rank)
+        self.a = {m: x[:, :self.rank] for m, x in self.a.items()}
+        self.b = {m: x[:, :self.rank] for m, x in self.b.items()}
 
     # -- the file --------------------------------------------------------------
 
@@ -404,7 +406,7 @@ if __name__ == "__main__":
     k.add_argument("--ckpt", required=True, help="the editor the memory will hold edits of (its model computes the keys)")
     k.add_argument("--data", default=None, help="benchmark (default: the one the editor was trained on)")
     k.add_argument("--data-dir", default="data", help="folder holding the benchmark files")
-    k.add_argument("--layer", type=int, default=8, help="the key reads the states entering this block")
+    k.add_argument("--layer", type=int, default=4, help="the key reads the states entering this block (README: 4 of SmolLM2's 30 routes best)")
     k.add_argument("--dim", type=int, default=256, help="width k of a learned key")
     k.add_argument("--untrained", action="store_true", help="no projection: the standardised features themselves")
     k.add_argument("--train-records", type=int, default=4000, help="train-split records the key learns from")

@@ -129,6 +129,11 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     assert "6 edits" in run("memory.py", "show", tmp_path / "m.mem").stdout
     run("evaluate.py", *common, "--sequential", "merge", "--out", tmp_path / "merge.json")
     assert json.load(open(tmp_path / "merge.json"))["summary"]["n"] == 6
+    # MQuAKE: every case's edits kept in one memory, then each case's multi-hop questions through it
+    run("evaluate.py", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--data", "mquake", "--limit", "2", "--sequential", "memory",
+        "--memory", tmp_path / "q.mem", "--key", tmp_path / "key.pt", "--out", tmp_path / "mq.json")
+    mq = json.load(open(tmp_path / "mq.json"))
+    assert len(mq["batches"][0]["MH"]) == 2 and mq["summary"]["MH"] in (0, 0.5, 1) and mq["batches"][0]["memory"]["edits"] > 2
     # edit.py keeps a user's facts in a memory file and extends it
     first = run("edit.py", "--ckpt", ckpt, "The Eiffel Tower is in", "Rome", "--memory", tmp_path / "u.mem", "--key", tmp_path / "key.pt")
     again = run("edit.py", "--ckpt", ckpt, "The Louvre is in", "Berlin", "--memory", tmp_path / "u.mem", "--ask", "The Eiffel Tower is in")
