@@ -112,7 +112,7 @@ def main() -> None:
                         help="add the facts to this lifelong edit memory (memory.py; created if new, else extended) instead of "
                              "merging them: each fact edited alone, applied only to the prompts it concerns")
     parser.add_argument("--key", default=None, help="--memory, a new file: the routing key (default: key.pt beside --ckpt; `python memory.py key`)")
-    parser.add_argument("--rank", type=int, default=4, help="--memory, a new file: rank at which each fact's update is stored")
+    parser.add_argument("--rank", type=int, default=3, help="--memory, a new file: rank at which each fact's update is stored")
     parser.add_argument("--model", default=None, help="override the checkpoint's base model (it must have the same edited modules)")
     add_device_args(parser, dtype_default=None)
     args = parser.parse_args()

@@ -204,14 +204,14 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
     earlier ones (merge: its ΔW, computed on the model as it stands, written into the weights; memory:
     edited alone on the original model and stored, memory.py); after the last, every edit measured again,
     locality against the ORIGINAL model's answers. The first 100 edits are also measured after 100,
-    1,000 and 10,000 edits (retention). A memory is saved to --memory every 500 edits and at the end,
-    and a run resumes from it."""
+    1,000 and 10,000 edits (retention). A memory is saved to --memory once it has grown by 500 edits
+    or a quarter (the bytes written stay linear in T) and at the end, and a run resumes from it."""
     T, n = len(records), args.edits_per_batch
     reference = references(runner, records)                 # before any edit
-    start, retention, seconds = 0, {}, 0.0
+    start, retention, seconds, saved = 0, {}, 0.0, 0
     if args.sequential == "memory":
         memory = open_memory(args, loaded, records)
-        start = len(memory)
+        start = saved = len(memory)
         edited = lambda prompts: memory.applied(memory.route(prompts))
     else:
         master = {}                                          # float32 weights of the edited modules
@@ -228,8 +228,9 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
                 merge(runner.model, editor(runner, edit_rows), master)
             seconds += time.perf_counter() - clock
             done = i + len(batch)
-            if args.sequential == "memory" and (done % 500 < n or done == T):
+            if args.sequential == "memory" and (done - saved >= max(500, saved // 4) or done == T):
                 memory.save(args.memory)
+                saved = done
             if done in (100, 1000, 10000) and done < T:
                 retention[done] = summarise(score(runner, records[:100], edited, reference))
         results = score(runner, records, edited, reference)
@@ -288,14 +289,14 @@ def multihop(runner: Runner, edited: contextlib.AbstractContextManager, records:
 
 
 # -----------------------------------------------------------------------------
-# rebuilding from a checkpoint
+# the printed table
 
 def table(rows: list[tuple[str, dict]]) -> str:
     cols = [c for c in METRICS + ["MH"] if any(c in r for _, r in rows)]
     lines = ["| run | " + " | ".join(cols) + " | ms/edit | peak MiB |", "|---" * (len(cols) + 3) + "|"]
     for name, r in rows:
         lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in cols)
-                     + f" | {r.get('ms_per_edit', 0):.0f} | {r.get('peak_mib', 0):.0f} |")
+                     + " | " + " | ".join(f"{r[c]:.0f}" if c in r else "" for c in ("ms_per_edit", "peak_mib")) + " |")
     return "\n".join(lines)
 
 
@@ -357,10 +358,10 @@ def main() -> None:
                         "evaluating the same records again (another checkpoint, another n) skips that work; peak memory then includes them")
     parser.add_argument("--sequential", default=None, choices=["merge", "memory"], help="lifelong protocol: the records' edits in order, --edits-per-batch at a time, "
                         "all kept (merge: written into the weights one batch after another; memory: memory.py), then all measured again")
-    parser.add_argument("--memory", default=None, help="--sequential memory: the memory file (resumed if it holds the first k records' edits; saved every 500)")
+    parser.add_argument("--memory", default=None, help="--sequential memory: the memory file (resumed if it holds the first k records' edits; saved as it grows by 500 or a quarter)")
     parser.add_argument("--key", default=None, help="--sequential memory, a new memory: the key from `python memory.py key` (default: key.pt beside --ckpt)")
-    parser.add_argument("--rank", type=int, default=4, help="--sequential memory: rank r at which each edit's update is stored (a new memory), "
-                        "or to which a complete memory's updates are truncated for this run (a rank curve)")
+    parser.add_argument("--rank", type=int, default=3, help="--sequential memory: rank r at which each edit's update is stored (a new memory), "
+                        "or to which a complete memory's updates are truncated for this run (a rank curve; README: 3 is within 0.005 F1 of full rank)")
     parser.add_argument("--overwrite", action="store_true", help="replace an --out that holds the results of another checkpoint (else refused)")
     args = parser.parse_args()
     check_args(args)
