@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per figure (median reported)")
     add_device_args(parser, "auto")
     parser.add_argument("--meta", action="store_true", help="only sizes and memory estimates, on the meta device")
+    parser.add_argument("--memory-size", type=int, default=10000, help="edits in the edit memory whose query cost is measured (0: no memory figures)")
     parser.add_argument("--out", default="bench.json", help="where the figures go")
     args = parser.parse_args()
     cfg = EditorConfig(d_m=args.d_m, latent_dim=args.latent_dim)
@@ -241,6 +242,9 @@ def main() -> None:
     sync(device)
     figures["eval_edits_per_s"] = len(eval_records) / (time.perf_counter() - start)
 
+    if args.memory_size > 0:
+        figures["memory"] = memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1=figures["edit_n1"]["edit_ms"] / 1000)
+
     new_phase(device)
 
     # training step against the plain passes, 8 edits (+ 8 extra locality prompts), warm cache
@@ -294,11 +298,55 @@ def main() -> None:
     print(f"| training step, 8 edits (cold: all texts new) | {c['step_ms']:.0f} ms | {f['plain_passes_ms']:.0f} ms | {c['ratio']:.2f} |")
     k = figures["train_step_counts"]
     print(f"| warm step: host syncs / ops / computing ops | {k['host_syncs']} / {k['ops']} / {k['computing_ops']} | | |")
+    if "memory" in figures:
+        m = figures["memory"]
+        print(f"| edit memory: add one edit (rank {m['rank']}) | {m['add_ms']:.0f} ms | {figures['edit_n1']['edit_ms']:.0f} ms (an edit) | {m['add_ratio']:.2f} |")
+        print(f"| edit memory: a query of 8 prompts, {m['size']} edits, every row routed | {m['query_ms']:.1f} ms | "
+              f"{m['forward_ms']:.1f} ms (unedited forward) | {m['query_ratio']:.2f} |")
+        print(f"| edit memory: bytes per edit | {m['bytes_per_edit'] / 1000:.1f} kB ({m['size']} edits: {m['size'] * m['bytes_per_edit'] / 1e6:.0f} MB) | | |")
     print(f"| evaluation throughput, n = 1 | {figures['eval_edits_per_s']:.1f} edits/s | | |")
     print(f"| peak memory: editing / training | {figures['edit_peak_memory_MB']:.0f} MB / {figures['train_peak_memory_MB']:.0f} MB "
           f"| --meta estimate {1000 * figures['meta_estimate_GB']:.0f} MB | |")
     json.dump({"args": vars(args), **figures}, open(args.out, "w"), indent=1)
     print(f"wrote {args.out}")
+
+
+def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) -> dict:
+    """The edit memory's costs: adding one edit (against one edit of the editor, t_edit_n1), a query of 8
+    prompts through a memory of --memory-size edits with every row routed (against the unedited forward),
+    bytes per edit. The memory is filled with copies of real edits under random keys, the 8 prompts' own
+    keys among them: the cost does not depend on what is stored."""
+    from editor import Editor
+    from memory import EditMemory, Key
+    editor = Editor(model, tokenizer, hypernet, {"config": {}, "model": args.model}, path="")
+    key = Key(model.config.hidden_size, layer=min(4, model.config.num_hidden_layers - 1))   # memory.py key's default block
+    memory = EditMemory(editor, key)
+    facts = [(r.prompt, r.target) for r in records[500:500 + args.repeats + 1]]
+    adds = iter(facts)
+    t_add = median_seconds(lambda: memory.add([next(adds)]), args.repeats, model.device)
+    prompts = [r.prompt for r in records[600:608]]
+    n, size = memory.n, args.memory_size
+    memory._grow(size - n)
+    g = torch.Generator().manual_seed(0)
+    memory.keys[n:size] = torch.nn.functional.normalize(torch.randn(size - n, memory.keys.shape[1], generator=g), dim=-1)
+    for m in memory.a:
+        memory.a[m][n:size], memory.b[m][n:size] = memory.a[m][n - 1], memory.b[m][n - 1]
+    memory.keys[n:n + len(prompts)] = memory.keys_of(prompts)                  # every query row finds an edit
+    memory.n, key.threshold = size, 0.99
+    ids = {k: v.to(model.device) for k, v in tokenizer(prompts, return_tensors="pt", padding=True).items()}
+
+    def forward():
+        with torch.no_grad():
+            model(**ids)
+
+    def query():
+        with memory.serving():
+            model(**ids)
+    assert memory.route(prompts).ge(0).all()
+    t_query, t_forward = median_seconds(query, args.repeats, model.device), median_seconds(forward, args.repeats, model.device)
+    return {"rank": memory.rank, "size": size, "add_ms": 1000 * t_add, "add_ratio": t_add / t_edit_n1,
+            "query_ms": 1000 * t_query, "forward_ms": 1000 * t_forward, "query_ratio": t_query / t_forward,
+            "bytes_per_edit": memory.bytes_per_edit()}
 
 
 if __name__ == "__main__":
