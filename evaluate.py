@@ -199,7 +199,8 @@ def references(runner: Runner, records: list[EditRequest], rows_per_pass: int = 
     return out
 
 
-def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditRequest], runner: Runner, editor: Callable) -> dict:
+def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditRequest], runner: Runner,
+               editor: Callable) -> dict:
     """The lifelong protocol: the T records' edits in order, n at a time, each batch kept on top of all
     earlier ones (merge: its ΔW, computed on the model as it stands, written into the weights; memory:
     edited alone on the original model and stored, memory.py); after the last, every edit measured again,
@@ -246,7 +247,8 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
     if records[0].questions:
         out["MH"], out["answers"] = [m["MH"] for m in mh], [m["answers"] for m in mh]
     if args.sequential == "memory":
-        out["memory"] = {"file": args.memory, "edits": len(memory), "rank": memory.rank, "bytes_per_edit": memory.bytes_per_edit(),
+        out["memory"] = {"file": args.memory, "edits": len(memory), "rank": memory.rank,
+                         "bytes_per_edit": memory.bytes_per_edit(),
                          "routed": memory.key.config() | {"threshold": memory.key.threshold}}
     return out
 
@@ -257,23 +259,26 @@ def open_memory(args: argparse.Namespace, loaded: Editor, records: list[EditRequ
         memory = EditMemory.load(args.memory, loaded)
         mine = [vars(as_fact(r)) for r in records[:len(memory)]]
         if memory.facts != mine:
-            raise MemoryFileError(f"--memory {args.memory} holds other facts than the first {len(memory)} of these records; "
-                              f"give a new --memory file")
+            raise MemoryFileError(f"--memory {args.memory} holds other facts than the first {len(memory)} "
+                                  f"of these records; give a new --memory file")
         print(f"resuming {args.memory}: {len(memory)} of {len(records)} edits stored")
         if args.rank < memory.rank:                          # a rank curve from one full-rank memory
             if len(memory) < len(records):
-                raise MemoryFileError(f"--rank {args.rank} below the rank of --memory {args.memory} ({memory.rank}) truncates "
-                                      f"its updates for this run only: give a memory that holds all {len(records)} edits")
+                raise MemoryFileError(f"--rank {args.rank} below the rank of --memory {args.memory} ({memory.rank}) "
+                                      f"truncates its updates for this run only: give a memory that holds all "
+                                      f"{len(records)} edits")
             print(f"updates truncated to rank {args.rank} for this run (the file keeps rank {memory.rank})")
             memory.truncate(args.rank)
         return memory
     key_path = args.key or os.path.join(os.path.dirname(args.ckpt), "key.pt")
     if not os.path.exists(key_path):
-        raise MemoryFileError(f"no key at {key_path}; learn one with `python memory.py key --ckpt {args.ckpt}` or give --key")
+        raise MemoryFileError(f"no key at {key_path}; learn one with `python memory.py key --ckpt {args.ckpt}` "
+                              f"or give --key")
     return EditMemory(loaded, Key.rebuild(torch.load(key_path, weights_only=False)), args.rank)
 
 
-def multihop(runner: Runner, edited: contextlib.AbstractContextManager, records: list[EditRequest], max_new_tokens: int = 12) -> dict:
+def multihop(runner: Runner, edited: contextlib.AbstractContextManager, records: list[EditRequest],
+             max_new_tokens: int = 12) -> dict:
     """MQuAKE: inside `edited` (one case's deltas applied, or a memory serving), greedy answers to its questions."""
     model, tokenizer = runner.model, runner.tokenizer
     answers = [a.lower() for a in records[0].answers]

@@ -177,7 +177,8 @@ class Routing:
         at = torch.nonzero(routes >= 0)[:, 0]
         ids, m = routes[at], self.memory
         self.rows = to_device(at, self.device)
-        self.factors = {n: (m.a[n][ids].to(self.device, torch.float32), m.b[n][ids].to(self.device, torch.float32)) for n in m.a}
+        self.factors = {n: (m.a[n][ids].to(self.device, torch.float32), m.b[n][ids].to(self.device, torch.float32))
+                        for n in m.a}
 
 
 class EditMemory:
@@ -222,7 +223,8 @@ class EditMemory:
         editor = self.editor
         runner = editor.runner()
         batch = runner.batch([f.prompt for f in facts], [f.target for f in facts])
-        decomposition, mask = grad_decomposition(editor.model, editor.names, batch, editor.ckpt["config"].get("tokens", "all"),
+        tokens = editor.ckpt["config"].get("tokens", "all")
+        decomposition, mask = grad_decomposition(editor.model, editor.names, batch, tokens,
                                                  forward=lambda b: runner.scored_logits(b, split=False))
         keys = self.keys_of([f.prompt for f in facts])
         self._grow(len(facts))
@@ -299,7 +301,8 @@ class EditMemory:
             with torch.no_grad():
                 sims = self.key(f.cpu()) @ self.keys[:self.n].T if self.n else torch.zeros(len(x), 0)
             best = sims.max(1) if self.n else None
-            routes = torch.where(best.values >= self.key.threshold, best.indices, -1) if self.n else torch.full((len(x),), -1)
+            routes = (torch.where(best.values >= self.key.threshold, best.indices, -1) if self.n
+                      else torch.full((len(x),), -1))
             seen["routing"].routes = routes
             seen["routing"].select(None)
 
@@ -348,10 +351,11 @@ class EditMemory:
             raise MemoryFileError(f"not a memory file of this project: {path}")
         if s["model"] != editor.ckpt["model"]:
             raise MemoryFileError(f"memory {path} holds edits of model {s['model']}, not {editor.ckpt['model']}; "
-                              f"give another --memory file")
+                                  f"give another --memory file")
         if s["editor_sha256"] != sha256(editor.path):
-            raise MemoryFileError(f"memory {path} was built with another editor checkpoint (sha256 {s['editor_sha256'][:12]}…) "
-                              f"than {editor.path}; give that checkpoint, or another --memory file")
+            raise MemoryFileError(f"memory {path} was built with another editor checkpoint "
+                                  f"(sha256 {s['editor_sha256'][:12]}…) than {editor.path}; "
+                                  f"give that checkpoint, or another --memory file")
         memory = cls(editor, Key.rebuild(s["key"]), s["rank"], getattr(torch, s["dtype"]))
         memory.n, memory.facts, memory.keys = s["n"], s["facts"], s["keys"]
         memory.a, memory.b = s["a"], s["b"]
@@ -372,8 +376,8 @@ def learn_key(args: argparse.Namespace) -> None:
     editor = Editor.load(args.ckpt, args.device, dtype=args.dtype)
     splits = load(args.data or editor.ckpt["config"]["data"], args.data_dir)
     model, tok = editor.model, editor.tokenizer
-    train = [prompt_features(model, tok, x, args.layer, progress=True) for x in triples(splits["train"][:args.train_records])]
-    val = [prompt_features(model, tok, x, args.layer, progress=True) for x in triples(splits["eval"][:args.val_records])]
+    features = lambda records: [prompt_features(model, tok, x, args.layer, progress=True) for x in triples(records)]
+    train, val = features(splits["train"][:args.train_records]), features(splits["eval"][:args.val_records])
     key = Key(model.config.hidden_size, args.layer, args.dim, learned=not args.untrained)
     losses = train_key(key, *train, steps=args.steps, seed=args.seed)
     if losses:
@@ -405,10 +409,12 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     k = sub.add_parser("key", help="learn the routing key on the train split; choose τ on the first eval records")
-    k.add_argument("--ckpt", required=True, help="the editor the memory will hold edits of (its model computes the keys)")
+    k.add_argument("--ckpt", required=True,
+                   help="the editor the memory will hold edits of (its model computes the keys)")
     k.add_argument("--data", default=None, help="benchmark (default: the one the editor was trained on)")
     k.add_argument("--data-dir", default="data", help="folder holding the benchmark files")
-    k.add_argument("--layer", type=int, default=4, help="the key reads the states entering this block (README: 4 of SmolLM2's 30 routes best)")
+    k.add_argument("--layer", type=int, default=4,
+                   help="the key reads the states entering this block (README: 4 of SmolLM2's 30 routes best)")
     k.add_argument("--dim", type=int, default=256, help="width k of a learned key")
     k.add_argument("--untrained", action="store_true", help="no projection: the standardised features themselves")
     k.add_argument("--train-records", type=int, default=4000, help="train-split records the key learns from")

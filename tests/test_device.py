@@ -15,6 +15,7 @@ from conftest import tiny
 from data import load
 from editor import ft_editor, ibke_editor, no_editor
 from evaluate import measure, multihop
+from hooks import functional_edit
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
 from model import edit_module_names, native_dtype, weight_shape
@@ -117,7 +118,7 @@ def test_evaluation_makes_every_tensor_on_the_models_device(tiny_setup, data_dir
                 measure(runner, method, records[:n])
         runner = Runner(model, tokenizer, names, cache=False)
         deltas = measure(runner, ibke_editor(editor), case)[2]
-        multihop(runner, deltas, case, max_new_tokens=2)
+        multihop(runner, functional_edit(model, deltas), case, max_new_tokens=2)
 
 
 def test_warm_training_step_reads_nothing_off_the_device(tiny_setup, data_dir):
