@@ -7,6 +7,9 @@ float32 updates in activation space, the weights never written), measure, drop t
     python evaluate.py --ckpt out/ibke/best.pt --method ft            # FT-L baseline, same modules
     python evaluate.py --ckpt out/ibke/best.pt --method none          # the unedited model
     python evaluate.py --ckpt out/ibke/best.pt --data mquake          # multi-hop accuracy
+    python evaluate.py --ckpt out/ibke/best.pt --sequential memory --limit 10000 --memory out/ibke/cf.mem
+                                  # lifelong: 10,000 edits kept in an edit memory (memory.py), then all measured
+    python evaluate.py --ckpt out/ibke/best.pt --sequential merge --limit 100   # each ΔW written into the weights
 
 Metrics, token-level and teacher-forced (EasyEdit/MALMEN convention), per record, then averaged:
   ES   fraction of o_e's tokens that are the argmax after the edit, given q_e
