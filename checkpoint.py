@@ -214,7 +214,8 @@ def trim_log(path: str, step: int) -> None:
 
 class RunLock:
     """`with RunLock(path, what):` this process owns `path` (train.py: its --out folder; evaluate.py: its
-    --out file): a second run into it stops at once with one line naming the first. The lock is
+    --out file; a --memory file), `what` its flag and value: a second run into it stops at once with one
+    line naming the first. The lock is
     `<path>.lock` holding the owner's pid, made atomically (O_EXCL); one left by a process that is gone
     is taken over. A folder made for the lock and left empty by the run is removed with it."""
 
@@ -231,7 +232,7 @@ class RunLock:
                 owner = self._owner()
                 if owner is not None and owner != os.getpid() and _alive(owner):
                     raise SystemExit(f"error: {self.what} is in use by another run (pid {owner}, {self.file}); "
-                                     f"wait for it, stop it, or give another --out")
+                                     f"wait for it, stop it, or give another {self.what.split()[0]}")
                 os.remove(self.file)                     # its owner is gone: take it over
                 continue
             except OSError as err:                       # read-only, not a folder, ...: before any work

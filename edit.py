@@ -24,7 +24,7 @@ import time
 
 import torch
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, RunLock
 from editor import Editor, Fact, as_fact
 from memory import EditMemory, Key, MemoryFileError
 from model import ModelError, add_device_args
@@ -138,12 +138,13 @@ def main() -> None:
     except (CheckpointError, ModelError) as err:
         raise SystemExit(f"error: {err}")
     if args.memory:
-        try:
-            memory = open_memory(args, editor)
-        except MemoryFileError as err:
-            raise SystemExit(f"error: {err}")
-        memory.add(facts)
-        memory.save(args.memory)
+        with RunLock(args.memory, f"--memory {args.memory}"):          # a second run into it stops at once
+            try:
+                memory = open_memory(args, editor)
+            except MemoryFileError as err:
+                raise SystemExit(f"error: {err}")
+            memory.add(facts)
+            memory.save(args.memory)
         print(f"{len(facts)} fact(s) added to {args.memory} ({len(memory)} in all) in {time.perf_counter() - start:.1f}s "
               f"(from the command's start)\n")
         show(editor, facts, args.ask, None, args.max_new_tokens, memory)

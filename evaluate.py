@@ -242,6 +242,12 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
             cases = list({r.case_id: r for r in records}.values())
             serving = memory.serving if args.sequential == "memory" else contextlib.nullcontext
             mh = [multihop(runner, serving(), [r]) for r in tqdm(cases, desc="multi-hop", leave=False)]
+    except KeyboardInterrupt:                                # Ctrl-C: the edits stored so far are kept
+        if args.sequential == "memory":
+            memory.save(args.memory)
+            raise SystemExit(f"interrupted: {len(memory)} of {T} edits kept in {args.memory}; "
+                             f"the same command resumes from them") from None
+        raise SystemExit("interrupted: the merge protocol keeps nothing; run it again") from None
     finally:
         if args.sequential == "merge":
             restore(runner.model, originals)
@@ -374,7 +380,8 @@ def main() -> None:
     args = parser.parse_args()
     check_args(args)
     check_folder(args.cache_dir, "--cache-dir")
-    with RunLock(args.out, f"--out {args.out}"):
+    memory_lock = RunLock(args.memory, f"--memory {args.memory}") if args.memory else contextlib.nullcontext()
+    with RunLock(args.out, f"--out {args.out}"), memory_lock:
         try:
             evaluate(args)
         except KeyboardInterrupt:                             # the batches so far are in the partial file

@@ -330,7 +330,7 @@ class EditMemory:
         return {"format": FORMAT, "model": self.editor.ckpt["model"], "editor_sha256": sha256(self.editor.path),
                 "key": self.key.saved(), "rank": self.rank, "dtype": str(self.dtype).split(".")[-1], "n": self.n,
                 "keys": self.keys[:self.n].clone(), "a": {m: x[:self.n].clone() for m, x in self.a.items()},
-                "b": {m: x[:self.n].clone() for m, x in self.b.items()}, "facts": self.facts,
+                "b": {m: x[:self.n].clone() for m, x in self.b.items()}, "facts": self.facts[:self.n],
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     def save(self, path: str) -> None:

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -122,3 +123,11 @@ def trained(tiny_folders, tmp_path_factory):
     run("train.py", "--resume", "--steps", "10", "--out", out / "a")
     run("train.py", *common, "--steps", "10", "--out", out / "b")
     return out, data_dir
+
+
+def wait_for(path, seconds: float = 120) -> None:
+    """Until `path` exists (a lock or file another process makes), at most `seconds`."""
+    deadline = time.time() + seconds
+    while not os.path.exists(path) and time.time() < deadline:
+        time.sleep(0.1)
+    assert os.path.exists(path), f"{path} never appeared"

@@ -2,11 +2,15 @@
 on the others; stored at rank r it is ΔW's best rank-r approximation; saved and loaded it gives the same
 outputs; a file of another model or editor is refused in one line. evaluate.py --sequential end to end."""
 import json
+import os
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from conftest import DATA_DIR, reorder_rtol, run
+from conftest import DATA_DIR, ROOT, reorder_rtol, run, wait_for
 from editor import Editor, Fact
 from hooks import functional_edit
 from memory import EditMemory, Key, MemoryFileError, low_rank, prompt_features, train_key
@@ -166,3 +170,26 @@ def test_serving_routes_inside_the_forward_as_route_does(editor):
     assert torch.equal(served, routed) and memory.route(prompts).tolist() == [-1, 1, 0]
     with memory.applied(torch.tensor([1])):                                   # generation keeps the prompt's edit
         assert torch.equal(out, editor.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=editor.tokenizer.pad_token_id))
+
+
+def test_a_memory_file_is_owned_by_one_run_and_kept_on_ctrl_c(trained, tmp_path):
+    """Two real processes: a second run into the same --memory stops at once with one line naming the
+    first; Ctrl-C keeps the edits stored so far, and the same command resumes from them."""
+    ckpt, mem = trained[0] / "b" / "best.pt", tmp_path / "m.mem"
+    run("memory.py", "key", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--layer", "1", "--dim", "16",
+        "--train-records", "32", "--val-records", "8", "--steps", "5", "--out", tmp_path / "key.pt")
+    args = ["--ckpt", ckpt, "--data-dir", DATA_DIR, "--limit", "10000", "--sequential", "memory", "--memory", mem]
+    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "evaluate.py"), *map(str, args), "--key",
+                              str(tmp_path / "key.pt"), "--out", str(tmp_path / "a.json")],
+                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(str(mem) + ".lock")
+        second = run("evaluate.py", *args, "--out", tmp_path / "b.json", check=False)
+        assert second.returncode != 0 and f"--memory {mem} is in use by another run (pid {first.pid}" in second.stderr
+        wait_for(mem)                                                          # the first save: 500 edits in
+    finally:
+        first.send_signal(signal.SIGINT)
+        _, stderr = first.communicate(timeout=300)
+    assert "Traceback" not in stderr and "of 10000 edits kept in" in stderr and not os.path.exists(str(mem) + ".lock")
+    kept = int(stderr.split("interrupted: ")[1].split(" of")[0])
+    assert kept >= 500 and f"{kept} edits" in run("memory.py", "show", mem).stdout

@@ -15,7 +15,7 @@ import torch
 
 import evaluate
 import train
-from conftest import ROOT, TINY_EDITOR, run
+from conftest import ROOT, TINY_EDITOR, run, wait_for
 from data import DataError, load, tokenize
 
 
@@ -213,13 +213,6 @@ def test_a_diverged_loss_skips_the_update_on_the_device():
         train.update(net, optimizer, loss, parts, clip=1.0)
         assert (not torch.equal(weight.detach(), before)) == moves, scale
     assert optimizer.state[weight]["step"].item() == 1
-
-
-def wait_for(path, seconds: float = 120) -> None:
-    deadline = time.time() + seconds
-    while not os.path.exists(path) and time.time() < deadline:
-        time.sleep(0.1)
-    assert os.path.exists(path), f"{path} never appeared"
 
 
 def test_a_second_run_into_the_same_out_stops_at_once(setting, tmp_path):
