@@ -10,6 +10,7 @@ untouched. Adding a fact never re-edits the others, and the weights are never wr
                                                                   # 10,000 edits stored in 15 min, measured in 20
     python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --memory my.mem   # your facts, kept
     python memory.py show out/ibke/cf.mem                         # what a memory holds
+    python memory.py routing --ckpt out/ibke/best.pt              # the key among 1,000 and 10,000 edits (20 s)
 
 Routing reads the query's text alone (the prompt: a question without its answer), never a record's
 fields. Its key is computed from the hidden states entering block `layer` over the prompt's tokens:
@@ -126,11 +127,11 @@ def train_key(key: Key, prompts: torch.Tensor, rephrases: torch.Tensor, neighbou
 @torch.no_grad()
 def routing_scores(key: Key, prompts: torch.Tensor, rephrases: torch.Tensor, neighbours: torch.Tensor,
                    threshold: float | None = None) -> dict:
-    """Route record i's rephrase and neighbour through a memory of the prompts' keys (N edits): the
-    rephrase should find edit i, the neighbour none. Chooses τ when threshold is None."""
+    """Route record i's rephrase and neighbour (i < M) through a memory of the prompts' keys (N ≥ M
+    edits): the rephrase should find edit i, the neighbour none. Chooses τ when threshold is None."""
     kp, kr, kn = key(prompts), key(rephrases), key(neighbours)
-    sr, sn = kr @ kp.T, (kn @ kp.T).max(1).values                            # (N, N), (N,)
-    best, right = sr.max(1), sr.argmax(1) == torch.arange(len(kp))
+    sr, sn = kr @ kp.T, (kn @ kp.T).max(1).values                            # (M, N), (M,)
+    best, right = sr.max(1), sr.argmax(1) == torch.arange(len(kr))
     if threshold is None:                                                     # balanced accuracy, over a grid
         grid = torch.linspace(-1, 1, 801)
         bal = torch.stack([((right & (best.values >= t)).float().mean() + (sn < t).float().mean()) / 2 for t in grid])
@@ -392,6 +393,22 @@ def learn_key(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def routing(args: argparse.Namespace) -> None:
+    """The key at scale: eval records 0..M-1's rephrases and neighbours routed among the first N prompts'
+    keys (their own edits among them), at the key's τ."""
+    from data import load
+    from editor import Editor
+    editor = Editor.load(args.ckpt, args.device, dtype=args.dtype)
+    key = Key.rebuild(torch.load(args.key or os.path.join(os.path.dirname(args.ckpt), "key.pt"), weights_only=False))
+    prompts, rephrases, neighbours = triples(load(args.data or editor.ckpt["config"]["data"], args.data_dir)["eval"])
+    features = lambda texts: prompt_features(editor.model, editor.tokenizer, texts, key.layer, progress=True)
+    p, r, n = features(prompts[:args.stored]), features(rephrases[:args.queries]), features(neighbours[:args.queries])
+    for stored in sorted({args.queries, len(p)}):
+        s = routing_scores(key, p[:stored], r, n, threshold=key.threshold)
+        print(f"records 0-{len(r) - 1} among {stored} stored edits: rephrase top-1 {s['top1']:.3f}, "
+              f"routed {s['routed']:.3f}, neighbours rejected {s['rejected']:.3f} at τ = {s['threshold']:.3f}")
+
+
 def show(args: argparse.Namespace) -> None:
     s = torch.load(args.file, map_location="cpu", weights_only=False)
     if not isinstance(s, dict) or s.get("format") != FORMAT:
@@ -423,7 +440,16 @@ if __name__ == "__main__":
     k.add_argument("--seed", type=int, default=0, help="the key's initialisation and batches")
     k.add_argument("--out", default=None, help="where the key goes (default: key.pt beside --ckpt)")
     add_device_args(k, dtype_default=None)
+    r = sub.add_parser("routing", help="the key at scale: records 0..M-1 routed among N stored edits")
+    r.add_argument("--ckpt", required=True, help="the editor (its model computes the keys)")
+    r.add_argument("--key", default=None, help="the key (default: key.pt beside --ckpt)")
+    r.add_argument("--data", default=None, help="benchmark (default: the one the editor was trained on)")
+    r.add_argument("--data-dir", default="data", help="folder holding the benchmark files")
+    r.add_argument("--stored", type=int, default=10000, help="N: the first N eval prompts are stored edits")
+    r.add_argument("--queries", type=int, default=1000,
+                   help="M: the first M records' rephrases and neighbours are routed")
+    add_device_args(r, dtype_default=None)
     v = sub.add_parser("show", help="what a memory file holds")
     v.add_argument("file", help="a memory file (evaluate.py --sequential memory --memory FILE, edit.py --memory FILE)")
     args = parser.parse_args()
-    learn_key(args) if args.command == "key" else show(args)
+    {"key": learn_key, "routing": routing, "show": show}[args.command](args)

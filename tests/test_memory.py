@@ -125,6 +125,9 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     out = run("memory.py", "key", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--layer", "1", "--dim", "16",
               "--train-records", "64", "--val-records", "16", "--steps", "20", "--out", tmp_path / "key.pt")
     assert "routing among 16 edits" in out.stdout
+    out = run("memory.py", "routing", "--ckpt", ckpt, "--key", tmp_path / "key.pt", "--data-dir", DATA_DIR,
+              "--stored", "16", "--queries", "4")
+    assert "records 0-3 among 4 stored edits" in out.stdout and "records 0-3 among 16 stored edits" in out.stdout
     common = ["--ckpt", ckpt, "--data-dir", DATA_DIR, "--limit", "6", "--edits-per-batch", "2"]
     run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "m.mem", "--key", tmp_path / "key.pt",
         "--out", tmp_path / "mem.json")
