@@ -398,8 +398,11 @@ def routing(args: argparse.Namespace) -> None:
     keys (their own edits among them), at the key's τ."""
     from data import load
     from editor import Editor
+    key_path = args.key or os.path.join(os.path.dirname(args.ckpt), "key.pt")
+    if not os.path.isfile(key_path):
+        raise SystemExit(f"error: no key at {key_path}; learn one with `python memory.py key --ckpt {args.ckpt}` or give --key")
     editor = Editor.load(args.ckpt, args.device, dtype=args.dtype)
-    key = Key.rebuild(torch.load(args.key or os.path.join(os.path.dirname(args.ckpt), "key.pt"), weights_only=False))
+    key = Key.rebuild(torch.load(key_path, weights_only=False))
     prompts, rephrases, neighbours = triples(load(args.data or editor.ckpt["config"]["data"], args.data_dir)["eval"])
     features = lambda texts: prompt_features(editor.model, editor.tokenizer, texts, key.layer, progress=True)
     p, r, n = features(prompts[:args.stored]), features(rephrases[:args.queries]), features(neighbours[:args.queries])
@@ -410,7 +413,12 @@ def routing(args: argparse.Namespace) -> None:
 
 
 def show(args: argparse.Namespace) -> None:
-    s = torch.load(args.file, map_location="cpu", weights_only=False)
+    if not os.path.isfile(args.file):
+        raise SystemExit(f"error: no memory file at {args.file}")
+    try:
+        s = torch.load(args.file, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise SystemExit(f"error: {args.file} is not a memory file of this project ({type(err).__name__})") from None
     if not isinstance(s, dict) or s.get("format") != FORMAT:
         raise SystemExit(f"error: {args.file} is not a memory file of this project")
     size = os.path.getsize(args.file)
@@ -452,4 +460,10 @@ if __name__ == "__main__":
     v = sub.add_parser("show", help="what a memory file holds")
     v.add_argument("file", help="a memory file (evaluate.py --sequential memory --memory FILE, edit.py --memory FILE)")
     args = parser.parse_args()
-    {"key": learn_key, "routing": routing, "show": show}[args.command](args)
+    from checkpoint import CheckpointError
+    from data import DataError
+    from model import ModelError
+    try:
+        {"key": learn_key, "routing": routing, "show": show}[args.command](args)
+    except (CheckpointError, DataError, ModelError) as err:
+        raise SystemExit(f"error: {err}")

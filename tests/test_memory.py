@@ -134,6 +134,9 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     res = json.load(open(tmp_path / "mem.json"))
     assert res["summary"]["n"] == 6 and res["batches"][0]["memory"]["edits"] == 6
     assert "6 edits" in run("memory.py", "show", tmp_path / "m.mem").stdout
+    for bad in (run("memory.py", "show", tmp_path / "mem.json", check=False),                 # a results file
+                run("memory.py", "routing", "--ckpt", ckpt, "--key", tmp_path / "none.pt", check=False)):
+        assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ") and "Traceback" not in bad.stderr
     run("evaluate.py", *common, "--sequential", "merge", "--out", tmp_path / "merge.json")
     assert json.load(open(tmp_path / "merge.json"))["summary"]["n"] == 6
     # MQuAKE: every case's edits kept in one memory, then each case's multi-hop questions through it
