@@ -22,11 +22,10 @@ import os
 import sys
 import time
 
-import torch
 
 from checkpoint import CheckpointError, RunLock
 from editor import Editor, Fact, as_fact
-from memory import EditMemory, Key, MemoryFileError
+from memory import EditMemory, MemoryFileError, load_key
 from model import ModelError, add_device_args
 
 
@@ -167,10 +166,7 @@ def open_memory(args: argparse.Namespace, editor: Editor) -> EditMemory:
     """--memory FILE as it stands (extended), or a new one with --key."""
     if os.path.exists(args.memory):
         return EditMemory.load(args.memory, editor)
-    key = args.key or os.path.join(os.path.dirname(args.ckpt), "key.pt")
-    if not os.path.exists(key):
-        raise MemoryFileError(f"no key at {key}; learn one with `python memory.py key --ckpt {args.ckpt}`, or give --key")
-    return EditMemory(editor, Key.rebuild(torch.load(key, weights_only=False)), args.rank)
+    return EditMemory(editor, load_key(args.ckpt, args.key), args.rank)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ from checkpoint import CheckpointError, RunLock, check_folder, is_results, resum
 from data import DataError, EditRequest, load, split_val
 from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit, merge, restore
-from memory import EditMemory, Key, MemoryFileError
+from memory import EditMemory, MemoryFileError, load_key
 from losses import answer_nll
 from model import ModelError, add_device_args
 from runner import Runner, index, take
@@ -279,11 +279,7 @@ def open_memory(args: argparse.Namespace, loaded: Editor, records: list[EditRequ
             print(f"updates truncated to rank {args.rank} for this run (the file keeps rank {memory.rank})")
             memory.truncate(args.rank)
         return memory
-    key_path = args.key or os.path.join(os.path.dirname(args.ckpt), "key.pt")
-    if not os.path.exists(key_path):
-        raise MemoryFileError(f"no key at {key_path}; learn one with `python memory.py key --ckpt {args.ckpt}` "
-                              f"or give --key")
-    return EditMemory(loaded, Key.rebuild(torch.load(key_path, weights_only=False)), args.rank)
+    return EditMemory(loaded, load_key(args.ckpt, args.key), args.rank)
 
 
 def multihop(runner: Runner, edited: contextlib.AbstractContextManager, records: list[EditRequest],

@@ -52,6 +52,11 @@ class MemoryFileError(ValueError):
 # -----------------------------------------------------------------------------
 # the key: prompt -> unit vector
 
+def pooled(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """f(q): the states x (B, T, C) averaged over each row's real tokens (mask (B, T)) -> (B, C)."""
+    return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
 @torch.no_grad()
 def prompt_features(model: nn.Module, tokenizer, prompts: list[str], layer: int, batch_size: int = 64,
                     progress: bool = False) -> torch.Tensor:
@@ -64,7 +69,7 @@ def prompt_features(model: nn.Module, tokenizer, prompts: list[str], layer: int,
         part = pad([rows[i] for i in idx], tokenizer.pad_token_id)
         mask = to_device(part["attention_mask"], model.device)
         x = hidden_before(model, layer, to_device(part["input_ids"], model.device), mask).float()   # (b, T, C)
-        out[idx] = ((x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).cpu()
+        out[idx] = pooled(x, mask).cpu()
     return out
 
 
@@ -243,10 +248,14 @@ class EditMemory:
     @torch.no_grad()
     def route(self, prompts: list[str]) -> torch.Tensor:
         """The stored edit each prompt concerns, or −1 (N,) long."""
+        return self.routes_of(prompt_features(self.editor.model, self.editor.tokenizer, prompts, self.key.layer))
+
+    @torch.no_grad()
+    def routes_of(self, f: torch.Tensor) -> torch.Tensor:
+        """f(q) (N, C) -> the stored edit of the best key at cosine ≥ τ, or −1 (N,) long."""
         if self.n == 0:
-            return torch.full((len(prompts),), -1)
-        sims = self.keys_of(prompts) @ self.keys[:self.n].T                     # (N, n)
-        best = sims.max(1)
+            return torch.full((len(f),), -1)
+        best = (self.key(f) @ self.keys[:self.n].T).max(1)                      # over (N, n)
         return torch.where(best.values >= self.key.threshold, best.indices, -1)
 
     @contextmanager
@@ -298,13 +307,7 @@ class EditMemory:
             if x.shape[1] == 1 and "routing" in seen:
                 return                                                           # a generation step
             mask = seen["mask"][:, -x.shape[1]:].to(x.dtype)                      # (B, T)
-            f = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)          # f(q) (B, C)
-            with torch.no_grad():
-                sims = self.key(f.cpu()) @ self.keys[:self.n].T if self.n else torch.zeros(len(x), 0)
-            best = sims.max(1) if self.n else None
-            routes = (torch.where(best.values >= self.key.threshold, best.indices, -1) if self.n
-                      else torch.full((len(x),), -1))
-            seen["routing"].routes = routes
+            seen["routing"].routes = self.routes_of(pooled(x, mask).cpu())        # f(q) (B, C) -> (B,)
             seen["routing"].select(None)
 
         seen["routing"] = Routing(self, torch.full((0,), -1))
@@ -342,14 +345,7 @@ class EditMemory:
     @classmethod
     def load(cls, path: str, editor) -> "EditMemory":
         """A saved memory, for this editor and model, or MemoryFileError in one line."""
-        if not os.path.isfile(path):
-            raise MemoryFileError(f"no memory file at {path}")
-        try:
-            s = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as err:
-            raise MemoryFileError(f"not a memory file of this project: {path} ({type(err).__name__})") from None
-        if not isinstance(s, dict) or s.get("format") != FORMAT:
-            raise MemoryFileError(f"not a memory file of this project: {path}")
+        s = read_file(path)
         if s["model"] != editor.ckpt["model"]:
             raise MemoryFileError(f"memory {path} holds edits of model {s['model']}, not {editor.ckpt['model']}; "
                                   f"give another --memory file")
@@ -361,6 +357,32 @@ class EditMemory:
         memory.n, memory.facts, memory.keys = s["n"], s["facts"], s["keys"]
         memory.a, memory.b = s["a"], s["b"]
         return memory
+
+
+def read_file(path: str) -> dict:
+    """A memory file's dict (any model, any editor), or MemoryFileError in one line."""
+    if not os.path.isfile(path):
+        raise MemoryFileError(f"no memory file at {path}")
+    try:
+        s = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise MemoryFileError(f"not a memory file of this project: {path} ({type(err).__name__})") from None
+    if not isinstance(s, dict) or s.get("format") != FORMAT:
+        raise MemoryFileError(f"not a memory file of this project: {path}")
+    return s
+
+
+def key_file(ckpt: str, key: str | None = None) -> str:
+    """Where the routing key is: `key` (--key) if given, else key.pt beside the editor checkpoint."""
+    return key or os.path.join(os.path.dirname(ckpt), "key.pt")
+
+
+def load_key(ckpt: str, key: str | None = None) -> Key:
+    """The routing key of key_file(ckpt, key), or MemoryFileError in one line."""
+    path = key_file(ckpt, key)
+    if not os.path.isfile(path):
+        raise MemoryFileError(f"no key at {path}; learn one with `python memory.py key --ckpt {ckpt}` or give --key")
+    return Key.rebuild(torch.load(path, weights_only=False))
 
 
 # -----------------------------------------------------------------------------
@@ -388,7 +410,7 @@ def learn_key(args: argparse.Namespace) -> None:
     key.threshold = s["threshold"]
     print(f"routing among {len(val[0])} edits (eval records 0-{args.val_records - 1}): rephrase top-1 {s['top1']:.3f}, "
           f"routed {s['routed']:.3f}, neighbours rejected {s['rejected']:.3f} at τ = {s['threshold']:.3f}")
-    out = args.out or os.path.join(os.path.dirname(args.ckpt), "key.pt")
+    out = args.out or key_file(args.ckpt)
     atomic_save(key.saved() | {"routing": s, "args": vars(args)}, out)
     print(f"wrote {out}")
 
@@ -398,11 +420,8 @@ def routing(args: argparse.Namespace) -> None:
     keys (their own edits among them), at the key's τ."""
     from data import load
     from editor import Editor
-    key_path = args.key or os.path.join(os.path.dirname(args.ckpt), "key.pt")
-    if not os.path.isfile(key_path):
-        raise SystemExit(f"error: no key at {key_path}; learn one with `python memory.py key --ckpt {args.ckpt}` or give --key")
+    key = load_key(args.ckpt, args.key)
     editor = Editor.load(args.ckpt, args.device, dtype=args.dtype)
-    key = Key.rebuild(torch.load(key_path, weights_only=False))
     prompts, rephrases, neighbours = triples(load(args.data or editor.ckpt["config"]["data"], args.data_dir)["eval"])
     features = lambda texts: prompt_features(editor.model, editor.tokenizer, texts, key.layer, progress=True)
     p, r, n = features(prompts[:args.stored]), features(rephrases[:args.queries]), features(neighbours[:args.queries])
@@ -413,14 +432,7 @@ def routing(args: argparse.Namespace) -> None:
 
 
 def show(args: argparse.Namespace) -> None:
-    if not os.path.isfile(args.file):
-        raise SystemExit(f"error: no memory file at {args.file}")
-    try:
-        s = torch.load(args.file, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise SystemExit(f"error: {args.file} is not a memory file of this project ({type(err).__name__})") from None
-    if not isinstance(s, dict) or s.get("format") != FORMAT:
-        raise SystemExit(f"error: {args.file} is not a memory file of this project")
+    s = read_file(args.file)
     size = os.path.getsize(args.file)
     print(f"{args.file}: {s['n']} edits of {s['model']} (editor sha256 {s['editor_sha256'][:12]}…), rank {s['rank']} "
           f"in {s['dtype']}, key {s['key']['config']} τ {s['key']['threshold']:.3f}, {size / 2 ** 20:.1f} MiB "
@@ -465,5 +477,5 @@ if __name__ == "__main__":
     from model import ModelError
     try:
         {"key": learn_key, "routing": routing, "show": show}[args.command](args)
-    except (CheckpointError, DataError, ModelError) as err:
+    except (CheckpointError, DataError, ModelError, MemoryFileError) as err:
         raise SystemExit(f"error: {err}")
