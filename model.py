@@ -125,7 +125,7 @@ DEFAULT_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def native_dtype(device: str) -> str:
     """--dtype auto: bfloat16 where the device multiplies it natively (a CUDA GPU that supports it; a CPU
     with AVX512-BF16 or AMX: on this project's AMD EPYC a training step 1.35-1.56x, an evaluation 1.8x
-    faster than float32, RESULTS.md session 13), else float32 (emulated bfloat16 is commonly slower)."""
+    faster than float32, RESULTS.md 2026-11-24 midday), else float32 (emulated bfloat16 is commonly slower)."""
     dev = torch.device(device)
     if dev.type == "cuda":                               # Ampere (compute capability 8) on: V100 / T4 emulate it
         if not torch.cuda.is_available():

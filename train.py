@@ -3,14 +3,15 @@ Train the IBKE hypernetwork (IBKE.md §3): a plain PyTorch loop.
 
     python train.py                                    # SmolLM2-135M on CounterFact, ~20 min on 2 CPU cores (RESULTS.md)
     python train.py --steps 6000 --train-size 0 --out out/long   # a longer run on every record (the schedules stretch)
-    python train.py --lr 1e-4 --lr-schedule constant --c-loc-end 1 --c-gen-end 1   # constant weights (before session 5)
+    python train.py --lr 1e-4 --lr-schedule constant --c-loc-end 1 --c-gen-end 1   # constant weights (before 2026-11-23)
     python train.py --steps 4000 --train-size 0 --val-every 1000 --out out/sum   # many edits: the sum, then cancel on
     python train.py --resume out/sum_halfeta.pt --edit-layers 6 --aggregate cancel --ridge-init 5 --batch-size 256 \
         --sample-n log --val-n 200 --lr 1e-4 --lr-schedule constant --c-loc 2 --c-gen 1 --steps 6000 \
         --val-every 50 --patience 1000 --out out/w6   # 6 blocks; sum_halfeta.pt: out/sum/best.pt with every
-                                                       # η halved (RESULTS.md, sessions 12 and 14; README: Many edits)
+                                                       # η halved (RESULTS.md, 2026-11-24; README: Many edits)
     python train.py --resume out/w6_eta23.pt --edit-layers 9 --out out/w9   # then 9 blocks (w6's other flags come
-                                                       # from its checkpoint); out/w6/best.pt with every η × 2/3 (session 15)
+                                                       # from its checkpoint); out/w6/best.pt with every η × 2/3
+                                                       # (RESULTS.md, 2026-11-24)
     python train.py --out out/ibke --resume            # continue exactly where it stopped
     python train.py --resume out/main/latest.pt --c-gen 0.3 --c-loc 10 --extra-loc 3 --steps 7500 --out out/p2h
                                                        # a second phase with other loss weights (README: Results)
