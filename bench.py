@@ -314,14 +314,16 @@ def main() -> None:
 def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) -> dict:
     """The edit memory's costs: adding one edit (against one edit of the editor, t_edit_n1), a query of 8
     prompts through a memory of --memory-size edits with every row routed (against the unedited forward),
-    bytes per edit. The memory is filled with copies of real edits under random keys, the 8 prompts' own
-    keys among them: the cost does not depend on what is stored."""
-    from editor import Editor
-    from memory import EditMemory, Key
+    bytes per edit. The memory is filled with copies of real edits under random keys and the records'
+    subjects (the gate reads every query's words), the 8 prompts' own keys and subjects among them: the cost
+    does not depend on what is stored."""
+    from editor import Editor, Fact
+    from key import Key, Subjects
+    from memory import EditMemory
     editor = Editor(model, tokenizer, hypernet, {"config": {}, "model": args.model}, path="")
-    key = Key(model.config.hidden_size, layer=min(4, model.config.num_hidden_layers - 1))   # memory.py key's default block
+    key = Key(model.config.hidden_size, layer=min(4, model.config.num_hidden_layers - 1))   # key.py learn's default block
     memory = EditMemory(editor, key)
-    facts = [(r.prompt, r.target) for r in records[500:500 + args.repeats + 1]]
+    facts = [Fact(r.prompt, r.target, r.subject) for r in records[500:500 + args.repeats + 1]]
     adds = iter(facts)
     t_add = median_seconds(lambda: memory.add([next(adds)]), args.repeats, model.device)
     prompts = [r.prompt for r in records[600:608]]
@@ -332,7 +334,9 @@ def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) ->
     for m in memory.a:
         memory.a[m][n:size], memory.b[m][n:size] = memory.a[m][n - 1], memory.b[m][n - 1]
     memory.keys[n:n + len(prompts)] = memory.keys_of(prompts)                  # every query row finds an edit
-    memory.n, key.threshold = size, 0.99
+    subjects = [f["subject"] for f in memory.facts] + [r.subject for r in records[600:608]]
+    memory.subjects = Subjects(subjects + [records[i % len(records)].subject for i in range(size - len(subjects))])
+    memory.n, key.threshold, key.gated = size, 0.99, 0.99
     ids = {k: v.to(model.device) for k, v in tokenizer(prompts, return_tensors="pt", padding=True).items()}
 
     def forward():

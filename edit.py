@@ -6,7 +6,8 @@ Edit your own facts with a trained editor: see what the model says before and af
         --ask "The Eiffel Tower is located in the city of" --save edited/
     python edit.py --ckpt out/ibke/best.pt --facts facts.jsonl --save edited/
     python -c "from transformers import pipeline; print(pipeline('text-generation', 'edited/')('The Eiffel Tower is in'))"
-    python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --memory facts.mem   # kept in an edit memory
+    python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --subject "Eiffel Tower" --memory facts.mem
+                                                                  # kept in an edit memory
 
 A fact file is a JSON list or JSON lines of {"prompt", "target"}, each with optional "subject",
 "rephrase" and "locality" (a prompt or a list of them): rephrases should take the new answer,
@@ -15,6 +16,8 @@ locality prompt, the model's greedy continuation before and after the edit is pr
 with P(target) before and after on the facts' prompts and rephrases. All facts are written as one
 edit (the editor's own way of combining a batch). --save DIR writes the edited model, W + ΔW merged,
 as a Hugging Face folder that transformers loads with no code from here, and DIR/edits.json.
+A fact's subject (--subject, or "subject" in the file: whom the fact is about, as the prompt writes it)
+lets an edit memory serve a question only when the question names it (memory.py: the gate).
 """
 import argparse
 import json
@@ -25,7 +28,8 @@ import time
 
 from checkpoint import CheckpointError, RunLock
 from editor import Editor, Fact, as_fact
-from memory import EditMemory, MemoryFileError, load_key
+from key import MemoryFileError, Subjects, load_key, words
+from memory import EditMemory
 from model import ModelError, add_device_args
 
 
@@ -67,6 +71,9 @@ def check_fact(item) -> str | None:
     for key in ("prompt", "target"):
         if not isinstance(item.get(key), str) or not item[key].strip():
             return f'"{key}" must be a non-empty string'
+    subject = item.get("subject", "")
+    if not isinstance(subject, str) or words(subject) and not set(Subjects([subject]).named(item["prompt"])):
+        return f'"subject" must be a string that the prompt names as written ({subject!r} is not in {item["prompt"]!r})'
     for key in ("rephrase", "locality"):
         value = item.get(key)
         if value is not None and not (isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)):
@@ -101,6 +108,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", help="the fact's prompt, e.g. \"The Eiffel Tower is in\"")
     parser.add_argument("target", nargs="?", help="its new answer, e.g. \"Rome\"")
+    parser.add_argument("--subject", default="", help="whom PROMPT is about, as it writes it (\"Eiffel Tower\"): "
+                        "a --memory then serves a question only when the question names it")
     parser.add_argument("--ckpt", required=True, help="an editor checkpoint of train.py (best.pt)")
     parser.add_argument("--facts", default=None, help="a JSON list or JSON-lines file of facts (see above), instead of or besides PROMPT TARGET")
     parser.add_argument("--ask", action="append", default=[], help="another prompt to show before and after (repeatable)")
@@ -110,7 +119,7 @@ def main() -> None:
     parser.add_argument("--memory", default=None, metavar="FILE",
                         help="add the facts to this lifelong edit memory (memory.py; created if new, else extended) instead of "
                              "merging them: each fact edited alone, applied only to the prompts it concerns")
-    parser.add_argument("--key", default=None, help="--memory, a new file: the routing key (default: key.pt beside --ckpt; `python memory.py key`)")
+    parser.add_argument("--key", default=None, help="--memory, a new file: the routing key (default: key.pt beside --ckpt; `python key.py learn`)")
     parser.add_argument("--rank", type=int, default=3, help="--memory, a new file: rank at which each fact's update is stored")
     parser.add_argument("--model", default=None, help="override the checkpoint's base model (it must have the same edited modules)")
     add_device_args(parser, dtype_default=None)
@@ -122,10 +131,10 @@ def main() -> None:
         raise SystemExit('error: give a prompt and its target ("The Eiffel Tower is in" "Rome"), or --facts FILE')
     facts = read_facts(args.facts) if args.facts else []
     if args.prompt is not None:
-        problem = check_fact({"prompt": args.prompt, "target": args.target})
+        problem = check_fact({"prompt": args.prompt, "target": args.target, "subject": args.subject})
         if problem:
-            raise SystemExit(f"error: {problem}")
-        facts.insert(0, Fact(args.prompt, args.target))
+            raise SystemExit("error: " + problem.replace('"subject"', "--subject"))
+        facts.insert(0, Fact(args.prompt, args.target, args.subject))
     if not facts:
         raise SystemExit('error: nothing to edit: give a prompt and its target, or --facts FILE')
     if args.max_new_tokens < 1:

@@ -45,7 +45,8 @@ from checkpoint import CheckpointError, RunLock, check_folder, is_results, resum
 from data import DataError, EditRequest, load, split_val
 from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit, merge, restore
-from memory import EditMemory, MemoryFileError, load_key
+from key import MemoryFileError, asks_another, load_key
+from memory import EditMemory
 from losses import answer_nll
 from model import ModelError, add_device_args
 from runner import Runner, index, take
@@ -258,7 +259,7 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
     if args.sequential == "memory":
         out["memory"] = {"file": args.memory, "edits": len(memory), "rank": memory.rank,
                          "bytes_per_edit": memory.bytes_per_edit(),
-                         "routed": memory.key.config() | {"threshold": memory.key.threshold}}
+                         "routed": memory.key.config() | {"threshold": memory.key.threshold, "gated": memory.key.gated}}
     return out
 
 
@@ -369,7 +370,7 @@ def main() -> None:
     parser.add_argument("--sequential", default=None, choices=["merge", "memory"], help="lifelong protocol: the records' edits in order, --edits-per-batch at a time, "
                         "all kept (merge: written into the weights one batch after another; memory: memory.py), then all measured again")
     parser.add_argument("--memory", default=None, help="--sequential memory: the memory file (resumed if it holds the first k records' edits; saved as it grows by 500 or a quarter)")
-    parser.add_argument("--key", default=None, help="--sequential memory, a new memory: the key from `python memory.py key` (default: key.pt beside --ckpt)")
+    parser.add_argument("--key", default=None, help="--sequential memory, a new memory: the key from `python key.py learn` (default: key.pt beside --ckpt)")
     parser.add_argument("--rank", type=int, default=3, help="--sequential memory: rank r at which each edit's update is stored (a new memory), "
                         "or to which a complete memory's updates are truncated for this run (a rank curve; README: 3 is within 0.005 F1 of full rank)")
     parser.add_argument("--overwrite", action="store_true", help="replace an --out that holds the results of another checkpoint (else refused)")
@@ -439,6 +440,9 @@ def evaluate(args: argparse.Namespace) -> None:
     summary = summarise(results)
     if args.sequential and len(results) > 1000:                # chosen on the first 1,000 records; each part apart
         summary["first_1000"], summary["after_1000"] = summarise(results[:1000]), summarise(results[1000:])
+    if args.sequential and not data_name.startswith("mquake"):  # LS where no kept edit rightly changes the answer
+        asked = asks_another([r for b in batches for r in b])
+        summary["unasked"] = summarise([r for r, a in zip(results, asked) if not a]) | {"asked": sum(asked)}
     if data_name.startswith("mquake"):                      # per case: its first record carries it, or the sequential list
         summary["MH"] = statistics.fmean(done[0]["MH"] if args.sequential else [line["results"][0]["MH"] for line in done])
     edits = sum(line["edits"] for line in done)             # made in this sitting (a resumed memory: maybe none)
@@ -455,6 +459,9 @@ def evaluate(args: argparse.Namespace) -> None:
         for t, r in done[0]["retention"].items():
             print(f"first 100 edits after {t}: F1 {r.get('F1', 0):.3f} (ES {r['ES']:.3f} GS {r.get('GS', 0):.3f} LS {r.get('LS', 0):.3f})")
     parts = [(f"{name}, records 0-999", summary["first_1000"]), (f"{name}, records 1000+", summary["after_1000"])] if "after_1000" in summary else []
+    if "unasked" in summary:
+        parts.append((f"{name}, the {summary['unasked']['n']} records whose neighbour asks no other edit's question",
+                      summary["unasked"]))
     print(table([(name, summary)] + parts))
     print(f"wrote {args.out}")
 

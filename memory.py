@@ -5,22 +5,15 @@ and is stored as a retrieval key and its update at rank r. A query runs the mode
 the one stored fact it concerns, per row of a batch; a row that concerns none runs the original model
 untouched. Adding a fact never re-edits the others, and the weights are never written.
 
-    python memory.py key --ckpt out/ibke/best.pt                 # learn the key -> out/ibke/key.pt (~1 min on 2 cores)
+    python key.py learn --ckpt out/ibke/best.pt                   # learn the key -> out/ibke/key.pt (~1 min on 2 cores)
     python evaluate.py --ckpt out/ibke/best.pt --sequential memory --limit 10000 --memory out/ibke/cf.mem
                                                                   # 10,000 edits stored in 15 min, measured in 20
-    python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --memory my.mem   # your facts, kept
+    python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --subject "Eiffel Tower" --memory my.mem
     python memory.py show out/ibke/cf.mem                         # what a memory holds
-    python memory.py routing --ckpt out/ibke/best.pt              # the key among 1,000 and 10,000 edits (20 s)
+    python key.py routing --ckpt out/ibke/best.pt                 # the key among 1,000 and 10,000 edits (20 s)
 
-Routing reads the query's text alone (the prompt: a question without its answer), never a record's
-fields. Its key is computed from the hidden states entering block `layer` over the prompt's tokens:
-    f(q) = mean_t x_t                             (C,)   the prompt's states, averaged over its tokens
-    k(q) = normalise(W (f(q) − μ) / σ)            (k,)   μ, σ: the train prompts'; W learned (or identity)
-A query goes to argmax_e k(q)·k_e when that cosine is ≥ τ, else to no edit. W is trained on the train
-split only, contrastively: a prompt and its rephrase together, apart from the other prompts of the
-batch and from the neighbours (same relation and answer, another subject) that must not be edited.
-τ is chosen on validation records (the evaluation split's first --val-records) as the one that
-maximises the balanced accuracy of routing: rephrases to their own edit, neighbours to none.
+Routing (key.py): an edit stored with its subject serves only a query that names the subject (the gate),
+and then the query's key, from the model's states entering block 4, must match the edit's (cosine ≥ τ).
 
 An edit's update is a sum of rank-one terms, one per token (IBKE.md §3 step 5); stored at rank r it is
 the best rank-r approximation of ΔW (by SVD), as factors a (r, d_in), b (r, d_out) in float16.
@@ -31,118 +24,15 @@ import os
 from contextlib import contextmanager
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-from tqdm import tqdm
 
 from checkpoint import atomic_save
-from data import pad, tokenize
 from editor import as_fact, sha256
 from hooks import grad_decomposition
+from key import Key, MemoryFileError, Subjects, pooled, prompt_features
 from model import blocks_path
-from runner import hidden_before, to_device
+from runner import to_device
 
 FORMAT = "ibke-memory-1"
-
-
-class MemoryFileError(ValueError):
-    """A memory file that cannot be used: missing, unreadable, or built for another model or editor."""
-
-
-# -----------------------------------------------------------------------------
-# the key: prompt -> unit vector
-
-def pooled(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """f(q): the states x (B, T, C) averaged over each row's real tokens (mask (B, T)) -> (B, C)."""
-    return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-
-
-@torch.no_grad()
-def prompt_features(model: nn.Module, tokenizer, prompts: list[str], layer: int, batch_size: int = 64,
-                    progress: bool = False) -> torch.Tensor:
-    """f(q) for each prompt: the mean of the states entering block `layer` over its tokens (N, C) float32, host."""
-    rows = tokenize(tokenizer, prompts, [""] * len(prompts))                 # the prompt alone, as a query
-    out = torch.zeros(len(prompts), model.config.hidden_size)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
-    for s in tqdm(range(0, len(order), batch_size), desc="keys", disable=not progress, leave=False):
-        idx = order[s:s + batch_size]
-        part = pad([rows[i] for i in idx], tokenizer.pad_token_id)
-        mask = to_device(part["attention_mask"], model.device)
-        x = hidden_before(model, layer, to_device(part["input_ids"], model.device), mask).float()   # (b, T, C)
-        out[idx] = pooled(x, mask).cpu()
-    return out
-
-
-class Key(nn.Module):
-    """f(q) (N, C) -> k(q) (N, k): standardised, projected (a learned W, or none: identity), unit length."""
-
-    def __init__(self, width: int, layer: int, dim: int = 256, learned: bool = True):
-        super().__init__()
-        self.layer, self.threshold = layer, 1.0
-        self.register_buffer("mean", torch.zeros(width))
-        self.register_buffer("std", torch.ones(width))
-        self.proj = nn.Linear(width, dim) if learned else None
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        x = (f - self.mean) / self.std
-        return F.normalize(self.proj(x) if self.proj is not None else x, dim=-1)
-
-    def config(self) -> dict:
-        return {"width": self.mean.shape[0], "layer": self.layer, "learned": self.proj is not None,
-                "dim": self.proj.out_features if self.proj is not None else self.mean.shape[0]}
-
-    @classmethod
-    def rebuild(cls, saved: dict) -> "Key":
-        c = saved["config"]
-        key = cls(c["width"], c["layer"], c["dim"], c["learned"])
-        key.load_state_dict(saved["state"])
-        key.threshold = saved["threshold"]
-        return key
-
-    def saved(self) -> dict:
-        return {"config": self.config(), "state": self.state_dict(), "threshold": self.threshold}
-
-
-def train_key(key: Key, prompts: torch.Tensor, rephrases: torch.Tensor, neighbours: torch.Tensor,
-              steps: int = 1500, batch: int = 256, lr: float = 1e-3, tau: float = 0.1, seed: int = 0) -> list[float]:
-    """Contrastive training of W on train-split features (N, C) each, row i of all three from one record:
-    InfoNCE both ways between prompt and rephrase, the batch's other prompts (rephrases) and all its
-    neighbours as negatives, temperature tau. Sets μ, σ from the prompts. -> the losses."""
-    key.mean.copy_(prompts.mean(0))
-    key.std.copy_(prompts.std(0) + 1e-3)
-    if key.proj is None:
-        return []
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    key.proj.reset_parameters()
-    opt = torch.optim.Adam(key.proj.parameters(), lr=lr)
-    losses, target = [], torch.arange(batch)
-    for _ in tqdm(range(steps), desc="key", leave=False):
-        i = torch.randint(0, len(prompts), (batch,), generator=g)
-        p, r, n = key(prompts[i]), key(rephrases[i]), key(neighbours[i])        # (b, k) each
-        loss = (F.cross_entropy(torch.cat([r @ p.T, r @ n.T], 1) / tau, target)
-                + F.cross_entropy(torch.cat([p @ r.T, p @ n.T], 1) / tau, target))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-@torch.no_grad()
-def routing_scores(key: Key, prompts: torch.Tensor, rephrases: torch.Tensor, neighbours: torch.Tensor,
-                   threshold: float | None = None) -> dict:
-    """Route record i's rephrase and neighbour (i < M) through a memory of the prompts' keys (N ≥ M
-    edits): the rephrase should find edit i, the neighbour none. Chooses τ when threshold is None."""
-    kp, kr, kn = key(prompts), key(rephrases), key(neighbours)
-    sr, sn = kr @ kp.T, (kn @ kp.T).max(1).values                            # (M, N), (M,)
-    best, right = sr.max(1), sr.argmax(1) == torch.arange(len(kr))
-    if threshold is None:                                                     # balanced accuracy, over a grid
-        grid = torch.linspace(-1, 1, 801)
-        bal = torch.stack([((right & (best.values >= t)).float().mean() + (sn < t).float().mean()) / 2 for t in grid])
-        threshold = grid[bal.argmax()].item()
-    return {"top1": right.float().mean().item(), "routed": (right & (best.values >= threshold)).float().mean().item(),
-            "rejected": (sn < threshold).float().mean().item(), "threshold": threshold}
 
 
 # -----------------------------------------------------------------------------
@@ -193,7 +83,7 @@ class EditMemory:
 
     def __init__(self, editor, key: Key, rank: int = 3, dtype: torch.dtype = torch.float16):
         self.editor, self.key, self.rank, self.dtype = editor, key, rank, dtype
-        self.n, self.facts = 0, []
+        self.n, self.facts, self.subjects = 0, [], Subjects()
         self.keys = torch.zeros(0, key.config()["dim"])
         self.a = {m: torch.zeros(0, rank, s[0], dtype=dtype) for m, s in editor.hypernet.shapes.items()}
         self.b = {m: torch.zeros(0, rank, s[1], dtype=dtype) for m, s in editor.hypernet.shapes.items()}
@@ -243,20 +133,30 @@ class EditMemory:
                 self.a[m][self.n], self.b[m][self.n] = a.to(self.dtype), b.to(self.dtype)
             self.keys[self.n] = keys[e]
             self.facts.append(vars(facts[e]))
+            self.subjects.add(facts[e].subject)
             self.n += 1
 
     @torch.no_grad()
     def route(self, prompts: list[str]) -> torch.Tensor:
         """The stored edit each prompt concerns, or −1 (N,) long."""
-        return self.routes_of(prompt_features(self.editor.model, self.editor.tokenizer, prompts, self.key.layer))
+        f = prompt_features(self.editor.model, self.editor.tokenizer, prompts, self.key.layer)
+        return self.routes_of(f, prompts)
 
     @torch.no_grad()
-    def routes_of(self, f: torch.Tensor) -> torch.Tensor:
-        """f(q) (N, C) -> the stored edit of the best key at cosine ≥ τ, or −1 (N,) long."""
+    def routes_of(self, f: torch.Tensor, texts: list[str] | None) -> torch.Tensor:
+        """f(q) (B, C) and the queries' texts -> the candidate of the best key at cosine ≥ its τ, or −1
+        (B,) long. Without texts (a model fed embeddings) or a gated τ (a key learned before the gate),
+        the key alone decides, at τ."""
         if self.n == 0:
             return torch.full((len(f),), -1)
-        best = (self.key(f) @ self.keys[:self.n].T).max(1)                      # over (N, n)
-        return torch.where(best.values >= self.key.threshold, best.indices, -1)
+        sims = self.key(f) @ self.keys[:self.n].T                                 # (B, n)
+        has = torch.tensor(self.subjects.has, dtype=torch.bool)                   # (n,)
+        if texts is None or self.key.gated is None:
+            passed = sims >= self.key.threshold
+        else:
+            passed = self.subjects.mask(texts) & (sims >= torch.where(has, self.key.gated, self.key.threshold))
+        best = sims.masked_fill(~passed, -torch.inf).max(1)
+        return torch.where(passed.any(1), best.indices, -1)
 
     @contextmanager
     def applied(self, routes: torch.Tensor):
@@ -295,19 +195,23 @@ class EditMemory:
         one new token) reads its key off the states entering block `layer`, inside that same forward, and
         its rows take their edits from there up; a generation step (one new token) keeps its prompt's.
         Rows are the non-padding tokens of the attention mask (left or right padding)."""
-        model, seen = self.editor.model, {}
+        model, tok, seen = self.editor.model, self.editor.tokenizer, {}
 
         def read_mask(module, args, kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
             mask = kwargs.get("attention_mask")
             seen["mask"] = mask if mask is not None and mask.dim() == 2 else torch.ones_like(ids)
+            seen["ids"] = ids
 
         def route(module, args, kwargs):
             x = (args[0] if args else kwargs["hidden_states"]).float()            # (B, T, C)
             if x.shape[1] == 1 and "routing" in seen:
                 return                                                           # a generation step
             mask = seen["mask"][:, -x.shape[1]:].to(x.dtype)                      # (B, T)
-            seen["routing"].routes = self.routes_of(pooled(x, mask).cpu())        # f(q) (B, C) -> (B,)
+            ids = seen["ids"]                                                     # the gate reads the words
+            texts = None if ids is None else [tok.decode(i[m.bool()]) for i, m in
+                                              zip(ids.cpu(), seen["mask"][:, -ids.shape[1]:].cpu())]
+            seen["routing"].routes = self.routes_of(pooled(x, mask).cpu(), texts)  # f(q) (B, C) -> (B,)
             seen["routing"].select(None)
 
         seen["routing"] = Routing(self, torch.full((0,), -1))
@@ -355,6 +259,7 @@ class EditMemory:
                                   f"give that checkpoint, or another --memory file")
         memory = cls(editor, Key.rebuild(s["key"]), s["rank"], getattr(torch, s["dtype"]))
         memory.n, memory.facts, memory.keys = s["n"], s["facts"], s["keys"]
+        memory.subjects = Subjects([f.get("subject", "") for f in s["facts"]])
         memory.a, memory.b = s["a"], s["b"]
         return memory
 
@@ -372,64 +277,7 @@ def read_file(path: str) -> dict:
     return s
 
 
-def key_file(ckpt: str, key: str | None = None) -> str:
-    """Where the routing key is: `key` (--key) if given, else key.pt beside the editor checkpoint."""
-    return key or os.path.join(os.path.dirname(ckpt), "key.pt")
-
-
-def load_key(ckpt: str, key: str | None = None) -> Key:
-    """The routing key of key_file(ckpt, key), or MemoryFileError in one line."""
-    path = key_file(ckpt, key)
-    if not os.path.isfile(path):
-        raise MemoryFileError(f"no key at {path}; learn one with `python memory.py key --ckpt {ckpt}` or give --key")
-    return Key.rebuild(torch.load(path, weights_only=False))
-
-
 # -----------------------------------------------------------------------------
-
-def triples(records) -> tuple[list[str], list[str], list[str]]:
-    """(prompts, rephrases, neighbours) of the records that have a rephrase and a locality prompt."""
-    kept = [r for r in records if r.generality and r.locality]
-    return [r.prompt for r in kept], [r.generality[0][0] for r in kept], [r.locality[0][0] for r in kept]
-
-
-def learn_key(args: argparse.Namespace) -> None:
-    from data import load
-    from editor import Editor
-    editor = Editor.load(args.ckpt, args.device, dtype=args.dtype)
-    splits = load(args.data or editor.ckpt["config"]["data"], args.data_dir)
-    model, tok = editor.model, editor.tokenizer
-    features = lambda records: [prompt_features(model, tok, x, args.layer, progress=True) for x in triples(records)]
-    train, val = features(splits["train"][:args.train_records]), features(splits["eval"][:args.val_records])
-    key = Key(model.config.hidden_size, args.layer, args.dim, learned=not args.untrained)
-    losses = train_key(key, *train, steps=args.steps, seed=args.seed)
-    if losses:
-        print(f"key: {args.steps} steps, loss {losses[0]:.3f} -> {sum(losses[-50:]) / len(losses[-50:]):.3f}")
-    key.eval()
-    s = routing_scores(key, *val)
-    key.threshold = s["threshold"]
-    print(f"routing among {len(val[0])} edits (eval records 0-{args.val_records - 1}): rephrase top-1 {s['top1']:.3f}, "
-          f"routed {s['routed']:.3f}, neighbours rejected {s['rejected']:.3f} at τ = {s['threshold']:.3f}")
-    out = args.out or key_file(args.ckpt)
-    atomic_save(key.saved() | {"routing": s, "args": vars(args)}, out)
-    print(f"wrote {out}")
-
-
-def routing(args: argparse.Namespace) -> None:
-    """The key at scale: eval records 0..M-1's rephrases and neighbours routed among the first N prompts'
-    keys (their own edits among them), at the key's τ."""
-    from data import load
-    from editor import Editor
-    key = load_key(args.ckpt, args.key)
-    editor = Editor.load(args.ckpt, args.device, dtype=args.dtype)
-    prompts, rephrases, neighbours = triples(load(args.data or editor.ckpt["config"]["data"], args.data_dir)["eval"])
-    features = lambda texts: prompt_features(editor.model, editor.tokenizer, texts, key.layer, progress=True)
-    p, r, n = features(prompts[:args.stored]), features(rephrases[:args.queries]), features(neighbours[:args.queries])
-    for stored in sorted({args.queries, len(p)}):
-        s = routing_scores(key, p[:stored], r, n, threshold=key.threshold)
-        print(f"records 0-{len(r) - 1} among {stored} stored edits: rephrase top-1 {s['top1']:.3f}, "
-              f"routed {s['routed']:.3f}, neighbours rejected {s['rejected']:.3f} at τ = {s['threshold']:.3f}")
-
 
 def show(args: argparse.Namespace) -> None:
     s = read_file(args.file)
@@ -442,40 +290,12 @@ def show(args: argparse.Namespace) -> None:
 
 
 if __name__ == "__main__":
-    from model import add_device_args
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    k = sub.add_parser("key", help="learn the routing key on the train split; choose τ on the first eval records")
-    k.add_argument("--ckpt", required=True,
-                   help="the editor the memory will hold edits of (its model computes the keys)")
-    k.add_argument("--data", default=None, help="benchmark (default: the one the editor was trained on)")
-    k.add_argument("--data-dir", default="data", help="folder holding the benchmark files")
-    k.add_argument("--layer", type=int, default=4,
-                   help="the key reads the states entering this block (README: 4 of SmolLM2's 30 routes best)")
-    k.add_argument("--dim", type=int, default=256, help="width k of a learned key")
-    k.add_argument("--untrained", action="store_true", help="no projection: the standardised features themselves")
-    k.add_argument("--train-records", type=int, default=4000, help="train-split records the key learns from")
-    k.add_argument("--val-records", type=int, default=1000, help="the first N eval records choose τ")
-    k.add_argument("--steps", type=int, default=1500, help="Adam steps of the contrastive loss")
-    k.add_argument("--seed", type=int, default=0, help="the key's initialisation and batches")
-    k.add_argument("--out", default=None, help="where the key goes (default: key.pt beside --ckpt)")
-    add_device_args(k, dtype_default=None)
-    r = sub.add_parser("routing", help="the key at scale: records 0..M-1 routed among N stored edits")
-    r.add_argument("--ckpt", required=True, help="the editor (its model computes the keys)")
-    r.add_argument("--key", default=None, help="the key (default: key.pt beside --ckpt)")
-    r.add_argument("--data", default=None, help="benchmark (default: the one the editor was trained on)")
-    r.add_argument("--data-dir", default="data", help="folder holding the benchmark files")
-    r.add_argument("--stored", type=int, default=10000, help="N: the first N eval prompts are stored edits")
-    r.add_argument("--queries", type=int, default=1000,
-                   help="M: the first M records' rephrases and neighbours are routed")
-    add_device_args(r, dtype_default=None)
     v = sub.add_parser("show", help="what a memory file holds")
     v.add_argument("file", help="a memory file (evaluate.py --sequential memory --memory FILE, edit.py --memory FILE)")
     args = parser.parse_args()
-    from checkpoint import CheckpointError
-    from data import DataError
-    from model import ModelError
     try:
-        {"key": learn_key, "routing": routing, "show": show}[args.command](args)
-    except (CheckpointError, DataError, ModelError, MemoryFileError) as err:
+        show(args)
+    except MemoryFileError as err:
         raise SystemExit(f"error: {err}")

@@ -97,6 +97,8 @@ def test_edit_py_shows_before_and_after_and_saves(trained, tmp_path):
     (["--facts", "F"], '[{"prompt": "a", "target": "b"}, {"prompt": "c"}]', 'item 1: "target" must be a non-empty string'),
     (["--facts", "F"], '[{"prompt": "a", "target": "b", "rephrase": 3}]', '"rephrase" must be a prompt or a list'),
     (["--facts", "F"], "[]", "holds no facts"),
+    (["--facts", "F"], '[{"prompt": "a b", "target": "c", "subject": 3}]', '"subject" must be a string that the prompt names'),
+    (["The Eiffel Tower is in", "Rome", "--subject", "Louvre"], None, "--subject must be a string that the prompt names"),
     (["--memory", "m.mem", "a", "b"], None, "no key at"),
     (["--memory", "m.mem", "--save", "d", "a", "b"], None, "give one of them"),
 ])

@@ -1,6 +1,7 @@
-"""memory.py: a memory of one edit runs that edit on the rows it routes and the original model, bit for bit,
-on the others; stored at rank r it is ΔW's best rank-r approximation; saved and loaded it gives the same
-outputs; a file of another model or editor is refused in one line. evaluate.py --sequential end to end."""
+"""memory.py, key.py: a memory of one edit runs that edit on the rows it routes and the original model, bit for
+bit, on the others; the gate takes an edit only where its subject is named; stored at rank r an update is
+ΔW's best rank-r approximation; saved and loaded a memory gives the same outputs; a file of another model
+or editor is refused in one line. evaluate.py --sequential end to end."""
 import json
 import os
 import signal
@@ -13,7 +14,8 @@ import torch
 from conftest import DATA_DIR, ROOT, reorder_rtol, run, wait_for
 from editor import Editor, Fact
 from hooks import functional_edit
-from memory import EditMemory, Key, MemoryFileError, low_rank, prompt_features, train_key
+from key import Key, MemoryFileError, Subjects, asks_another, prompt_features, train_key
+from memory import EditMemory, low_rank
 
 FACT = Fact("The Eiffel Tower is in", "Rome")
 OTHER = "The Colosseum is in the city of"
@@ -122,12 +124,12 @@ def test_learned_key_pulls_rephrases_to_their_prompt(editor):
 
 def test_sequential_protocols_end_to_end(trained, tmp_path):
     ckpt = trained[0] / "b" / "best.pt"
-    out = run("memory.py", "key", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--layer", "1", "--dim", "16",
+    out = run("key.py", "learn", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--layer", "1", "--dim", "16",
               "--train-records", "64", "--val-records", "16", "--steps", "20", "--out", tmp_path / "key.pt")
-    assert "routing among 16 edits" in out.stdout
-    out = run("memory.py", "routing", "--ckpt", ckpt, "--key", tmp_path / "key.pt", "--data-dir", DATA_DIR,
+    assert "key alone, among 16 edits" in out.stdout and "gated, among 10000 edits" in out.stdout
+    out = run("key.py", "routing", "--ckpt", ckpt, "--key", tmp_path / "key.pt", "--data-dir", DATA_DIR,
               "--stored", "16", "--queries", "4")
-    assert "records 0-3 among 4 stored edits" in out.stdout and "records 0-3 among 16 stored edits" in out.stdout
+    assert "records 0-3 among 4 stored edits, gated" in out.stdout and "records 0-3 among 16 stored edits, key alone" in out.stdout
     common = ["--ckpt", ckpt, "--data-dir", DATA_DIR, "--limit", "6", "--edits-per-batch", "2"]
     run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "m.mem", "--key", tmp_path / "key.pt",
         "--out", tmp_path / "mem.json")
@@ -135,7 +137,7 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     assert res["summary"]["n"] == 6 and res["batches"][0]["memory"]["edits"] == 6
     assert "6 edits" in run("memory.py", "show", tmp_path / "m.mem").stdout
     for bad in (run("memory.py", "show", tmp_path / "mem.json", check=False),                 # a results file
-                run("memory.py", "routing", "--ckpt", ckpt, "--key", tmp_path / "none.pt", check=False)):
+                run("key.py", "routing", "--ckpt", ckpt, "--key", tmp_path / "none.pt", check=False)):
         assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ") and "Traceback" not in bad.stderr
     run("evaluate.py", *common, "--sequential", "merge", "--out", tmp_path / "merge.json")
     assert json.load(open(tmp_path / "merge.json"))["summary"]["n"] == 6
@@ -150,7 +152,7 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     assert "(1 in all)" in first.stdout and "(2 in all)" in again.stdout and "[ask] The Eiffel Tower is in" in again.stdout
     # a memory that routes nothing leaves every answer as it was: LS exactly 1 against the original model
     key = torch.load(tmp_path / "key.pt", weights_only=False)
-    key["threshold"] = 2.0
+    key["threshold"] = key["gated"] = 2.0
     torch.save(key, tmp_path / "never.pt")
     run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "n.mem", "--key", tmp_path / "never.pt",
         "--out", tmp_path / "never.json")
@@ -178,12 +180,32 @@ def test_serving_routes_inside_the_forward_as_route_does(editor):
         assert torch.equal(out, editor.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=editor.tokenizer.pad_token_id))
 
 
+def test_the_gate_takes_an_edit_only_where_its_subject_is_named(editor):
+    """An edit stored with its subject serves a query only when the query's words contain the subject (any
+    case, whole words); one stored without a subject is routed by the key alone; serving decodes the rows'
+    tokens and routes as route() does."""
+    gate = Subjects(["Eiffel Tower", "", "Outlook.com", "Paris"])
+    assert gate.mask(["Where is the eiffel tower?", "Outlook.com's owner", "Parisian cafés are in"]).tolist() == [
+        [True, True, False, False], [False, True, True, False], [False, True, False, False]]
+    memory = EditMemory(editor, untrained_key(editor, threshold=0.999))
+    memory.key.gated = -1.0                                                    # the subject alone decides
+    memory.add([Fact("The Eiffel Tower is in", "Rome", subject="Eiffel Tower"), ("The Louvre is in", "Berlin")])
+    prompts = ["Where is the Eiffel Tower? It is in", "The Louvre is in", "The Colosseum is in", "The Eiffel Tower"]
+    assert memory.route(prompts).tolist() == [0, 1, -1, 0]
+    with memory.applied(memory.route(prompts)):
+        routed = logits(editor, prompts)
+    with memory.serving():
+        assert torch.equal(logits(editor, prompts), routed)
+    memory.key.gated = None                                                    # a key learned before the gate
+    assert memory.route(prompts).tolist() == [-1, 1, -1, -1]                   # the key alone, at τ 0.999
+
+
 def test_a_memory_file_is_owned_by_one_run_and_kept_on_ctrl_c(trained, tmp_path):
     """Two real processes: a second run into the same --memory stops at once with one line naming the
     first; Ctrl-C keeps the edits stored so far, and the same command resumes from them."""
     ckpt, mem = trained[0] / "b" / "best.pt", tmp_path / "m.mem"
-    run("memory.py", "key", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--layer", "1", "--dim", "16",
-        "--train-records", "32", "--val-records", "8", "--steps", "5", "--out", tmp_path / "key.pt")
+    run("key.py", "learn", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--layer", "1", "--dim", "16",
+        "--train-records", "32", "--val-records", "8", "--stored", "64", "--steps", "5", "--out", tmp_path / "key.pt")
     args = ["--ckpt", ckpt, "--data-dir", DATA_DIR, "--limit", "10000", "--sequential", "memory", "--memory", mem]
     first = subprocess.Popen([sys.executable, os.path.join(ROOT, "evaluate.py"), *map(str, args), "--key",
                               str(tmp_path / "key.pt"), "--out", str(tmp_path / "a.json")],
@@ -199,3 +221,19 @@ def test_a_memory_file_is_owned_by_one_run_and_kept_on_ctrl_c(trained, tmp_path)
     assert "Traceback" not in stderr and "of 10000 edits kept in" in stderr and not os.path.exists(str(mem) + ".lock")
     kept = int(stderr.split("interrupted: ")[1].split(" of")[0])
     assert kept >= 500 and f"{kept} edits" in run("memory.py", "show", mem).stdout
+
+
+def test_asks_another_finds_the_neighbours_that_are_other_edits_questions():
+    """A neighbour asks another record's question when it names that record's subject and is its prompt or
+    expects its true answer; naming the subject with another question does not count."""
+    from data import EditRequest
+    records = [EditRequest("Taipei is a twin city of", "Moscow", locality=[("Helsinki is a twin city of", "Prague")],
+                           old_target="Kiev", subject="Taipei"),
+               EditRequest("Helsinki is a twin city of", "Paris", locality=[("Oslo is a twin city of", "Prague")],
+                           old_target="Prague", subject="Helsinki"),
+               EditRequest("The mother tongue of Danielle Darrieux is", "English", subject="Danielle Darrieux",
+                           locality=[("Michel Rocard is a native speaker of", "French")], old_target="French"),
+               EditRequest("Michel Rocard works in the field of", "music", subject="Michel Rocard",
+                           locality=[("The mother tongue of danielle darrieux is", "French")], old_target="politics")]
+    assert asks_another(records) == [True, False, False, True]                 # the last: record 2's true answer
+    assert asks_another(records[:1]) == [False]                                # record 1 not kept: nothing asked

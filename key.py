@@ -1,0 +1,330 @@
+"""
+Routing for the edit memory (memory.py): which stored edit, if any, a query concerns. It reads the query's
+text alone (the prompt: a question without its answer), never a record's fields, in two tests, the first
+on its words, the second on the model's states:
+  - the gate: an edit stored with its subject (the fact's "subject", as ROME's requests give it) is a
+    candidate only for a query whose words contain that subject (case-insensitive, whole words). A
+    neighbour asks the edit's question of another subject, so the gate rejects it however alike the
+    states are; edits stored without a subject pass the gate for every query.
+  - the key, computed from the hidden states entering block `layer` over the prompt's tokens:
+    f(q) = mean_t x_t                             (C,)   the prompt's states, averaged over its tokens
+    k(q) = normalise(W (f(q) − μ) / σ)            (k,)   μ, σ: the train prompts'; W learned (or identity)
+A query goes to the candidate e of the largest k(q)·k_e when that cosine is ≥ τ_gated (e has a subject)
+or ≥ τ (it has none), else to no edit. W is trained on the train split only, contrastively: a prompt and
+its rephrase together, apart from the other prompts of the batch and from the neighbours (same relation
+and answer, another subject) that must not be edited. τ and τ_gated are chosen on validation records (the
+evaluation split's first --val-records) as those that maximise the balanced accuracy of routing
+(rephrases to their own edit, neighbours to none): τ among those records' edits, τ_gated among them and
+train-split prompts up to --stored edits, the size the memory is built for.
+
+    python key.py learn --ckpt out/ibke/best.pt       # the key -> out/ibke/key.pt (~1 min on 2 cores)
+    python key.py learn --ckpt out/ibke/best.pt --untrained --out out/ibke/key-u4.pt   # no projection
+    python key.py routing --ckpt out/ibke/best.pt     # records 0-999 among 1,000 and 10,000 edits (20 s)
+"""
+import argparse
+import os
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from checkpoint import atomic_save
+from data import pad, tokenize
+from runner import hidden_before, to_device
+
+
+class MemoryFileError(ValueError):
+    """A file of the memory (a memory file, its key) that cannot be used: missing, unreadable, or built for
+    another model or editor."""
+
+
+# -----------------------------------------------------------------------------
+# the key: prompt -> unit vector
+
+def pooled(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """f(q): the states x (B, T, C) averaged over each row's real tokens (mask (B, T)) -> (B, C)."""
+    return (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+
+@torch.no_grad()
+def prompt_features(model: nn.Module, tokenizer, prompts: list[str], layer: int, batch_size: int = 64,
+                    progress: bool = False) -> torch.Tensor:
+    """f(q) for each prompt: the mean of the states entering block `layer` over its tokens (N, C) float32, host."""
+    rows = tokenize(tokenizer, prompts, [""] * len(prompts))                 # the prompt alone, as a query
+    out = torch.zeros(len(prompts), model.config.hidden_size)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    for s in tqdm(range(0, len(order), batch_size), desc="keys", disable=not progress, leave=False):
+        idx = order[s:s + batch_size]
+        part = pad([rows[i] for i in idx], tokenizer.pad_token_id)
+        mask = to_device(part["attention_mask"], model.device)
+        x = hidden_before(model, layer, to_device(part["input_ids"], model.device), mask).float()   # (b, T, C)
+        out[idx] = pooled(x, mask).cpu()
+    return out
+
+
+class Key(nn.Module):
+    """f(q) (N, C) -> k(q) (N, k): standardised, projected (a learned W, or none: identity), unit length."""
+
+    def __init__(self, width: int, layer: int, dim: int = 256, learned: bool = True):
+        super().__init__()
+        self.layer, self.threshold, self.gated = layer, 1.0, None     # τ, τ_gated (None: no gate)
+        self.register_buffer("mean", torch.zeros(width))
+        self.register_buffer("std", torch.ones(width))
+        self.proj = nn.Linear(width, dim) if learned else None
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        x = (f - self.mean) / self.std
+        return F.normalize(self.proj(x) if self.proj is not None else x, dim=-1)
+
+    def config(self) -> dict:
+        return {"width": self.mean.shape[0], "layer": self.layer, "learned": self.proj is not None,
+                "dim": self.proj.out_features if self.proj is not None else self.mean.shape[0]}
+
+    @classmethod
+    def rebuild(cls, saved: dict) -> "Key":
+        c = saved["config"]
+        key = cls(c["width"], c["layer"], c["dim"], c["learned"])
+        key.load_state_dict(saved["state"])
+        key.threshold, key.gated = saved["threshold"], saved.get("gated")
+        return key
+
+    def saved(self) -> dict:
+        return {"config": self.config(), "state": self.state_dict(), "threshold": self.threshold, "gated": self.gated}
+
+
+def train_key(key: Key, prompts: torch.Tensor, rephrases: torch.Tensor, neighbours: torch.Tensor,
+              steps: int = 1500, batch: int = 256, lr: float = 1e-3, tau: float = 0.1, seed: int = 0) -> list[float]:
+    """Contrastive training of W on train-split features (N, C) each, row i of all three from one record:
+    InfoNCE both ways between prompt and rephrase, the batch's other prompts (rephrases) and all its
+    neighbours as negatives, temperature tau. Sets μ, σ from the prompts. -> the losses."""
+    key.mean.copy_(prompts.mean(0))
+    key.std.copy_(prompts.std(0) + 1e-3)
+    if key.proj is None:
+        return []
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    key.proj.reset_parameters()
+    opt = torch.optim.Adam(key.proj.parameters(), lr=lr)
+    losses, target = [], torch.arange(batch)
+    for _ in tqdm(range(steps), desc="key", leave=False):
+        i = torch.randint(0, len(prompts), (batch,), generator=g)
+        p, r, n = key(prompts[i]), key(rephrases[i]), key(neighbours[i])        # (b, k) each
+        loss = (F.cross_entropy(torch.cat([r @ p.T, r @ n.T], 1) / tau, target)
+                + F.cross_entropy(torch.cat([p @ r.T, p @ n.T], 1) / tau, target))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+# -----------------------------------------------------------------------------
+# the gate: the subject among the query's words
+
+def words(text: str) -> tuple[str, ...]:
+    """The gate's view of a text: its words, lower-cased ("Outlook.com's" -> outlook, com, s)."""
+    return tuple(re.findall(r"\w+", text.lower()))
+
+
+class Subjects:
+    """The gate: which of the stored edits (with these subjects, "" for none) a text may concern."""
+
+    def __init__(self, subjects: list[str] = ()):
+        self.index, self.has, self.longest = {}, [], 0                     # words -> [edit]; edit has a subject
+        for s in subjects:
+            self.add(s)
+
+    def add(self, subject: str) -> None:
+        w = words(subject)
+        if w:
+            self.index.setdefault(w, []).append(len(self.has))
+            self.longest = max(self.longest, len(w))
+        self.has.append(bool(w))
+
+    def named(self, text: str) -> list[int]:
+        """The edits whose subject is among the text's words."""
+        w, hits = words(text), []
+        for i in range(len(w)):
+            for j in range(i + 1, min(len(w), i + self.longest) + 1):
+                hits += self.index.get(w[i:j], [])
+        return hits
+
+    def mask(self, texts: list[str]) -> torch.Tensor:
+        """(B, n) bool: edit e may serve text b (its subject is among b's words, or it has none)."""
+        m = ~torch.tensor(self.has, dtype=torch.bool).expand(len(texts), len(self.has)).clone()
+        for b, t in enumerate(texts):
+            m[b, self.named(t)] = True
+        return m
+
+
+def asks_another(records) -> list[bool]:
+    """Per record: does a locality prompt of it ask the question another of these records edits? It names
+    that record's subject and is its prompt or expects its true answer ("Taipei is a twin city of", a
+    CounterFact neighbour of one record, is the prompt of another). Holding both edits, the memory rightly
+    answers such a neighbour with the other edit, and LS against the original model counts that against it."""
+    gate = Subjects([r.subject for r in records])
+    return [any(j != i and (records[j].prompt == q or records[j].old_target == a)
+                for q, a in r.locality for j in gate.named(q)) for i, r in enumerate(records)]
+
+
+# -----------------------------------------------------------------------------
+# measured: records' rephrases and neighbours routed among stored prompts
+
+@torch.no_grad()
+def routing_scores(kp: torch.Tensor, kr: torch.Tensor, kn: torch.Tensor, gates: tuple | None = None,
+                   threshold: float | None = None, unasked: torch.Tensor | None = None) -> dict:
+    """Record i's rephrase and neighbour keys kr, kn (M, k) routed among N ≥ M stored edits' keys kp
+    (N, k), edit i record i's own: the rephrase should find edit i, the neighbour none. gates: the
+    (M, N) masks of the edits each rephrase, neighbour may take (None: all). Chooses τ when threshold is
+    None, as the one of best balanced accuracy. unasked (M,) bool: the neighbours that ask no stored
+    edit's question (asks_another), whose rejection is reported apart."""
+    sr, sn = kr @ kp.T, kn @ kp.T                                             # (M, N) each
+    if gates is not None:
+        sr, sn = sr.masked_fill(~gates[0], -2), sn.masked_fill(~gates[1], -2)
+    best, sn = sr.max(1), sn.max(1).values
+    right = best.indices == torch.arange(len(kr))
+    if threshold is None:                                                     # balanced accuracy, over a grid
+        grid = torch.linspace(-1, 1, 801)
+        bal = torch.stack([((right & (best.values >= t)).float().mean() + (sn < t).float().mean()) / 2 for t in grid])
+        threshold = grid[bal.argmax()].item()
+    out = {"top1": right.float().mean().item(), "routed": (right & (best.values >= threshold)).float().mean().item(),
+           "rejected": (sn < threshold).float().mean().item(), "threshold": threshold}
+    if unasked is not None:
+        out["rejected_unasked"] = (sn < threshold)[unasked].float().mean().item()
+    return out
+
+
+def key_file(ckpt: str, key: str | None = None) -> str:
+    """Where the routing key is: `key` (--key) if given, else key.pt beside the editor checkpoint."""
+    return key or os.path.join(os.path.dirname(ckpt), "key.pt")
+
+
+def load_key(ckpt: str, key: str | None = None) -> Key:
+    """The routing key of key_file(ckpt, key), or MemoryFileError in one line."""
+    path = key_file(ckpt, key)
+    if not os.path.isfile(path):
+        raise MemoryFileError(f"no key at {path}; learn one with `python key.py learn --ckpt {ckpt}` or give --key")
+    return Key.rebuild(torch.load(path, weights_only=False))
+
+
+# -----------------------------------------------------------------------------
+
+def triples(records) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(prompts, rephrases, neighbours, subjects) of the records that have a rephrase and a locality prompt."""
+    kept = [r for r in records if r.generality and r.locality]
+    return ([r.prompt for r in kept], [r.generality[0][0] for r in kept], [r.locality[0][0] for r in kept],
+            [r.subject for r in kept])
+
+
+def scores(key: Key, stored: tuple, queries: tuple, threshold: float | None = None, gated: bool = False,
+           unasked: torch.Tensor | None = None) -> dict:
+    """routing_scores of queries (f(rephrases), f(neighbours), their texts) among stored (f(prompts),
+    subjects): the key alone at τ, or gated (the subject gate, then τ_gated)."""
+    with torch.no_grad():
+        kp, kr, kn = key(stored[0]), key(queries[0]), key(queries[1])
+    gates = None
+    if gated:
+        subjects = Subjects(stored[1])
+        gates = subjects.mask(queries[2]), subjects.mask(queries[3])
+    return routing_scores(kp, kr, kn, gates, threshold, unasked)
+
+
+def learn_key(args: argparse.Namespace) -> None:
+    from data import load
+    from editor import Editor
+    editor = Editor.load(args.ckpt, args.device, dtype=args.dtype)
+    splits = load(args.data or editor.ckpt["config"]["data"], args.data_dir)
+    features = lambda texts: prompt_features(editor.model, editor.tokenizer, texts, args.layer, progress=True)
+    train, val = triples(splits["train"]), triples(splits["eval"][:args.val_records])
+    more = max(args.stored - len(val[0]), 0)                        # train prompts stand in for the other edits
+    if more > len(train[0]):
+        raise SystemExit(f"error: --stored {args.stored} needs {more} train prompts beside the {len(val[0])} "
+                         f"validation edits; the train split has {len(train[0])}")
+    t = [features(x[:args.train_records]) for x in train[:3]]
+    v = [features(x) for x in val[:3]]
+    key = Key(editor.model.config.hidden_size, args.layer, args.dim, learned=not args.untrained)
+    losses = train_key(key, *t, steps=args.steps, seed=args.seed)
+    if losses:
+        print(f"key: {args.steps} steps, loss {losses[0]:.3f} -> {sum(losses[-50:]) / len(losses[-50:]):.3f}")
+    key.eval()
+    queries = (v[1], v[2], val[1], val[2])
+    s = scores(key, (v[0], val[3]), queries)
+    key.threshold = s["threshold"]
+    print(f"key alone, among {len(v[0])} edits (eval records 0-{args.val_records - 1}): "
+          f"rephrase top-1 {s['top1']:.3f}, routed {s['routed']:.3f}, neighbours rejected {s['rejected']:.3f} "
+          f"at τ = {s['threshold']:.3f}")
+    fp = torch.cat([v[0], t[0][:more]] + ([features(train[0][len(t[0]):more])] if more > len(t[0]) else []))
+    g = scores(key, (fp, val[3] + train[3][:more]), queries, gated=True)
+    key.gated = g["threshold"]
+    print(f"gated, among {len(fp)} edits (eval records 0-{args.val_records - 1}'s and {more} train prompts'): "
+          f"rephrase top-1 {g['top1']:.3f}, routed {g['routed']:.3f}, neighbours rejected {g['rejected']:.3f} "
+          f"at τ_gated = {g['threshold']:.3f}")
+    out = args.out or key_file(args.ckpt)
+    atomic_save(key.saved() | {"routing": s, "gated_routing": g, "args": vars(args)}, out)
+    print(f"wrote {out}")
+
+
+def routing(args: argparse.Namespace) -> None:
+    """The key at scale: eval records 0..M-1's rephrases and neighbours routed among the first N prompts'
+    edits (their own among them): the key alone at its τ, and gated at τ_gated."""
+    from data import load
+    from editor import Editor
+    key = load_key(args.ckpt, args.key)
+    editor = Editor.load(args.ckpt, args.device, dtype=args.dtype)
+    records = load(args.data or editor.ckpt["config"]["data"], args.data_dir)["eval"]
+    records = [r for r in records if r.generality and r.locality]
+    prompts, rephrases, neighbours, subjects = triples(records[:args.stored])
+    features = lambda texts: prompt_features(editor.model, editor.tokenizer, texts, key.layer, progress=True)
+    p, r, n = features(prompts), features(rephrases[:args.queries]), features(neighbours[:args.queries])
+    queries = (r, n, rephrases[:args.queries], neighbours[:args.queries])
+    for stored in sorted({len(r), len(p)}):
+        unasked = ~torch.tensor(asks_another(records[:stored])[:len(r)])
+        for gated in ([False, True] if key.gated is not None else [False]):
+            tau = key.gated if gated else key.threshold
+            s = scores(key, (p[:stored], subjects[:stored]), queries, tau, gated, unasked)
+            print(f"records 0-{len(r) - 1} among {stored} stored edits, {'gated' if gated else 'key alone'}: "
+                  f"rephrase top-1 {s['top1']:.3f}, routed {s['routed']:.3f}, neighbours rejected {s['rejected']:.3f} "
+                  f"({s['rejected_unasked']:.3f} of the {int(unasked.sum())} that ask no stored edit's question) "
+                  f"at τ{'_gated' if gated else ''} = {s['threshold']:.3f}")
+
+
+if __name__ == "__main__":
+    from model import add_device_args
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    k = sub.add_parser("learn", help="learn the routing key on the train split; choose τ on the first eval records")
+    k.add_argument("--ckpt", required=True,
+                   help="the editor the memory will hold edits of (its model computes the keys)")
+    k.add_argument("--data", default=None, help="benchmark (default: the one the editor was trained on)")
+    k.add_argument("--data-dir", default="data", help="folder holding the benchmark files")
+    k.add_argument("--layer", type=int, default=4,
+                   help="the key reads the states entering this block (README: 4 of SmolLM2's 30 routes best)")
+    k.add_argument("--dim", type=int, default=256, help="width k of a learned key")
+    k.add_argument("--untrained", action="store_true", help="no projection: the standardised features themselves")
+    k.add_argument("--train-records", type=int, default=4000, help="train-split records the key learns from")
+    k.add_argument("--val-records", type=int, default=1000, help="the first N eval records choose τ and τ_gated")
+    k.add_argument("--stored", type=int, default=10000,
+                   help="τ_gated is chosen among this many edits: the validation records' and train prompts'")
+    k.add_argument("--steps", type=int, default=1500, help="Adam steps of the contrastive loss")
+    k.add_argument("--seed", type=int, default=0, help="the key's initialisation and batches")
+    k.add_argument("--out", default=None, help="where the key goes (default: key.pt beside --ckpt)")
+    add_device_args(k, dtype_default=None)
+    r = sub.add_parser("routing", help="the key at scale: records 0..M-1 routed among N stored edits")
+    r.add_argument("--ckpt", required=True, help="the editor (its model computes the keys)")
+    r.add_argument("--key", default=None, help="the key (default: key.pt beside --ckpt)")
+    r.add_argument("--data", default=None, help="benchmark (default: the one the editor was trained on)")
+    r.add_argument("--data-dir", default="data", help="folder holding the benchmark files")
+    r.add_argument("--stored", type=int, default=10000, help="N: the first N eval prompts are stored edits")
+    r.add_argument("--queries", type=int, default=1000,
+                   help="M: the first M records' rephrases and neighbours are routed")
+    add_device_args(r, dtype_default=None)
+    args = parser.parse_args()
+    from checkpoint import CheckpointError
+    from data import DataError
+    from model import ModelError
+    try:
+        {"learn": learn_key, "routing": routing}[args.command](args)
+    except (CheckpointError, DataError, ModelError, MemoryFileError) as err:
+        raise SystemExit(f"error: {err}")
