@@ -459,7 +459,7 @@ def evaluate(args: argparse.Namespace) -> None:
         for t, r in done[0]["retention"].items():
             print(f"first 100 edits after {t}: F1 {r.get('F1', 0):.3f} (ES {r['ES']:.3f} GS {r.get('GS', 0):.3f} LS {r.get('LS', 0):.3f})")
     parts = [(f"{name}, records 0-999", summary["first_1000"]), (f"{name}, records 1000+", summary["after_1000"])] if "after_1000" in summary else []
-    if "unasked" in summary:
+    if summary.get("unasked", {}).get("asked"):
         parts.append((f"{name}, the {summary['unasked']['n']} records whose neighbour asks no other edit's question",
                       summary["unasked"]))
     print(table([(name, summary)] + parts))
