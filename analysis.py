@@ -39,7 +39,8 @@ EXPERIMENTS = {
     "ablation": [("default", [], None), ("no-ib", ["--no-ib"], None), ("no-scale", ["--no-scale"], None)],
     "c_loc": [("c_loc_end=1", ["--c-loc-end", "1"], 1.0), ("default", [], 6.0),   # c_loc at the end of its ramp
               ("c_loc_end=10", ["--c-loc-end", "10"], 10.0)],
-    "width": [("default", [], 512), ("d_m=1920", ["--d-m", "1920", "--latent-dim", "1920"], 1920)],   # the paper's width
+    # the paper's width
+    "width": [("default", [], 512), ("d_m=1920", ["--d-m", "1920", "--latent-dim", "1920"], 1920)],
 }
 FLAGS = {run: flags for runs in EXPERIMENTS.values() for run, flags, _ in runs}
 SHOWN = ["F1", "ES", "GS", "LS", "NS_p"]
@@ -56,10 +57,13 @@ parser.add_argument("--eval-limit", type=int, default=1000, help="... this many 
 parser.add_argument("--jobs", type=int, default=1, help="runs at a time (CPU: the cores are shared out among them)")
 parser.add_argument("--only", default=None, help="comma-separated run names: run only these (to share the work out)")
 parser.add_argument("--device", default=None, help="passed to train.py and evaluate.py (cpu, cuda, cuda:1)")
-parser.add_argument("--dtype", default="float32", help="passed to train.py and evaluate.py (float32, as the README's tables ran; or bfloat16)")
+parser.add_argument("--dtype", default="float32",
+                    help="passed to train.py and evaluate.py (float32, as the README's tables ran; or bfloat16)")
 parser.add_argument("--data-dir", default="data", help="folder holding the benchmark files")
-parser.add_argument("--train-args", default="", help="more train.py flags for every run, e.g. \"--model gpt2-xl --d-m 1920\"")
-parser.add_argument("--latent-runs", default="default,no-ib", help="latent: the runs (each of --seeds) whose latents are mapped")
+parser.add_argument("--train-args", default="",
+                    help="more train.py flags for every run, e.g. \"--model gpt2-xl --d-m 1920\"")
+parser.add_argument("--latent-runs", default="default,no-ib",
+                    help="latent: the runs (each of --seeds) whose latents are mapped")
 parser.add_argument("--latent-n", type=int, default=300, help="latent: edits per dataset (CounterFact, zsRE, MQuAKE)")
 
 
@@ -83,11 +87,13 @@ def commands(args: argparse.Namespace, run: str, seed: int) -> list[list[str]]:
     common = ["--data-dir", args.data_dir] + (["--device", args.device] if args.device else []) + \
              (["--dtype", args.dtype] if args.dtype else [])
     train = [sys.executable, "train.py", "--out", d, "--seed", str(seed), "--steps", str(args.steps),
-             "--val-every", str(args.val_every), "--patience", str(10 ** 9), "--cache-dir", os.path.join(args.out, "cache"), *FLAGS[run], *args.train_args.split(), *common]
+             "--val-every", str(args.val_every), "--patience", str(10 ** 9), "--cache-dir",
+             os.path.join(args.out, "cache"), *FLAGS[run], *args.train_args.split(), *common]
     if os.path.exists(os.path.join(d, "latest.pt")):
         train.append("--resume")
     evaluate = [sys.executable, "evaluate.py", "--ckpt", os.path.join(d, "best.pt"), "--skip", str(args.eval_skip),
-                "--limit", str(args.eval_limit), "--out", os.path.join(d, "eval.json"), "--cache-dir", os.path.join(args.out, "cache"), *common]
+                "--limit", str(args.eval_limit), "--out", os.path.join(d, "eval.json"), "--cache-dir",
+                os.path.join(args.out, "cache"), *common]
     return [train, evaluate]
 
 
@@ -118,14 +124,16 @@ def run(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: --only {','.join(unknown)}: not runs of {args.experiment} ({', '.join(names)})")
         names = wanted
     jobs = [(r, s) for s in args.seeds for r in names]                       # every run's first seed first
-    print(f"{len(jobs)} runs ({len(names)} settings × seeds {args.seeds}), {args.steps} steps each, {args.jobs} at a time")
+    print(f"{len(jobs)} runs ({len(names)} settings × seeds {args.seeds}), {args.steps} steps each, {args.jobs} at a "
+          f"time")
     failed = 0
     with ThreadPoolExecutor(args.jobs) as pool:
         for r, s, outcome in pool.map(lambda job: execute(args, *job), jobs):
             print(f"{r} seed {s}: {outcome}", flush=True)
             failed += outcome.startswith("FAILED")
     if failed:
-        raise SystemExit(f"error: {failed} runs failed (their run.log says why); run the same command again to retry them")
+        raise SystemExit(f"error: {failed} runs failed (their run.log says why); run the same command again to retry "
+                         f"them")
 
 
 # -----------------------------------------------------------------------------
@@ -135,7 +143,8 @@ def collect(out: str) -> dict[str, list[dict]]:
     """run -> per finished seed: its eval summary, validation curve [(step, F1)] and steps."""
     found = {}
     for r in FLAGS:
-        for seed_dir in sorted(os.listdir(os.path.join(out, "runs", r))) if os.path.isdir(os.path.join(out, "runs", r)) else []:
+        for seed_dir in sorted(os.listdir(os.path.join(out, "runs",
+                                                       r))) if os.path.isdir(os.path.join(out, "runs", r)) else []:
             d = os.path.join(out, "runs", r, seed_dir)
             if not os.path.exists(os.path.join(d, "eval.json")):
                 continue
@@ -228,10 +237,12 @@ def figures(found: dict, out: str) -> list[str]:
                             yerr=[(sd ** 2 + base[k][1] ** 2) ** 0.5 for (_, sd), k in zip(stats, keys)],
                             fmt="o", capsize=3, label=r, color=f"C{i + 1}")
             for xi, k in zip(x, keys):
-                deltas.scatter([xi] * len(found[r]), [s["summary"][k] - base[k][0] for s in found[r]], s=8, color="grey", zorder=3)
+                deltas.scatter([xi] * len(found[r]), [s["summary"][k] - base[k][0] for s in found[r]], s=8,
+                               color="grey", zorder=3)
         deltas.axhline(0, color="C0", lw=1, label="default")
         deltas.set_xticks(np.arange(len(keys)), keys)
-        deltas.set(ylabel="minus the default", title="held-out CounterFact, n = 1 (mean; bars: seed spreads; dots: seeds)")
+        deltas.set(ylabel="minus the default",
+                   title="held-out CounterFact, n = 1 (mean; bars: seed spreads; dots: seeds)")
         for r in runs:
             steps = sorted({st for s in found[r] for st, _ in s["curve"]})
             per_step = [[f for s in found[r] for st, f in s["curve"] if st == step] for step in steps]
@@ -311,11 +322,13 @@ def latent_separation(out: str) -> str:
     cf = domain == "counterfact"
     common = [r for r in set(relation[cf]) if (relation[cf] == r).sum() >= 5]    # relations with 5+ edits
     keep = cf & np.isin(relation, common)
-    lines = ["| run | seeds | dataset from latent (chance) | CounterFact relation from latent (chance) |", "|---|---|---|---|"]
+    lines = ["| run | seeds | dataset from latent (chance) | CounterFact relation from latent (chance) |",
+             "|---|---|---|---|"]
     for r, seeds in latents(z).items():
         cells = []
         for pick, y in ((slice(None), domain), (keep, relation[keep])):
-            acc = [cross_val_score(KNeighborsClassifier(10), mu[pick], y, cv=5).mean() if len(set(y)) > 1 else float("nan")
+            acc = [cross_val_score(KNeighborsClassifier(10), mu[pick], y,
+                                   cv=5).mean() if len(set(y)) > 1 else float("nan")
                    for _, mu in seeds]
             m, sd = spread(acc)
             cells.append((f"{m:.3f} ± {sd:.3f}" if len(acc) > 1 else f"{m:.3f}") +
@@ -329,7 +342,8 @@ def report(args: argparse.Namespace) -> None:
     if not found:
         raise SystemExit(f"error: no finished run in {args.out}/runs; start them with `python analysis.py run all`")
     made = figures(found, args.out) + latent_figures(args.out)
-    parts = [f"# IBKE experiments ({args.out}/)\n", "Made by `python analysis.py report`; mean ± sample std over seeds; "
+    parts = [f"# IBKE experiments ({args.out}/)\n",
+             "Made by `python analysis.py report`; mean ± sample std over seeds; "
              "held-out CounterFact-edit records at n = 1; steps = the fewest any seed ran.\n"]
     differ = recipe_differences(found)
     if differ:
@@ -339,7 +353,8 @@ def report(args: argparse.Namespace) -> None:
         parts += [f"## {experiment}\n", table(found, [r for r, _, _ in runs]) + "\n"]
     separation = latent_separation(args.out)
     if separation:
-        parts += ["## latent map\n", "k-NN (k = 10, 5-fold) accuracy from each edit's mean latent μ (`python analysis.py latent`):\n",
+        parts += ["## latent map\n",
+                  "k-NN (k = 10, 5-fold) accuracy from each edit's mean latent μ (`python analysis.py latent`):\n",
                   separation + "\n"]
     parts += [f"![{name}]({name})\n" for name in made]
     with open(os.path.join(args.out, "README.md.tmp"), "w") as f:
@@ -366,7 +381,8 @@ def latent(args: argparse.Namespace) -> None:
         ckpt = os.path.join(run_dir(args.out, name, seed), "best.pt")
         loaded = Editor.load(ckpt, args.device or "cpu", dtype=args.dtype)
         model, tokenizer, hypernet, saved = loaded.model, loaded.tokenizer, loaded.hypernet, loaded.ckpt
-        runner, edit = Runner(model, tokenizer, list(hypernet.shapes), cache=False), ibke_editor(hypernet, saved["config"].get("tokens", "all"))
+        runner, edit = Runner(model, tokenizer, list(hypernet.shapes),
+                              cache=False), ibke_editor(hypernet, saved["config"].get("tokens", "all"))
         seen = {key: [] for key in hypernet.editors}
         hooks = [net.to_mu.register_forward_hook(lambda m, i, o, key=key: seen[key].append(o.detach()))
                  for key, net in hypernet.editors.items()]

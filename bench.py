@@ -26,9 +26,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from data import encode, load
 from checkpoint import CheckpointError, editor_of, read_checkpoint
 from editor import ibke_editor
-from evaluate import measure, peak_mib
+from metrics import measure, peak_mib
 from hooks import grad_decomposition
-from hypernet import IBKE, EditorConfig
+from hypernet import IBKE, PAPER_SIZE, EditorConfig
 from losses import LossWeights
 from model import ModelError, add_device_args, edit_module_names, load_model, meta_model, native_dtype, weight_shape
 from runner import Runner, to_device
@@ -119,7 +119,8 @@ class Ops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.ops += 1
-        self.computing += not func.is_view and func.__name__.split(".")[0] not in ("detach", "lift_fresh", "_unsafe_view", "alias")
+        bookkeeping = ("detach", "lift_fresh", "_unsafe_view", "alias")
+        self.computing += not func.is_view and func.__name__.split(".")[0] not in bookkeeping
         return func(*args, **(kwargs or {}))
 
 
@@ -127,7 +128,8 @@ def count_step(fn) -> dict:
     """Host syncs (by name) and backend ops of one call of fn."""
     with HostSyncs() as syncs, Ops() as ops:
         fn()
-    return {"host_syncs": sum(syncs.calls.values()), "by_call": dict(syncs.calls), "ops": ops.ops, "computing_ops": ops.computing}
+    return {"host_syncs": sum(syncs.calls.values()), "by_call": dict(syncs.calls), "ops": ops.ops,
+            "computing_ops": ops.computing}
 
 
 def plain_pass(model, names, batch) -> None:
@@ -157,7 +159,8 @@ def meta_estimate(name: str, cfg: EditorConfig, tokens_cached: int, step_tokens:
           "LM head at scored positions (fp32)": 4 * 3 * step_tokens // 4 * V}
     gb = {k: v / 1e9 for k, v in gb.items()}
     return {"model": name, "base_params_M": base / 1e6, "hypernet_params_M": hyper / 1e6,
-            "edited_weights_M": sum(a * b for a, b in shapes.values()) / 1e6, "memory_GB": gb, "total_GB": sum(gb.values()),
+            "edited_weights_M": sum(a * b for a, b in shapes.values()) / 1e6, "memory_GB": gb,
+            "total_GB": sum(gb.values()),
             "host_GB": 2 * base_bytes * tokens_cached * C / 1e9}   # hidden + final states, capacity up to 2x the rows
 
 
@@ -165,13 +168,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="model to benchmark (default: the --ckpt's, else smollm2-135m)")
     parser.add_argument("--ckpt", default=None, help="use this checkpoint's editor (default: a fresh one, same cost)")
-    parser.add_argument("--d-m", type=int, default=512, help="hypernetwork width when no --ckpt")
-    parser.add_argument("--latent-dim", type=int, default=512, help="latent width when no --ckpt")
+    parser.add_argument("--d-m", type=int, default=EditorConfig.d_m, help="hypernetwork width when no --ckpt")
+    parser.add_argument("--latent-dim", type=int, default=EditorConfig.latent_dim, help="latent width when no --ckpt")
     parser.add_argument("--data-dir", default="data", help="CounterFact lives here")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats per figure (median reported)")
     add_device_args(parser, "auto")
     parser.add_argument("--meta", action="store_true", help="only sizes and memory estimates, on the meta device")
-    parser.add_argument("--memory-size", type=int, default=10000, help="edits in the edit memory whose query cost is measured (0: no memory figures)")
+    parser.add_argument("--memory-size", type=int, default=10000,
+                        help="edits in the edit memory whose query cost is measured (0: no memory figures)")
     parser.add_argument("--out", default="bench.json", help="where the figures go")
     args = parser.parse_args()
     cfg = EditorConfig(d_m=args.d_m, latent_dim=args.latent_dim)
@@ -185,14 +189,17 @@ def main() -> None:
 
     if args.meta:
         names = [args.model] + [m for m in ("gpt2-xl", "EleutherAI/gpt-j-6B", "Qwen/Qwen3-8B") if m != args.model]
+        paper = EditorConfig(**PAPER_SIZE)
         rows = [meta_estimate(m, c, tokens_cached=10000 * 4 * 16, step_tokens=8 * 4 * 16)
-                for m in names for c in (EditorConfig(), cfg)]
-        print("| model | d_m | base | hypernet | edited | est. GPU training memory (GB, bf16 base) | cache, host (GB) |")
+                for m in names for c in (paper, cfg)]
+        print("| model | d_m | base | hypernet | edited | est. GPU training memory (GB, bf16 base) "
+              "| cache, host (GB) |")
         print("|---|---|---|---|---|---|---|")
-        for r, c in zip(rows, [EditorConfig(), cfg] * len(names)):
+        for r, c in zip(rows, [paper, cfg] * len(names)):
             print(f"| {r['model']} | {c.d_m} | {r['base_params_M']:.0f}M | {r['hypernet_params_M']:.1f}M | "
                   f"{r['edited_weights_M']:.1f}M | {r['total_GB']:.1f} | {r['host_GB']:.1f} |")
-        print("\nbreakdown for", rows[0]["model"], "d_m", EditorConfig().d_m, {k: round(v, 2) for k, v in rows[0]["memory_GB"].items()})
+        print("\nbreakdown for", rows[0]["model"], "d_m", paper.d_m,
+              {k: round(v, 2) for k, v in rows[0]["memory_GB"].items()})
         json.dump({"meta": rows}, open(args.out, "w"), indent=1)
         return
 
@@ -243,7 +250,8 @@ def main() -> None:
     figures["eval_edits_per_s"] = len(eval_records) / (time.perf_counter() - start)
 
     if args.memory_size > 0:
-        figures["memory"] = memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1=figures["edit_n1"]["edit_ms"] / 1000)
+        figures["memory"] = memory_costs(model, tokenizer, hypernet, args, records,
+                                         t_edit_n1=figures["edit_n1"]["edit_ms"] / 1000)
 
     new_phase(device)
 
@@ -286,27 +294,33 @@ def main() -> None:
     figures["meta_estimate_GB"], figures["meta_estimate_parts_GB"] = estimate["total_GB"], estimate["memory_GB"]
     hypernet.eval()
 
-    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+    device = (torch.cuda.get_device_name(model.device) if model.device.type == "cuda"
+              else f"cpu, {torch.get_num_threads()} threads")
     print(f"| figure ({args.model}, {args.dtype}, {device}, median of {args.repeats}) | IBKE | floor / plain | ratio |")
     print("|---|---|---|---|")
     for n in (1, 8, 64):
         f = figures[f"edit_n{n}"]
         print(f"| edit latency, n = {n} | {f['edit_ms']:.0f} ms | {f['floor_ms']:.0f} ms | {f['ratio']:.2f} |")
     f = figures["train_step"]
-    print(f"| training step, 8 edits (warm cache) | {f['step_ms']:.0f} ms | {f['plain_passes_ms']:.0f} ms | {f['ratio']:.2f} |")
+    print(f"| training step, 8 edits (warm cache) | {f['step_ms']:.0f} ms | {f['plain_passes_ms']:.0f} ms | "
+          f"{f['ratio']:.2f} |")
     c = figures["train_step_cold"]
-    print(f"| training step, 8 edits (cold: all texts new) | {c['step_ms']:.0f} ms | {f['plain_passes_ms']:.0f} ms | {c['ratio']:.2f} |")
+    print(f"| training step, 8 edits (cold: all texts new) | {c['step_ms']:.0f} ms | {f['plain_passes_ms']:.0f} ms | "
+          f"{c['ratio']:.2f} |")
     k = figures["train_step_counts"]
-    print(f"| warm step: host syncs / ops / computing ops | {k['host_syncs']} / {k['ops']} / {k['computing_ops']} | | |")
+    print(f"| warm step: host syncs / ops / computing ops "
+          f"| {k['host_syncs']} / {k['ops']} / {k['computing_ops']} | | |")
     if "memory" in figures:
         m = figures["memory"]
-        print(f"| edit memory: add one edit (rank {m['rank']}) | {m['add_ms']:.0f} ms | {figures['edit_n1']['edit_ms']:.0f} ms (an edit) | {m['add_ratio']:.2f} |")
+        print(f"| edit memory: add one edit (rank {m['rank']}) | {m['add_ms']:.0f} ms | "
+              f"{figures['edit_n1']['edit_ms']:.0f} ms (an edit) | {m['add_ratio']:.2f} |")
         print(f"| edit memory: a query of 8 prompts, {m['size']} edits, every row routed | {m['query_ms']:.1f} ms | "
               f"{m['forward_ms']:.1f} ms (unedited forward) | {m['query_ratio']:.2f} |")
-        print(f"| edit memory: bytes per edit | {m['bytes_per_edit'] / 1000:.1f} kB ({m['size']} edits: {m['size'] * m['bytes_per_edit'] / 1e6:.0f} MB) | | |")
+        print(f"| edit memory: bytes per edit | {m['bytes_per_edit'] / 1000:.1f} kB ({m['size']} edits: "
+              f"{m['size'] * m['bytes_per_edit'] / 1e6:.0f} MB) | | |")
     print(f"| evaluation throughput, n = 1 | {figures['eval_edits_per_s']:.1f} edits/s | | |")
-    print(f"| peak memory: editing / training | {figures['edit_peak_memory_MB']:.0f} MB / {figures['train_peak_memory_MB']:.0f} MB "
-          f"| --meta estimate {1000 * figures['meta_estimate_GB']:.0f} MB | |")
+    print(f"| peak memory: editing / training | {figures['edit_peak_memory_MB']:.0f} MB / "
+          f"{figures['train_peak_memory_MB']:.0f} MB | --meta estimate {1000 * figures['meta_estimate_GB']:.0f} MB | |")
     json.dump({"args": vars(args), **figures}, open(args.out, "w"), indent=1)
     print(f"wrote {args.out}")
 
@@ -321,7 +335,8 @@ def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) ->
     from key import Key, Subjects
     from memory import EditMemory
     editor = Editor(model, tokenizer, hypernet, {"config": {}, "model": args.model}, path="")
-    key = Key(model.config.hidden_size, layer=min(4, model.config.num_hidden_layers - 1))   # key.py learn's default block
+    # key.py learn's default block
+    key = Key(model.config.hidden_size, layer=min(4, model.config.num_hidden_layers - 1))
     memory = EditMemory(editor, key)
     facts = [Fact(r.prompt, r.target, r.subject) for r in records[500:500 + args.repeats + 1]]
     adds = iter(facts)
@@ -330,7 +345,8 @@ def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) ->
     n, size = memory.n, args.memory_size
     memory._grow(size - n)
     g = torch.Generator().manual_seed(0)
-    memory.keys[n:size] = torch.nn.functional.normalize(torch.randn(size - n, memory.keys.shape[1], generator=g), dim=-1)
+    memory.keys[n:size] = torch.nn.functional.normalize(torch.randn(size - n, memory.keys.shape[1], generator=g),
+                                                        dim=-1)
     for m in memory.a:
         memory.a[m][n:size], memory.b[m][n:size] = memory.a[m][n - 1], memory.b[m][n - 1]
     memory.keys[n:n + len(prompts)] = memory.keys_of(prompts)                  # every query row finds an edit
@@ -347,7 +363,8 @@ def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) ->
         with memory.serving():
             model(**ids)
     assert memory.route(prompts).ge(0).all()
-    t_query, t_forward = median_seconds(query, args.repeats, model.device), median_seconds(forward, args.repeats, model.device)
+    t_query, t_forward = median_seconds(query, args.repeats,
+                                        model.device), median_seconds(forward, args.repeats, model.device)
     return {"rank": memory.rank, "size": size, "add_ms": 1000 * t_add, "add_ratio": t_add / t_edit_n1,
             "query_ms": 1000 * t_query, "forward_ms": 1000 * t_forward, "query_ratio": t_query / t_forward,
             "bytes_per_edit": memory.bytes_per_edit()}

@@ -1,7 +1,8 @@
 """
-A run's files: the one checkpoint dict that rebuilds a trained editor, written atomically; reading
-and checking it; rebuilding its hypernetwork on a model; what a resume or a second phase keeps; the
-generators' states; a lock by which a run owns its output; evaluate.py's resumable results file.
+The checkpoint: the one dict that rebuilds a trained editor, written atomically; reading and checking
+it; rebuilding its hypernetwork on a model; train.py's flags checked, and merged with a checkpoint's
+on --resume; what a resume or a second phase keeps; the generators' states. A run's folder (its lock,
+log and resumable results) is rundir.py's.
 
     python checkpoint.py out/ibke/best.pt          # what a checkpoint holds: model, step, flags, scores
 
@@ -13,7 +14,6 @@ A checkpoint (train.py writes best.pt and latest.pt) is
 """
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -45,13 +45,6 @@ def atomic_save(obj, path: str) -> None:
     the new one, never half of one."""
     tmp = f"{path}.{os.getpid()}.tmp"
     torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
     os.replace(tmp, path)
 
 
@@ -103,14 +96,15 @@ def editor_of(ckpt: dict, model: torch.nn.Module, path: str) -> tuple[IBKE, dict
 # -----------------------------------------------------------------------------
 # resuming
 
-def resume_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None, bool]:
+def resume_args(parser: argparse.ArgumentParser,
+                argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None, bool]:
     """train.py's flags with a --resume's checkpoint merged in -> (args, checkpoint or None, new_phase).
     The checkpoint's flags stand unless given again; those in FIXED (and in PHASE, unless this is a new
     phase: --resume CKPT of another run) may not change; a loss weight given without its -end is held."""
     args = parser.parse_args(argv)
     defaults, unset = vars(parser.parse_args([])), object()      # given flags: those not left at `unset`
-    given = {k: v for k, v in vars(parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(defaults, unset)))).items()
-             if v is not unset}
+    marked = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(defaults, unset)))
+    given = {k: v for k, v in vars(marked).items() if v is not unset}
     ckpt, new_phase = None, False
     if args.resume is not None:
         latest = os.path.join(args.out, "latest.pt")
@@ -126,25 +120,74 @@ def resume_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) 
                 raise SystemExit(f"error: {source} is a checkpoint of {k} {saved.get(k)!r}, not {given[k]!r}; "
                                  f"the checkpoint fixes --{k.replace('_', '-')}: drop the flag, or train anew")
         args = argparse.Namespace(**{**defaults, **saved, **given, "overwrite": given.get("overwrite", False),
-                                     "resume": args.resume})
+                                     "resume": args.resume, "eta_scale": given.get("eta_scale", 1.0)})
     for k in ("c_loc", "c_gen"):
         if k in given and f"{k}_end" not in given:
             setattr(args, f"{k}_end", None)
     return args, ckpt, new_phase
 
+def check_flags(args: argparse.Namespace) -> None:
+    """train.py's flags (as given, then as merged with a checkpoint's): ranges, combinations and --out,
+    before any work; one line naming the problem."""
+    finite_positive = {k: getattr(args, k) for k in ("lr", "lr_lambda", "clip", "eta_init", "ridge_init", "eta_scale")}
+    at_least_1 = {k: getattr(args, k) for k in ("steps", "batch_size", "val_every", "val_size", "patience", "log_every",
+                                                "save_every", "d_m", "chunk", "val_n", "latent_len", "latent_dim",
+                                                "heads")}
+    rules = [(v >= 1, f"--{k.replace('_', '-')} {v}: give at least 1") for k, v in at_least_1.items()]
+    rules += [(math.isfinite(v) and v > 0,
+               f"--{k.replace('_', '-')} {v}: give a positive finite number") for k, v in finite_positive.items()]
+    rules += [(math.isfinite(v) and v >= 0, f"--{k.replace('_', '-')} {v}: give 0 or a positive finite weight")
+              for k, v in {"c_edit": args.c_edit, "c_gen": args.c_gen, "c_loc": args.c_loc, "beta": args.beta,
+                           "c_loc_end": args.c_loc_end, "c_gen_end": args.c_gen_end}.items() if v is not None]
+    rules += [(0 <= args.ramp_start < 1, f"--ramp-start {args.ramp_start}: give a fraction of --steps, 0 to below 1"),
+              (args.ramp_start < args.ramp_end <= 1,
+               f"--ramp-end {args.ramp_end}: give a fraction of --steps above --ramp-start ({args.ramp_start}), at "
+               f"most 1")]
+    rules += [(args.eta_scale == 1 or args.resume,
+               f"--eta-scale {args.eta_scale}: it scales a checkpoint's η at the start of a second phase; "
+               f"give --resume CKPT")]
+    rules += [(args.extra_loc >= 0, f"--extra-loc {args.extra_loc}: give 0 or more"),
+              (0 <= args.p_single <= 1, f"--p-single {args.p_single}: give a probability from 0 to 1"),
+              (args.train_size >= 0, f"--train-size {args.train_size}: give 0 (all records) or more"),
+              (args.dtype != "float16",
+               "--dtype float16: training here has no loss scaling, so the gradients u and ΔW's "
+               "underflow in float16; use bfloat16 (the same memory, float32's range) or float32"),
+              (args.edit_layers >= 0,
+               f"--edit-layers {args.edit_layers}: give the number of last blocks to edit, or 0 for all"),
+              (args.heads < 1 or args.d_m % args.heads == 0,
+               f"--heads {args.heads} must divide --d-m {args.d_m} (each head gets d_m / heads)"),
+              (not os.path.exists(args.out) or os.path.isdir(args.out),
+               f"--out {args.out} is a file; give a folder for best.pt, latest.pt and log.jsonl")]
+    for ok, problem in rules:
+        if not ok:
+            raise SystemExit(f"error: {problem}")
+    held = [f for f in ("latest.pt", "best.pt", "log.jsonl") if os.path.exists(os.path.join(args.out, f))]
+    continuing = args.resume is not None and os.path.abspath(args.resume or os.path.join(args.out, "latest.pt")) == \
+        os.path.abspath(os.path.join(args.out, "latest.pt"))
+    if held and not continuing and not args.overwrite:
+        raise SystemExit(f"error: --out {args.out} holds a run ({', '.join(held)}); continue it with --resume, "
+                         f"replace it with --overwrite, or give another --out")
 
-def restore(ckpt: dict, hypernet: IBKE, optimizer: torch.optim.Optimizer, args: argparse.Namespace, new_phase: bool) -> dict:
+
+
+def restore(ckpt: dict, hypernet: IBKE, optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+            new_phase: bool) -> dict:
     """Load a checkpoint into a run: the hypernetwork (in a new phase that edits other modules, carried
     over from the nearest edited block), Adam's state where its parameter groups still match, the
     generators -> the loop's counters (step, best_f1, bad_validations, nonfinite, sampler state)."""
     then = {n: tuple(s) for n, s in ckpt["shapes"].items()}
     same_modules = then == hypernet.shapes
+    weights = ckpt["hypernet"]
+    if new_phase and args.eta_scale != 1:                # every η × eta_scale, before any is carried over
+        weights = {k: v + math.log(args.eta_scale) if k.endswith("log_eta") else v for k, v in weights.items()}
+        print(f"every η of {args.resume} × {args.eta_scale:g}")
     aggregate = {**BEFORE, **ckpt["config"]}["aggregate"]
     if same_modules:
-        hypernet.load_state_dict(ckpt["hypernet"], strict=args.aggregate == aggregate)  # else λ: new or gone
+        hypernet.load_state_dict(weights, strict=args.aggregate == aggregate)  # else λ: new or gone
     else:
-        added = hypernet.carry_over(ckpt["hypernet"], then)
-        print(f"edited modules: {len(then)} -> {len(hypernet.shapes)}; new, from the nearest edited block: {', '.join(added) or 'none'}")
+        added = hypernet.carry_over(weights, then)
+        print(f"edited modules: {len(then)} -> {len(hypernet.shapes)}; new, from the nearest edited block: "
+              f"{', '.join(added) or 'none'}")
     if same_modules and len(ckpt["optimizer"]["param_groups"]) == len(optimizer.param_groups):
         optimizer.load_state_dict(ckpt["optimizer"])
     else:                                                # λ's group or the modules are new: Adam starts afresh
@@ -170,7 +213,8 @@ def state(hypernet: IBKE, optimizer: torch.optim.Optimizer, args: argparse.Names
 def rng_state(device: torch.device) -> dict:
     """The generators a run draws from: the host's, and the training GPU's (only that one: a resume may
     see other GPUs)."""
-    return {"torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
 def restore_rng(ckpt: dict, device: torch.device) -> None:
@@ -187,135 +231,6 @@ def restore_rng(ckpt: dict, device: torch.device) -> None:
         print(f"note: the checkpoint holds no generator state for {device}; its random draws start afresh")
 
 
-def trim_log(path: str, step: int) -> None:
-    """A resumed run's log.jsonl as of its checkpoint: lines after `step` are redone, a torn last line
-    (the process killed mid-write) is dropped."""
-    if not os.path.exists(path):
-        return
-    lines = [line for line in open(path) if line.strip()]
-    kept = []
-    for i, line in enumerate(lines):
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line if line.endswith("\n") else line + "\n")
-        except (ValueError, KeyError, TypeError):
-            if i < len(lines) - 1:
-                raise SystemExit(f"error: {path} is damaged at line {i + 1}; move it away and --resume again")
-    if len(kept) < len(lines):
-        print(f"log.jsonl: dropped {len(lines) - len(kept)} lines after step {step} (they are redone)")
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-
-
-# -----------------------------------------------------------------------------
-# owning an output
-
-class RunLock:
-    """`with RunLock(path, what):` this process owns `path` (train.py: its --out folder; evaluate.py: its
-    --out file; a --memory file), `what` its flag and value: a second run into it stops at once with one
-    line naming the first. The lock is
-    `<path>.lock` holding the owner's pid, made atomically (O_EXCL); one left by a process that is gone
-    is taken over. A folder made for the lock and left empty by the run is removed with it."""
-
-    def __init__(self, path: str, what: str):
-        self.file, self.what = path.rstrip("/") + ".lock", what
-
-    def __enter__(self):
-        self.made = not os.path.exists(os.path.dirname(self.file) or ".")
-        for _ in range(2):
-            try:
-                os.makedirs(os.path.dirname(self.file) or ".", exist_ok=True)
-                fd = os.open(self.file, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                owner = self._owner()
-                if owner is not None and owner != os.getpid() and _alive(owner):
-                    raise SystemExit(f"error: {self.what} is in use by another run (pid {owner}, {self.file}); "
-                                     f"wait for it, stop it, or give another {self.what.split()[0]}")
-                os.remove(self.file)                     # its owner is gone: take it over
-                continue
-            except OSError as err:                       # read-only, not a folder, ...: before any work
-                raise SystemExit(f"error: cannot write {self.what} ({err.strerror or err}: {self.file})")
-            with os.fdopen(fd, "w") as f:
-                f.write(str(os.getpid()))
-            return self
-        raise SystemExit(f"error: could not take {self.file}; remove it if no run is using {self.what}")
-
-    def _owner(self) -> int | None:
-        try:
-            return int(open(self.file).read().strip() or 0) or None
-        except (OSError, ValueError):
-            return None
-
-    def __exit__(self, *exc):
-        if self._owner() == os.getpid():
-            os.remove(self.file)
-        folder = os.path.dirname(self.file)
-        if self.made and folder and os.path.isdir(folder) and not os.listdir(folder):   # made for a run that wrote nothing
-            os.rmdir(folder)
-
-
-def check_folder(path: str | None, flag: str) -> None:
-    """A folder the run will write into (--cache-dir): usable now, not after the work. One line if not."""
-    if path is None:
-        return
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise SystemExit(f"error: {flag} {path} is a file; give a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".probe.{os.getpid()}")
-        open(probe, "w").close()
-        os.remove(probe)
-    except OSError as err:
-        raise SystemExit(f"error: cannot write into {flag} {path} ({err.strerror or err})")
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:                              # someone else's process: alive
-        return True
-    return True
-
-
-def is_results(path: str) -> bool:
-    """Whether path is a results file evaluate.py wrote (one it may replace)."""
-    try:
-        with open(path) as f:
-            return {"summary", "args"} <= json.load(f).keys()
-    except (OSError, ValueError, AttributeError):                 # unreadable, not JSON (a checkpoint), not a dict
-        return False
-
-
-def resumable(partial: str, signature: dict, n_batches: int) -> list[dict]:
-    """The batches an interrupted run of the same evaluation finished (its first line is the
-    signature); a cut last line is dropped and redone; another evaluation's file is started afresh."""
-    if not os.path.exists(partial) or os.path.getsize(partial) == 0:
-        return []
-    lines = open(partial).read().split("\n")
-    parsed = []
-    for i, line in enumerate(lines):
-        try:
-            parsed.append(json.loads(line))
-        except ValueError:
-            if any(rest.strip() for rest in lines[i + 1:]) or i == 0:     # not just a cut last line
-                print(f"note: {partial} is damaged at line {i + 1}; starting afresh")
-                return []
-            break
-    if parsed[0] != signature:
-        changed = sorted(k for k in signature.keys() | parsed[0].keys() if signature.get(k) != parsed[0].get(k))
-        print(f"note: {partial} holds another evaluation ({', '.join(changed)} differ); starting afresh")
-        return []
-    done = parsed[1:n_batches + 1]
-    print(f"resuming: {len(done)} of {n_batches} batches already in {partial}")
-    with open(partial, "w") as f:                               # without a cut last line
-        f.writelines(json.dumps(line) + "\n" for line in parsed[:len(done) + 1])
-    return done
-
-
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] in ("-h", "--help"):
         print(__doc__)
@@ -324,7 +239,8 @@ if __name__ == "__main__":
         ckpt = read_checkpoint(sys.argv[1])
     except CheckpointError as err:
         raise SystemExit(f"error: {err}")
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(ckpt["config"].items()) if v not in (None, False))
-    print(f"{sys.argv[1]}: {ckpt['model']}, step {ckpt['step']}, best validation F1 {ckpt.get('best_f1', math.nan):.3f}, "
-          f"{len(ckpt['shapes'])} edited modules, {sum(v.numel() for v in ckpt['hypernet'].values()) / 1e6:.1f}M parameters\n"
-          f"flags: {flags}")
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in sorted(ckpt["config"].items())
+                     if v not in (None, False))
+    print(f"{sys.argv[1]}: {ckpt['model']}, step {ckpt['step']}, best validation F1 "
+          f"{ckpt.get('best_f1', math.nan):.3f}, {len(ckpt['shapes'])} edited modules, "
+          f"{sum(v.numel() for v in ckpt['hypernet'].values()) / 1e6:.1f}M parameters\nflags: {flags}")

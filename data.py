@@ -1,5 +1,6 @@
 """
-Data: benchmark files -> edit requests -> token ids with teacher-forcing labels (IBKE.md §1, §4).
+Data: benchmark files -> edit requests -> token ids with teacher-forcing labels (METHOD.md §1, §4);
+and the records a training step draws.
 
     python data.py --data counterfact --data-dir ../shared/data   # counts per split + one example
     python data.py --data zsre        # MEND's zsRE; downloads into data/ if missing
@@ -14,53 +15,24 @@ multi-hop questions, so that evaluation applies them as one batch.
 Texts are cut for teacher forcing: a prompt keeps its last 128 tokens (with the answer), an answer
 its first MAX_ANSWER = 32 (CounterFact's are 1-5, zsRE's up to ~15).
 
-zsRE split: MEND's files (zsre_mend_train.json, ~163k records, the paper's training data, and
-zsre_mend_eval.json, 19,086) are used when present, and downloaded when no zsRE file is there yet;
-where they cannot be, a 1,000-record subset of the train file (said in one line). With only a train
-file, a seeded split holds out 20% as eval: random.Random(0).shuffle of the record indices, the
-first len // 5 go to eval. train.py's default --train-size keeps memory bounded whatever the size.
+zsRE: MEND's splits (train ~163k records, the paper's training data; eval 19,086), downloaded if no
+zsRE file is there; else a 1,000-record subset of the train file, 20% of it held out as eval by a
+seeded shuffle (random.Random(0), the first len // 5). Files and downloads: download.py.
 """
 import argparse
-import hashlib
 import json
+import math
 import os
 import random
-import urllib.error
-import urllib.request
 from dataclasses import dataclass, field
 
 import torch
-from tqdm import tqdm
 
-# path under --data-dir -> (public URL, checksum of the file we tested with or named: 64 hex digits a
-# sha256, 40 the git blob id its repository gives it at that commit; None: the size is checked)
-RECIPE = "https://raw.githubusercontent.com/qizhou000/RECIPE/b8ff1fc2c649d44dc88d2d4fccfa14343066a835/data"
-FILES = {
-    "counterfact/counterfact-train.json": (
-        f"{RECIPE}/meta-train/cf/counterfact-train.json",
-        "bb40e12c7b740d6859e521674cf438f063c7c3e444bc1b449e74cdd0900772d0"),
-    "counterfact/counterfact-edit.json": (
-        f"{RECIPE}/evaluation/cf/counterfact-edit.json",
-        "c31a07f7eb3d37e4acdaa284f0926a40d5a9340ca115141e0d026c79425bea56"),
-    # MEND's zsRE splits (the paper's training data), as qizhou000/RECIPE keeps them
-    "zsre/zsre_mend_train.json": (f"{RECIPE}/meta-train/zsre/zsre_mend_train.json", "b5113a1f2018f641e6350d097cf7c081f478fbb6"),
-    "zsre/zsre_mend_eval.json": (f"{RECIPE}/evaluation/zsre/zsre_mend_eval.json", "db17283afbb832185b7f0e2a9b6e95424576c914"),
-    "zsre/zsre_mend_train-1k.json": (
-        "https://raw.githubusercontent.com/Jometeorie/KnowledgeSpread/51d7402617c2e52bde0dc11b76e400c3725a181a/data/zsre/zsre_mend_train-1k.json",
-        "e62596101d8ed551889c26c0d2a5277f92eaef3b14416d8eaee39b04a244ab60"),
-    "mquake/MQuAKE-hard.json": (
-        "https://raw.githubusercontent.com/Alanzxd/memit_for_mquake/main/data/MQuAKE-hard.json",
-        "fc78dc7bec4625d3ce6e2923acae7f1920691b0b23e663182bf799f2856f2a11"),
-    "mquake/MQuAKE-CF-3k.json": ("https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets/MQuAKE-CF-3k.json", None),
-    "mquake/MQuAKE-T.json": ("https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets/MQuAKE-T.json", None),
-}
+from download import FILES, DataError, ensure
+
 MAX_ANSWER = 32  # tokens kept of an answer (see the docstring)
 UNIEDIT_REPO = "qizhou/UniEdit"  # a Hugging Face dataset: uniedit/{train,test}/<discipline>.json
 DATASETS = ["counterfact", "zsre", "mquake", "mquake-cf3k", "mquake-t", "uniedit"]
-
-
-class DataError(ValueError):
-    """A missing, undownloadable or malformed data file; the message names the file and the fix."""
 
 
 @dataclass
@@ -82,71 +54,7 @@ class EditRequest:
 
 
 # -----------------------------------------------------------------------------
-# files: find, download, read
-
-def git_blob_id(path: str) -> str:
-    """The id git gives the file's bytes: sha1 of "blob <size>\\0" and the bytes."""
-    digest = hashlib.sha1(f"blob {os.path.getsize(path)}\0".encode())
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download(url: str, dest: str, checksum: str | None = None) -> None:
-    """Fetch url to dest with a progress bar; check the checksum (FILES: a sha256 or a git blob id) or
-    the size; atomic."""
-    os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
-    part, digest, got = dest + ".part", hashlib.sha256(), 0
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f:
-            size = int(response.headers.get("Content-Length") or 0)
-            with tqdm(total=size or None, unit="B", unit_scale=True, desc=f"download {os.path.basename(dest)}") as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    got += len(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, OSError) as err:
-        if os.path.exists(part):
-            os.remove(part)
-        raise DataError(f"could not download {os.path.basename(dest)} from {url} ({err}).\n"
-                        f"Download it by hand and save it as {dest}, or point --data-dir at a folder that has it.") from None
-    found = None if not checksum else git_blob_id(part) if len(checksum) == 40 else digest.hexdigest()
-    problem = (f"{got} bytes arrived, {size} were announced" if size and got != size else
-               f"checksum {found} is not the expected {checksum}" if found != checksum else None)
-    if problem:
-        os.remove(part)
-        raise DataError(f"download of {url} failed its check: {problem}. Nothing was saved at {dest}.")
-    os.replace(part, dest)
-
-
-def ensure(data_dir: str, *relpaths: str) -> list[str]:
-    """Full paths of the files, downloading each missing one from FILES; if any cannot be had, the
-    error names every missing file with its URL."""
-    paths = [os.path.join(data_dir, rel) for rel in relpaths]
-    missing = [(rel, path) for rel, path in zip(relpaths, paths) if not os.path.exists(path)]
-    for _, path in missing:                                    # a dangling link on the way (data/, data/zsre/)
-        folder = os.path.dirname(path)
-        while folder and folder != os.path.dirname(folder):
-            if os.path.islink(folder) and not os.path.exists(folder):
-                raise DataError(f"{folder} is a link to {os.readlink(folder)}, which does not exist; "
-                                f"fix or remove the link (the files go in {os.path.dirname(path)}/)")
-            folder = os.path.dirname(folder)
-    failed = []
-    for rel, path in missing:
-        url, checksum = FILES[rel]
-        print(f"{path} is missing; downloading it from {url}")
-        try:
-            download(url, path, checksum)
-        except DataError as err:
-            failed.append((rel, path, url, str(err).splitlines()[0]))
-    if failed:
-        files = "\n".join(f"  {path}  <-  {url}" for _, path, url, _ in failed)
-        raise DataError(f"{len(failed)} data file(s) missing and not downloadable ({failed[0][3]}).\n"
-                        f"Download them by hand to these paths, or point --data-dir at a folder that has them:\n{files}")
-    return paths
-
+# files: read and check
 
 def read_json(path: str) -> list | dict:
     try:
@@ -193,7 +101,8 @@ def records_of(path: str, build) -> list:
             out.append(None)
             left_out.append(str(err).replace(path + " ", ""))
     if left_out:
-        print(f"note: left out {len(left_out)} record(s) of {path} with an empty prompt or answer: {'; '.join(left_out[:5])}"
+        print(f"note: left out {len(left_out)} record(s) of {path} with an empty prompt or answer: "
+              f"{'; '.join(left_out[:5])}"
               + (" ..." if len(left_out) > 5 else ""))
     return out
 
@@ -206,7 +115,8 @@ def read_counterfact(path: str) -> list[EditRequest | None]:
         target = text(r, "target_new", w)
         return EditRequest(text(r, "prompt", w), target, [(text(r, "rephrase_prompt", w), target)],
                            [(text(r, "locality_prompt", w), text(r, "locality_ground_truth", w))],
-                           old_target=r.get("ground_truth"), case_id=str(r.get("case_id", i)), subject=r.get("subject", ""))
+                           old_target=r.get("ground_truth"), case_id=str(r.get("case_id", i)),
+                           subject=r.get("subject", ""))
     return records_of(path, build)
 
 
@@ -275,7 +185,8 @@ def load_zsre(data_dir: str) -> dict[str, list[EditRequest]]:
                 ensure(data_dir, rel)
         except DataError as err:
             print(f"zsRE: MEND's {'eval' if os.path.exists(full) else 'train'} split is not downloadable "
-                  f"({str(err).splitlines()[0]}); " + ("20% of the train split is held out instead" if os.path.exists(full) else
+                  f"({str(err).splitlines()[0]}); "
+                  + ("20% of the train split is held out instead" if os.path.exists(full) else
                   f"using the 1,000-record subset. For the paper's data, put zsre_mend_train.json and "
                   f"zsre_mend_eval.json in {os.path.dirname(full)}/"))
             if not os.path.exists(full):
@@ -307,7 +218,8 @@ def _load(name: str, data_dir: str, split: str | None) -> dict[str, list]:
     if name.startswith("mquake"):
         file = {"mquake": "MQuAKE-hard", "mquake-cf3k": "MQuAKE-CF-3k", "mquake-t": "MQuAKE-T"}.get(name)
         if file:
-            return {"eval": [r for case in read_mquake(ensure(data_dir, f"mquake/{file}.json")[0]) if case for r in case]}
+            cases = read_mquake(ensure(data_dir, f"mquake/{file}.json")[0])
+            return {"eval": [r for case in cases if case for r in case]}
     if name == "uniedit":
         return load_uniedit(data_dir)
     raise DataError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
@@ -318,6 +230,52 @@ def split_val(records: list[EditRequest], val_size: int, seed: int = 0) -> tuple
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     return [records[i] for i in order[val_size:]], [records[i] for i in order[:val_size]]
+
+
+# -----------------------------------------------------------------------------
+# a training step's records
+
+LOC_KEYS = {"relation": lambda r: r.relation,      # the edit's prompt with another subject
+            "answer": lambda r: r.old_target,    # another subject whose true answer is the edit's old one
+            "any": lambda r: None}
+
+
+def draw(sampler: random.Random, records: list[EditRequest], n: int, extra: int, loc_from: str = "any",
+         groups: dict | None = None) -> tuple[list[EditRequest], list[EditRequest]]:
+    """n edits and, per edit, `extra` other records for the IL term: of the edit's group under
+    LOC_KEYS[loc_from] (groups: key -> record indices) when it has enough, else any."""
+    key = LOC_KEYS[loc_from]
+    chosen = sampler.sample(range(len(records)), n)
+    others = []
+    for i in chosen:
+        pool = [j for j in (groups or {}).get(key(records[i]), [])
+                if j not in chosen and records[j].subject != records[i].subject]
+        picks = sampler.sample(pool, min(extra, len(pool)))
+        while len(picks) < extra:
+            j = sampler.randrange(len(records))
+            if j not in chosen and j not in picks:
+                picks.append(j)
+        others += picks
+    return [records[i] for i in chosen], [records[j] for j in others]
+
+
+def draw_n(sampler: random.Random, most: int, how: str, p_single: float = 0.0) -> int:
+    """A step's number of edits: 1 with probability p_single, else uniform on 1..most or log-uniform
+    (P(n) ∝ log((n+1)/n)). p_single 0 draws nothing for it: a run's stream of draws is as before."""
+    if p_single and sampler.random() < p_single:
+        return 1
+    if how == "uniform":
+        return sampler.randint(1, most)
+    return min(most, int(math.exp(sampler.uniform(0, math.log(most + 1)))))
+
+
+def loc_groups(records: list[EditRequest], loc_from: str) -> dict:
+    """key -> indices of the records sharing it, for draw (records without a key are in none)."""
+    groups = {}
+    for i, r in enumerate(records):
+        groups.setdefault(LOC_KEYS[loc_from](r), []).append(i)
+    groups.pop(None, None)
+    return groups
 
 
 # -----------------------------------------------------------------------------
@@ -332,12 +290,10 @@ def adds_bos(tokenizer) -> bool:
 def tokenize(tokenizer, prompts: list[str], targets: list[str], bos: bool | None = None,
              max_len: int = 128) -> list[tuple[list[int], int]]:
     """Per text, the token ids of prompt + " " + target and where the answer starts (host lists).
-
     bos: put the BOS token first (None: as the tokenizer does by default). The same code serves
     GPT-2 and Llama tokenizers: the prompt is tokenised alone, the answer is what the whole text
     adds after it (or " " + target tokenised alone where the boundary merges). An empty target
-    gives a prompt-only row (for generation). Over-long prompts lose their left end.
-    """
+    gives a prompt-only row (for generation). Over-long prompts lose their left end."""
     bos = adds_bos(tokenizer) if bos is None else bos
     head = [tokenizer.bos_token_id] if bos else []
     wholes = [p + " " + t if t else p for p, t in zip(prompts, targets)]
@@ -345,7 +301,8 @@ def tokenize(tokenizer, prompts: list[str], targets: list[str], bos: bool | None
     whole_ids = tokenizer(wholes, add_special_tokens=False)["input_ids"]
     rows = []
     for p, w, t in zip(prompt_ids, whole_ids, targets):
-        answer = (w[len(p):] if w[:len(p)] == p else tokenizer(" " + t, add_special_tokens=False)["input_ids"])[:MAX_ANSWER]
+        alone = w[:len(p)] == p                              # the prompt's tokens begin the whole text's
+        answer = (w[len(p):] if alone else tokenizer(" " + t, add_special_tokens=False)["input_ids"])[:MAX_ANSWER]
         p = (head + p)[-(max_len - len(answer)):]
         rows.append((p + answer, len(p)))
     return rows
@@ -362,8 +319,7 @@ def pad(rows: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tenso
 
 def encode(tokenizer, prompts: list[str], targets: list[str], bos: bool | None = None,
            max_len: int = 128) -> dict[str, torch.Tensor]:
-    """Token ids of prompt + " " + target, right-padded; labels are the target ids, -100 elsewhere
-    (tokenize, then pad)."""
+    """tokenize, then pad: (B, T) input_ids, attention_mask, labels (the answer ids, -100 elsewhere)."""
     return pad(tokenize(tokenizer, prompts, targets, bos, max_len), tokenizer.pad_token_id)
 
 
@@ -378,20 +334,17 @@ if __name__ == "__main__":
     args = parser.parse_args()
     from model import ModelError, load_tokenizer
     try:
-        splits = load(args.data, args.data_dir)
-        tokenizer = load_tokenizer(args.model)
+        splits, tokenizer = load(args.data, args.data_dir), load_tokenizer(args.model)
     except (DataError, ModelError) as err:
         raise SystemExit(f"error: {err}")
     for split, records in splits.items():
         cases = len({r.case_id for r in records})
-        print(f"{args.data} {split}: {len(records)} edit requests" + (f" in {cases} cases" if cases != len(records) else ""))
+        print(f"{args.data} {split}: {len(records)} edit requests" + (f" in {cases} cases" * (cases != len(records))))
     r = next(iter(splits.values()))[args.index]
     print("\nrecord:", r)
-    batch = encode(tokenizer, [r.prompt] + [q for q, _ in r.generality + r.locality],
-                   [r.target] + [a for _, a in r.generality + r.locality])
-    for b, kind in enumerate(["edit"] + ["generality"] * len(r.generality) + ["locality"] * len(r.locality)):
-        n = int(batch["attention_mask"][b].sum())
-        tokens = [tokenizer.decode([t]) for t in batch["input_ids"][b, :n]]
-        print(f"\n{kind}: {n} tokens, labels on {int((batch['labels'][b] != -100).sum())}")
-        print("  " + " ".join(f"{tok!r}" + ("*" if lab != -100 else "") for tok, lab in zip(tokens, batch["labels"][b].tolist())))
+    for kind, q, a in [("edit", r.prompt, r.target)] + [("generality", *p) for p in r.generality] + \
+            [("locality", *p) for p in r.locality]:
+        ids, start = tokenize(tokenizer, [q], [a])[0]
+        print(f"\n{kind}: {len(ids)} tokens, labels on {len(ids) - start}")
+        print("  " + " ".join(repr(tokenizer.decode([t])) + "*" * (i >= start) for i, t in enumerate(ids)))
     print("\n(* = a label position: the loss is taken there; -100 elsewhere)")

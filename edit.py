@@ -26,7 +26,8 @@ import sys
 import time
 
 
-from checkpoint import CheckpointError, RunLock
+from checkpoint import CheckpointError
+from rundir import RunLock
 from editor import Editor, Fact, as_fact
 from key import MemoryFileError, Subjects, load_key, words
 from memory import EditMemory
@@ -76,15 +77,18 @@ def check_fact(item) -> str | None:
         return f'"subject" must be a string that the prompt names as written ({subject!r} is not in {item["prompt"]!r})'
     for key in ("rephrase", "locality"):
         value = item.get(key)
-        if value is not None and not (isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)):
+        prompts = isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if value is not None and not prompts:
             return f'"{key}" must be a prompt or a list of prompts'
     return None
 
 
-def show(editor: Editor, facts: list[Fact], asks: list[str], deltas: dict | None, max_new_tokens: int, memory=None) -> None:
+def show(editor: Editor, facts: list[Fact], asks: list[str], deltas: dict | None, max_new_tokens: int,
+         memory=None) -> None:
     """Before and after, side by side: continuations of every prompt; P(target) where a target applies.
     After: with the edit applied (deltas), or through the memory (each prompt routed by its own key)."""
-    rows = [("fact", f.prompt, f.target) for f in facts] + [("rephrase", q, f.target) for f in facts for q in f.rephrase]
+    rows = [("fact", f.prompt,
+             f.target) for f in facts] + [("rephrase", q, f.target) for f in facts for q in f.rephrase]
     rows += [("locality", q, None) for f in facts for q in f.locality] + [("ask", q, None) for q in asks]
     prompts = [p for _, p, _ in rows]
     scored = [(p, t) for _, p, t in rows if t is not None]
@@ -111,22 +115,30 @@ def main() -> None:
     parser.add_argument("--subject", default="", help="whom PROMPT is about, as it writes it (\"Eiffel Tower\"): "
                         "a --memory then serves a question only when the question names it")
     parser.add_argument("--ckpt", required=True, help="an editor checkpoint of train.py (best.pt)")
-    parser.add_argument("--facts", default=None, help="a JSON list or JSON-lines file of facts (see above), instead of or besides PROMPT TARGET")
-    parser.add_argument("--ask", action="append", default=[], help="another prompt to show before and after (repeatable)")
-    parser.add_argument("--save", default=None, metavar="DIR", help="write the edited model (W + ΔW) and edits.json to DIR (new or empty)")
+    parser.add_argument("--facts", default=None,
+                        help="a JSON list or JSON-lines file of facts (see above), instead of or besides PROMPT TARGET")
+    parser.add_argument("--ask", action="append", default=[],
+                        help="another prompt to show before and after (repeatable)")
+    parser.add_argument("--save", default=None, metavar="DIR",
+                        help="write the edited model (W + ΔW) and edits.json to DIR (new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="--save into a non-empty DIR, replacing it")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens of each greedy continuation")
     parser.add_argument("--memory", default=None, metavar="FILE",
-                        help="add the facts to this lifelong edit memory (memory.py; created if new, else extended) instead of "
-                             "merging them: each fact edited alone, applied only to the prompts it concerns")
-    parser.add_argument("--key", default=None, help="--memory, a new file: the routing key (default: key.pt beside --ckpt; `python key.py learn`)")
-    parser.add_argument("--rank", type=int, default=3, help="--memory, a new file: rank at which each fact's update is stored")
-    parser.add_argument("--model", default=None, help="override the checkpoint's base model (it must have the same edited modules)")
+                        help="add the facts to this lifelong edit memory (memory.py; created if new, else extended) "
+                             "instead of merging them: each fact edited alone, applied only to the prompts it concerns")
+    parser.add_argument("--key", default=None,
+                        help="--memory, a new file: the routing key (default: key.pt beside --ckpt; `python key.py "
+                             "learn`)")
+    parser.add_argument("--rank", type=int, default=3,
+                        help="--memory, a new file: rank at which each fact's update is stored")
+    parser.add_argument("--model", default=None,
+                        help="override the checkpoint's base model (it must have the same edited modules)")
     add_device_args(parser, dtype_default=None)
     args = parser.parse_args()
     start = time.perf_counter()
     if args.memory and args.save:
-        raise SystemExit("error: --memory keeps the facts in FILE, unmerged; --save writes a merged model: give one of them")
+        raise SystemExit("error: --memory keeps the facts in FILE, unmerged; --save writes a merged model: give one of "
+                         "them")
     if (args.prompt is None) != (args.target is None):
         raise SystemExit('error: give a prompt and its target ("The Eiffel Tower is in" "Rome"), or --facts FILE')
     facts = read_facts(args.facts) if args.facts else []
@@ -153,8 +165,8 @@ def main() -> None:
                 raise SystemExit(f"error: {err}")
             memory.add(facts)
             memory.save(args.memory)
-        print(f"{len(facts)} fact(s) added to {args.memory} ({len(memory)} in all) in {time.perf_counter() - start:.1f}s "
-              f"(from the command's start)\n")
+        print(f"{len(facts)} fact(s) added to {args.memory} ({len(memory)} in all) in "
+              f"{time.perf_counter() - start:.1f}s (from the command's start)\n")
         show(editor, facts, args.ask, None, args.max_new_tokens, memory)
         return
     if len(facts) > editor.trained_n:
@@ -168,7 +180,8 @@ def main() -> None:
             editor.save(args.save, deltas, facts, overwrite=args.overwrite)
         except (ValueError, OSError) as err:
             raise SystemExit(f"error: {err}")
-        print(f"\nsaved the edited model to {args.save} (W + ΔW in {str(editor.model.dtype).split('.')[-1]}; edits.json beside it)")
+        print(f"\nsaved the edited model to {args.save} (W + ΔW in {str(editor.model.dtype).split('.')[-1]}; "
+              f"edits.json beside it)")
 
 
 def open_memory(args: argparse.Namespace, editor: Editor) -> EditMemory:

@@ -25,7 +25,8 @@ from typing import Callable
 
 import torch
 
-from checkpoint import editor_of, read_checkpoint, write_json
+from checkpoint import editor_of, read_checkpoint
+from rundir import write_json
 from data import EditRequest
 from hooks import apply_delta, dense, functional_edit, grad_decomposition, restore
 from hypernet import IBKE
@@ -67,7 +68,8 @@ def ibke_editor(hypernet: IBKE, tokens: str = "all") -> Callable:
         decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), batch, tokens,
                                                  forward=lambda b: runner.scored_logits(b, split=False))
         with torch.no_grad():
-            return hypernet(decomposition, mask, factored=None, chunk=64)[0]   # factors where cheaper; 64 edits encoded at a time
+            # factors where cheaper; 64 edits encoded at a time
+            return hypernet(decomposition, mask, factored=None, chunk=64)[0]
     return edit
 
 
@@ -175,8 +177,10 @@ class Editor:
             self.model.save_pretrained(tmp)
             self.tokenizer.save_pretrained(tmp)
             write_json(os.path.join(tmp, "edits.json"), {
-                "facts": [vars(as_fact(f)) for f in facts], "base_model": self.ckpt["model"], "dtype": str(self.model.dtype),
-                "editor": os.path.abspath(self.path), "editor_sha256": sha256(self.path), "editor_step": self.ckpt["step"],
+                "facts": [vars(as_fact(f)) for f in facts], "base_model": self.ckpt["model"],
+                "dtype": str(self.model.dtype),
+                "editor": os.path.abspath(self.path), "editor_sha256": sha256(self.path),
+                "editor_step": self.ckpt["step"],
                 "delta_norms": {n: round(d.norm().item(), 6) for n, d in deltas.items()},
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")})
         except BaseException:

@@ -1,6 +1,9 @@
 """
-Evaluate an editor (IBKE.md §4): apply a batch of edits (as training does: hooks.functional_edit,
-float32 updates in activation space, the weights never written), measure, drop them.
+Evaluate an editor (METHOD.md §4): the protocols. Batch: apply n edits at once (as training does:
+hooks.functional_edit, float32 updates in activation space, the weights never written), measure them
+with metrics.py, drop them. Sequential (lifelong): T edits in order, each batch kept on top of the
+earlier ones (merged into the weights, or stored in an edit memory), then all measured. MQuAKE: a
+case's edits together, then its multi-hop questions.
 
     python evaluate.py --ckpt out/ibke/best.pt                        # CounterFact eval, single edits
     python evaluate.py --ckpt out/ibke/best.pt --limit 1000 --edits-per-batch 8
@@ -11,20 +14,10 @@ float32 updates in activation space, the weights never written), measure, drop t
                                   # lifelong: 10,000 edits kept in an edit memory (memory.py), then all measured
     python evaluate.py --ckpt out/ibke/best.pt --sequential merge --limit 100   # each ΔW written into the weights
 
-Metrics, token-level and teacher-forced (EasyEdit/MALMEN convention), per record, then averaged:
-  ES   fraction of o_e's tokens that are the argmax after the edit, given q_e
-  GS   the same on the generality prompts q_g
-  LS   fraction of the locality answer's positions whose post-edit argmax equals the pre-edit argmax
-  F1   harmonic mean of ES, GS and LS (of the averages)
-  EM   whole answer right (every token the argmax), on q_e and on q_g (MEND convention)
-  ES_p, PS_p, NS_p   CounterFact, ROME-style: 1[P(new) > P(old)] on q_e, on q_g, and
-       1[P(true) > P(new)] on q_l (P = mean log-probability per answer token); S_p their harmonic mean
-  MQuAKE  all edits of a case as one batch, greedy answers to its 3 questions; solved if one of
-       them contains the new answer or an alias as whole words
-Results are appended per batch to <out>.partial.jsonl, so an interrupted run resumes (if nothing the
-numbers depend on changed: the checkpoint's content, the records, every flag); when the run is
-complete they move into --out, which is never a file evaluate.py did not write. Prompts keep their
-last 128 tokens, answers their first 32 (data.MAX_ANSWER).
+The metrics (ES, GS, LS, F1, EM, ES_p, PS_p, NS_p, MH) are defined in metrics.py. Results are
+appended per batch to <out>.partial.jsonl, so an interrupted run resumes (if nothing the numbers
+depend on changed: the checkpoint's content, the records, every flag); when the run is complete they
+move into --out, which is never a file evaluate.py did not write.
 """
 import argparse
 import contextlib
@@ -33,174 +26,23 @@ import hashlib
 import json
 import math
 import os
-import re
 import statistics
 import time
 from typing import Callable
 
-import torch
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, RunLock, check_folder, is_results, resumable, write_json
+from checkpoint import CheckpointError
+from rundir import RunLock, check_folder, is_results, resumable, write_json
 from data import DataError, EditRequest, load, split_val
 from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit, merge, restore
 from key import MemoryFileError, asks_another, load_key
 from memory import EditMemory
-from losses import answer_nll
+from metrics import measure, multihop, peak_mib, references, score, summarise, table
 from model import ModelError, add_device_args
-from runner import Runner, index, take
+from runner import Runner
 
-METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p"]
-
-
-# -----------------------------------------------------------------------------
-# metrics: one place, used by train.py's validation too
-
-def per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
-    """Mean of per-position values within each row. (N,), (N,) -> (n_rows,), on their device."""
-    total = torch.zeros(n_rows, device=values.device).index_add(0, rows, values.float())
-    return total / torch.zeros(n_rows, device=values.device).index_add(0, rows, torch.ones_like(values, dtype=torch.float)).clamp_min(1)
-
-
-def harmonic(*xs: float) -> float:
-    return 0.0 if min(xs) <= 0 else len(xs) / sum(1 / x for x in xs)
-
-
-def score_rows(pre, post, n_rows: int) -> dict[str, torch.Tensor]:
-    """Per row: token accuracy, agreement with the pre-edit argmax, mean NLL. post: a scored triple;
-    pre: (argmax (P,), rows (P,)) at some rows' scored positions, row-major (the locality ones; None:
-    none), whose agreement is then the only one computed."""
-    logits, targets, rows = post
-    pre_top, pre_rows = pre if pre is not None else (targets[:0], rows[:0])
-    at = torch.isin(rows, pre_rows)                                  # pre's rows, in the same row-major order
-    agree = logits[at].argmax(-1) == pre_top
-    return {"acc": per_row(logits.argmax(-1) == targets, rows, n_rows),
-            "agree": per_row(agree, rows[at], n_rows),
-            "nll": answer_nll(logits.detach(), targets, rows, n_rows)}
-
-
-def summarise(results: list[dict]) -> dict[str, float]:
-    """Average per-record metrics; F1 and S_p are harmonic means of the averages."""
-    out = {k: statistics.fmean(r[k] for r in results if k in r) for k in METRICS[:3] + METRICS[4:9]
-           if any(k in r for r in results)}
-    if {"ES", "GS", "LS"} <= out.keys():
-        out["F1"] = harmonic(out["ES"], out["GS"], out["LS"])
-    if {"ES_p", "PS_p", "NS_p"} <= out.keys():
-        out["S_p"] = harmonic(out["ES_p"], out["PS_p"], out["NS_p"])
-    out["n"] = len(results)
-    return out
-
-
-# -----------------------------------------------------------------------------
-# one batch of edits: edit, measure, restore
-
-def rows_of(records: list[EditRequest]) -> tuple[list[str], list[str], list[tuple[str, int]]]:
-    """All sequences a batch needs, as (prompt, answer) with (kind, record index)."""
-    prompts, targets, kinds = [], [], []
-
-    def add(kind, i, prompt, target):
-        prompts.append(prompt), targets.append(target), kinds.append((kind, i))
-    for i, r in enumerate(records):                    # the edit rows first, in record order
-        add("edit", i, r.prompt, r.target)
-    for i, r in enumerate(records):
-        for q, a in r.generality:
-            add("gen", i, q, a)
-        for q, a in r.locality:
-            add("loc", i, q, a)
-        if r.old_target:                               # CounterFact probability scores
-            add("edit_old", i, r.prompt, r.old_target)
-            for q, _ in r.generality:
-                add("gen_old", i, q, r.old_target)
-            for q, a in r.locality:
-                add("loc_new", i, q, r.target)
-    return prompts, targets, kinds
-
-
-def measure(runner: Runner, editor: Callable, records: list[EditRequest], rows_per_pass: int = 512) -> tuple[list[dict], float, dict]:
-    """Apply the edits of `records` as one batch: per-record metrics, the seconds the edit took, the ΔW.
-    The rows are scored rows_per_pass at a time (the edit rows in the first pass), so memory does not
-    grow with the number of edits."""
-    prompts, targets, kinds = rows_of(records)
-    n = len(records)
-    end = min(max(n, rows_per_pass), len(prompts))   # the first pass: the edit rows and more
-    first = runner.batch(prompts[:end], targets[:end])
-    cuda = runner.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(runner.device)          # the batch's lower blocks are done before the clock starts
-    start = time.perf_counter()
-    deltas = editor(runner, take(first, slice(0, n)))
-    if cuda:
-        torch.cuda.synchronize(runner.device)          # the edit's time, not its launch
-    seconds = time.perf_counter() - start
-    results = score(runner, records, lambda prompts: functional_edit(runner.model, deltas), rows_per_pass=rows_per_pass, first=first)
-    return results, seconds, deltas
-
-
-def score(runner: Runner, records: list[EditRequest], edited: Callable, reference: dict | None = None,
-          rows_per_pass: int = 512, first: dict | None = None) -> list[dict]:
-    """Per-record metrics of `records`' rows, each pass run inside `edited(its prompts)` (a context).
-    LS compares with the pre-edit argmax at the locality rows: `reference` ({(prompt, answer): argmax
-    list}, the original model's, from references()) or, without it, the model outside `edited` now.
-    first: the first pass's batch, already built."""
-    prompts, targets, kinds = rows_of(records)
-    n = len(records)
-    bounds = [0] + list(range(max(n, rows_per_pass), len(prompts), rows_per_pass)) + [len(prompts)]
-    s = {"acc": [], "agree": [], "nll": []}            # per row; nll: mean NLL per answer token
-    for a, b in zip(bounds, bounds[1:]):
-        batch = first if a == 0 and first is not None else runner.batch(prompts[a:b], targets[a:b])
-        loc = [r for r in range(b - a) if kinds[a + r][0] == "loc"]
-        pre = None
-        if loc and reference is not None:               # the original model's argmax, read before any edit
-            pre = (torch.tensor([t for r in loc for t in reference[batch["keys"][r]]], device=runner.device),
-                   index([r for r in loc for _ in reference[batch["keys"][r]]], runner.device))
-        elif loc:
-            with torch.no_grad():                      # pre-edit logits: needed at the locality rows only
-                pre_logits, _, pre_rows = runner.scored_logits(take(batch, loc))
-            pre = (pre_logits.argmax(-1), index(loc, runner.device)[pre_rows])   # rows numbered as in batch
-        with edited(prompts[a:b]) as routing, torch.no_grad():
-            runner.on_part = getattr(routing, "select", None)      # a memory routes per row
-            try:
-                post = runner.scored_logits(batch)
-            finally:
-                runner.on_part = None
-        for k, v in score_rows(pre, post, b - a).items():                # one read per pass
-            s[k] += v.tolist()
-    acc, agree, nll = s["acc"], s["agree"], s["nll"]
-    of = {}                                            # (kind, record) -> its rows
-    for b, key in enumerate(kinds):
-        of.setdefault(key, []).append(b)
-    results = []
-    for i in range(n):
-        gen, locs, edit_old, gen_old, loc_new = (of.get((k, i), []) for k in ("gen", "loc", "edit_old", "gen_old", "loc_new"))
-        r = {"ES": acc[i], "EM": float(acc[i] == 1)}
-        if gen:
-            r["GS"] = statistics.fmean(acc[b] for b in gen)
-            r["GEM"] = statistics.fmean(float(acc[b] == 1) for b in gen)
-        if locs:
-            r["LS"] = statistics.fmean(agree[b] for b in locs)
-        if edit_old:                                   # P(a) > P(b) ⇔ NLL(a) < NLL(b)
-            r["ES_p"] = float(nll[i] < nll[edit_old[0]])
-        if gen_old:
-            r["PS_p"] = statistics.fmean(float(nll[a] < nll[b]) for a, b in zip(gen, gen_old))
-        if loc_new:
-            r["NS_p"] = statistics.fmean(float(nll[a] < nll[b]) for a, b in zip(locs, loc_new))
-        results.append(r)
-    return results
-
-
-@torch.no_grad()
-def references(runner: Runner, records: list[EditRequest], rows_per_pass: int = 512) -> dict:
-    """The unedited model's argmax at the scored positions of every locality row: {(prompt, answer): list}."""
-    pairs = list(dict.fromkeys((q, a) for r in records for q, a in r.locality))
-    out = {}
-    for i in range(0, len(pairs), rows_per_pass):
-        batch = runner.batch(*map(list, zip(*pairs[i:i + rows_per_pass])))
-        logits, _, rows = runner.scored_logits(batch)
-        top, rows = logits.argmax(-1).tolist(), rows.tolist()
-        for r, key in enumerate(batch["keys"]):
-            out[key] = [t for t, row in zip(top, rows) if row == r]
-    return out
 
 
 def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditRequest], runner: Runner,
@@ -283,62 +125,30 @@ def open_memory(args: argparse.Namespace, loaded: Editor, records: list[EditRequ
     return EditMemory(loaded, load_key(args.ckpt, args.key), args.rank)
 
 
-def multihop(runner: Runner, edited: contextlib.AbstractContextManager, records: list[EditRequest],
-             max_new_tokens: int = 12) -> dict:
-    """MQuAKE: inside `edited` (one case's deltas applied, or a memory serving), greedy answers to its questions."""
-    model, tokenizer = runner.model, runner.tokenizer
-    answers = [a.lower() for a in records[0].answers]
-    prompts = [f"Q: {q} A:" for q in records[0].questions]
-    tokenizer.padding_side = "left"                     # generation continues from the right end
-    ids = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    tokenizer.padding_side = "right"
-    with edited, torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    texts = [t.split("\n")[0].lower() for t in tokenizer.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)]
-    solved = any(re.search(rf"\b{re.escape(a)}\b", t) for t in texts for a in answers)  # whole words: "ar" ≠ "are"
-    return {"MH": float(solved), "answers": texts}
-
-
-# -----------------------------------------------------------------------------
-# the printed table
-
-def table(rows: list[tuple[str, dict]]) -> str:
-    cols = [c for c in METRICS + ["MH"] if any(c in r for _, r in rows)]
-    lines = ["| run | " + " | ".join(cols) + " | ms/edit | peak MiB |", "|---" * (len(cols) + 3) + "|"]
-    for name, r in rows:
-        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in cols)
-                     + " | " + " | ".join(f"{r[c]:.0f}" if c in r else "" for c in ("ms_per_edit", "peak_mib")) + " |")
-    return "\n".join(lines)
-
-
-def peak_mib(device: torch.device | str) -> float:
-    """Peak memory of this process so far, MiB: the device's allocations on CUDA, resident memory on CPU."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    import resource                                          # POSIX only
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
-
-
 def check_args(args: argparse.Namespace) -> None:
     """Ranges of the flags and the --out file, before any work: one line naming the problem."""
-    rules = [(args.limit is None or args.limit >= 1, f"--limit {args.limit}: give at least 1 (leave it out for all records)"),
+    rules = [(args.limit is None or args.limit >= 1,
+              f"--limit {args.limit}: give at least 1 (leave it out for all records)"),
              (args.skip >= 0, f"--skip {args.skip}: give 0 or more"),
              (args.edits_per_batch >= 1, f"--edits-per-batch {args.edits_per_batch}: give at least 1"),
              (args.rank >= 1, f"--rank {args.rank}: give at least 1"),
-             (args.sequential != "memory" or args.memory, "--sequential memory needs --memory FILE (where the memory is kept)"),
-             (args.sequential is None or args.method != "none", "--sequential with --method none: nothing to keep; give ibke or ft"),
+             (args.sequential != "memory" or args.memory,
+              "--sequential memory needs --memory FILE (where the memory is kept)"),
+             (args.sequential is None or args.method != "none",
+              "--sequential with --method none: nothing to keep; give ibke or ft"),
              (args.ft_steps >= 1, f"--ft-steps {args.ft_steps}: give at least 1"),
-             (math.isfinite(args.ft_lr) and args.ft_lr > 0, f"--ft-lr {args.ft_lr}: give a positive finite learning rate")]
+             (math.isfinite(args.ft_lr) and args.ft_lr > 0,
+              f"--ft-lr {args.ft_lr}: give a positive finite learning rate")]
     for ok, problem in rules:
         if not ok:
             raise SystemExit(f"error: {problem}")
     out = args.out
     if os.path.isdir(out):
-        raise SystemExit(f"error: --out {out} is a folder; give a file name for the results (e.g. {os.path.join(out, 'results.json')})")
+        raise SystemExit(f"error: --out {out} is a folder; give a file name for the results (e.g. "
+                         f"{os.path.join(out, 'results.json')})")
     if os.path.exists(out) and not is_results(out):
-        raise SystemExit(f"error: --out {out} exists and is not a results file of evaluate.py; it would be overwritten. "
-                         f"Give another --out")
+        raise SystemExit(f"error: --out {out} exists and is not a results file of evaluate.py; it would be "
+                         f"overwritten. Give another --out")
     try:                                                        # can --out be written? (before the work)
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
         existed = os.path.exists(out + ".partial.jsonl")
@@ -353,27 +163,44 @@ def check_args(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint written by train.py (best.pt or latest.pt)")
-    parser.add_argument("--data", default=None, help="benchmark (default: the one trained on); mquake* gives multi-hop accuracy")
+    parser.add_argument("--data", default=None,
+                        help="benchmark (default: the one trained on); mquake* gives multi-hop accuracy")
     parser.add_argument("--data-dir", default="data", help="folder holding (or receiving) the benchmark files")
-    parser.add_argument("--split", default="eval", choices=["eval", "train", "val"], help="eval; or val: the records train.py held out for validation")
+    parser.add_argument("--split", default="eval", choices=["eval", "train", "val"],
+                        help="eval; or val: the records train.py held out for validation")
     parser.add_argument("--limit", type=int, default=None, help="only the first N records (MQuAKE: cases)")
-    parser.add_argument("--skip", type=int, default=0, help="leave out the first N records (MQuAKE: cases) before --limit: a fresh slice")
+    parser.add_argument("--skip", type=int, default=0,
+                        help="leave out the first N records (MQuAKE: cases) before --limit: a fresh slice")
     parser.add_argument("--edits-per-batch", type=int, default=1, help="n edits applied together (1 = single edits)")
-    parser.add_argument("--method", default="ibke", choices=["ibke", "ft", "none"], help="editor: IBKE, FT-L baseline, or no edit")
+    parser.add_argument("--method", default="ibke", choices=["ibke", "ft", "none"],
+                        help="editor: IBKE, FT-L baseline, or no edit")
     parser.add_argument("--ft-steps", type=int, default=25, help="FT-L: Adam steps on the edit prompts")
     parser.add_argument("--ft-lr", type=float, default=5e-4, help="FT-L: learning rate")
-    parser.add_argument("--model", default=None, help="override the checkpoint's model (must have the same edited modules)")
+    parser.add_argument("--model", default=None,
+                        help="override the checkpoint's model (must have the same edited modules)")
     add_device_args(parser, dtype_default=None)
-    parser.add_argument("--out", default="results.json", help="where the summary goes (per-batch progress: <out>.partial.jsonl)")
-    parser.add_argument("--cache-dir", default=None, help="keep the frozen lower blocks' states of the texts evaluated in this folder (as train.py's): "
-                        "evaluating the same records again (another checkpoint, another n) skips that work; peak memory then includes them")
-    parser.add_argument("--sequential", default=None, choices=["merge", "memory"], help="lifelong protocol: the records' edits in order, --edits-per-batch at a time, "
-                        "all kept (merge: written into the weights one batch after another; memory: memory.py), then all measured again")
-    parser.add_argument("--memory", default=None, help="--sequential memory: the memory file (resumed if it holds the first k records' edits; saved as it grows by 500 or a quarter)")
-    parser.add_argument("--key", default=None, help="--sequential memory, a new memory: the key from `python key.py learn` (default: key.pt beside --ckpt)")
-    parser.add_argument("--rank", type=int, default=3, help="--sequential memory: rank r at which each edit's update is stored (a new memory), "
-                        "or to which a complete memory's updates are truncated for this run (a rank curve; README: 3 is within 0.005 F1 of full rank)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an --out that holds the results of another checkpoint (else refused)")
+    parser.add_argument("--out", default="results.json",
+                        help="where the summary goes (per-batch progress: <out>.partial.jsonl)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="keep the frozen lower blocks' states of the texts evaluated in this folder (as "
+                             "train.py's): evaluating the same records again (another checkpoint, another n) skips "
+                             "that work; peak memory then includes them")
+    parser.add_argument("--sequential", default=None, choices=["merge", "memory"],
+                        help="lifelong protocol: the records' edits in order, --edits-per-batch at a time, "
+                        "all kept (merge: written into the weights one batch after another; memory: memory.py), then "
+                        "all measured again")
+    parser.add_argument("--memory", default=None,
+                        help="--sequential memory: the memory file (resumed if it holds the first k records' edits; "
+                             "saved as it grows by 500 or a quarter)")
+    parser.add_argument("--key", default=None,
+                        help="--sequential memory, a new memory: the key from `python key.py learn` (default: key.pt "
+                             "beside --ckpt)")
+    parser.add_argument("--rank", type=int, default=3,
+                        help="--sequential memory: rank r at which each edit's update is stored (a new memory), "
+                        "or to which a complete memory's updates are truncated for this run (a rank curve; README: 3 "
+                        "is within 0.005 F1 of full rank)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an --out that holds the results of another checkpoint (else refused)")
     args = parser.parse_args()
     check_args(args)
     check_folder(args.cache_dir, "--cache-dir")
@@ -419,8 +246,10 @@ def evaluate(args: argparse.Namespace) -> None:
         raise SystemExit(f"error: --skip {args.skip} leaves no records of {data_name} {args.split} ({total} in all)")
 
     # everything the numbers depend on: the checkpoint's content, the records, every flag but --out, --overwrite
-    signature = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}, "data": data_name, "ckpt_sha256": sha256(args.ckpt),
-                 "records_sha256": hashlib.sha256(repr([dataclasses.astuple(r) for b in batches for r in b]).encode()).hexdigest()}
+    signature = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}, "data": data_name,
+                 "ckpt_sha256": sha256(args.ckpt),
+                 "records_sha256": hashlib.sha256(repr([dataclasses.astuple(r) for b in batches for r in b])
+                                                  .encode()).hexdigest()}
     if is_results(args.out) and not args.overwrite:
         before = json.load(open(args.out)).get("signature", {}).get("ckpt_sha256")
         if before != signature["ckpt_sha256"]:
@@ -443,13 +272,16 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.sequential and not data_name.startswith("mquake"):  # LS where no kept edit rightly changes the answer
         asked = asks_another([r for b in batches for r in b])
         summary["unasked"] = summarise([r for r, a in zip(results, asked) if not a]) | {"asked": sum(asked)}
-    if data_name.startswith("mquake"):                      # per case: its first record carries it, or the sequential list
+    # per case: its first record carries it, or the sequential list
+    if data_name.startswith("mquake"):
         summary["MH"] = statistics.fmean(done[0]["MH"] if args.sequential else [line["results"][0]["MH"] for line in done])
     edits = sum(line["edits"] for line in done)             # made in this sitting (a resumed memory: maybe none)
     if edits:
         summary["ms_per_edit"] = 1000 * sum(line["seconds"] for line in done) / edits
     summary["peak_mib"] = peak_mib(runner.device)                # this sitting's, model included
-    write_json(args.out, {"summary": summary, "args": vars(args), "trained": {"model": ckpt["model"], "step": ckpt["step"], "config": ckpt["config"]},
+    write_json(args.out,
+               {"summary": summary, "args": vars(args),
+                "trained": {"model": ckpt["model"], "step": ckpt["step"], "config": ckpt["config"]},
                           "signature": signature, "batches": done})
     if os.path.exists(partial):
         os.remove(partial)                                    # finished: the batches are in --out
@@ -457,8 +289,10 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.sequential:
         name = f"{args.method} {args.sequential} T={len(results)} n={args.edits_per_batch}"
         for t, r in done[0]["retention"].items():
-            print(f"first 100 edits after {t}: F1 {r.get('F1', 0):.3f} (ES {r['ES']:.3f} GS {r.get('GS', 0):.3f} LS {r.get('LS', 0):.3f})")
-    parts = [(f"{name}, records 0-999", summary["first_1000"]), (f"{name}, records 1000+", summary["after_1000"])] if "after_1000" in summary else []
+            print(f"first 100 edits after {t}: F1 {r.get('F1', 0):.3f} (ES {r['ES']:.3f} GS {r.get('GS', 0):.3f} LS "
+                  f"{r.get('LS', 0):.3f})")
+    parts = [(f"{name}, records 0-999", summary["first_1000"]),
+             (f"{name}, records 1000+", summary["after_1000"])] if "after_1000" in summary else []
     if summary.get("unasked", {}).get("asked"):
         parts.append((f"{name}, the {summary['unasked']['n']} records whose neighbour asks no other edit's question",
                       summary["unasked"]))
@@ -472,7 +306,8 @@ def run_batches(args, batches, runner, editor, data_name, partial, signature) ->
     with open(partial, "w" if not done else "a") as f:
         if not done:
             f.write(json.dumps(signature) + "\n")
-        for batch in tqdm(batches[len(done):], desc=f"{args.method} n={args.edits_per_batch}", initial=len(done), total=len(batches)):
+        for batch in tqdm(batches[len(done):], desc=f"{args.method} n={args.edits_per_batch}", initial=len(done),
+                          total=len(batches)):
             results, seconds, deltas = measure(runner, editor, batch)
             line = {"results": results, "seconds": seconds, "edits": len(batch)}
             if data_name.startswith("mquake"):

@@ -56,7 +56,8 @@ def grad_decomposition(model: nn.Module, names: list[str], batch: dict[str, torc
     forward: batch -> scored logits (N, V), targets (N,), rows (N,) (see losses.scored); default the
     full model. runner.Runner.scored_logits is the fast one: it starts at the first edited block.
     """
-    forward = forward or (lambda b: scored(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"]))
+    forward = forward or (lambda b: scored(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits,
+                                           b["labels"]))
     labels = batch["labels"]
     with capture(model, names) as store, torch.enable_grad():
         logits, targets, rows = forward(batch)
@@ -87,7 +88,10 @@ def functional_edit(model: nn.Module, deltas: dict) -> Iterator[nn.Module]:
         def add(module, inputs, output):                                             # (B, T, d_out)
             dtype = torch.promote_types(output.dtype, torch.float32)                   # float32 at least
             x = inputs[0].to(dtype)
-            change = (x @ delta[0].T.to(dtype)) @ delta[1].to(dtype) if isinstance(delta, tuple) else x @ delta.to(dtype)
+            if isinstance(delta, tuple):                                             # factored: x ΔW = (x Aᵀ) B
+                change = (x @ delta[0].T.to(dtype)) @ delta[1].to(dtype)
+            else:
+                change = x @ delta.to(dtype)
             return (output.to(dtype) + change).to(output.dtype)
         return add
 

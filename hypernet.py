@@ -30,15 +30,18 @@ from losses import gaussian_kl
 
 @dataclass
 class EditorConfig:
-    d_m: int = 1920           # width of the hypernetwork
+    d_m: int = 512            # width of the hypernetwork (the paper's: 1920, PAPER_SIZE)
     latent_len: int = 10      # l_m, number of learnable queries / latent vectors per edit
-    latent_dim: int = 1920    # Z, width of each latent vector
+    latent_dim: int = 512     # Z, width of each latent vector (the paper's: = d_m)
     heads: int = 8            # attention heads in encoder and decoder
     ib: bool = True           # False: deterministic latent z = μ and no KL (--no-ib)
     token_scale: bool = True  # False: s_i ≡ 1/2, the scale's start value (--no-scale)
-    eta_init: float = 1e-2    # initial step size η_m (DAFNet starts at 1e-4; after our normalisation that edits nothing)
-    aggregate: str = "sum"    # how the edits of a batch combine: "sum" of their updates, a "ridge" solve, or "cancel" (step 5)
-    ridge_init: float = 0.1   # initial λ_m of the ridge solve (relative: λ → ∞ is the sum, λ → 0 interpolation; RESULTS.md)
+    eta_init: float = 1e-2    # initial step size η_m (DAFNet's 1e-4 edits nothing after our normalisation)
+    aggregate: str = "sum"    # how a batch's edits combine: "sum", a "ridge" solve or "cancel" (step 5)
+    ridge_init: float = 0.1   # initial λ_m of the ridge solve (relative: λ → ∞ the sum, λ → 0 interpolation)
+
+
+PAPER_SIZE = {"d_m": 1920, "latent_dim": 1920}   # the paper's hypernetwork (bench.py sizes it for GPT-2 XL)
 
 
 class RunningNorm(nn.Module):
@@ -142,7 +145,8 @@ class ShapeEditor(nn.Module):
         keep = mask.flatten().nonzero().squeeze(1)                             # the solve sees real tokens only
         return (*(None if x is None else x.flatten(1, 2)[:, keep] for x in (K, V, own)), kl)
 
-    def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor, chunk: int = 0) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    def forward(self, h: torch.Tensor, u: torch.Tensor, mask: torch.Tensor,
+                chunk: int = 0) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Step 5 for all E edits, with K (M, N, d_in), V (M, N, d_out) as keys_and_values gives them.
         "sum": ΔW_m = KᵀV = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i, returned as
         its factors. "ridge", "cancel": see ridge(). chunk: steps 1-4 for that many edits at a time (0:
@@ -194,7 +198,8 @@ def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.T
         gram = K64 @ K64.transpose(1, 2) + ridge_term * torch.eye(N, dtype=K64.dtype, device=K.device)   # (M, N, N)
         B = torch.cholesky_solve(target, torch.linalg.cholesky(gram))                                # (M, N, d_out)
         return K, B.to(V.dtype)
-    gram = K64.transpose(1, 2) @ K64 + ridge_term * torch.eye(d_in, dtype=K64.dtype, device=K.device)   # (M, d_in, d_in)
+    # (M, d_in, d_in)
+    gram = K64.transpose(1, 2) @ K64 + ridge_term * torch.eye(d_in, dtype=K64.dtype, device=K.device)
     delta = torch.cholesky_solve(K64.transpose(1, 2) @ target, torch.linalg.cholesky(gram))       # (M, d_in, d_out)
     return None, delta.to(V.dtype)
 
@@ -269,11 +274,9 @@ class IBKE(nn.Module):
 
 
 if __name__ == "__main__":
-    from model import ModelError, edit_module_names, meta_model, weight_shape
+    from model import ModelError, add_model_args, edit_module_names, meta_model, weight_shape
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="model whose edited modules size the hypernetwork")
-    parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex (default: model.EDIT_TABLE)")
-    parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all of them); --edit-modules patterns too")
+    add_model_args(parser)                               # the model whose edited modules size the hypernetwork
     parser.add_argument("--d-m", type=int, default=EditorConfig.d_m, help="hypernetwork width d_m")
     parser.add_argument("--latent-len", type=int, default=EditorConfig.latent_len, help="l_m")
     parser.add_argument("--latent-dim", type=int, default=EditorConfig.latent_dim, help="latent width Z")

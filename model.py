@@ -136,9 +136,20 @@ def native_dtype(device: str) -> str:
     return "bfloat16" if any(probe is not None and probe() for probe in probes) else "float32"
 
 
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """--model, --edit-modules and --edit-layers, meaning the same in every script that edits."""
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="smollm2-135m, a hub name (gpt2-xl, EleutherAI/gpt-j-6B, Qwen/Qwen3-0.6B) or a folder")
+    parser.add_argument("--edit-modules", default=None,
+                        help="comma-separated module suffixes or a regex on full names (default: EDIT_TABLE's entry)")
+    parser.add_argument("--edit-layers", type=int, default=3,
+                        help="edit the last K blocks (0 = all of them); --edit-modules patterns too")
+
+
 def add_device_args(parser: argparse.ArgumentParser, dtype_default: str | None = "float32") -> None:
     """--device and --dtype, meaning the same in every script."""
-    parser.add_argument("--device", default=DEFAULT_DEVICE, help="cpu, cuda or cuda:N (default: cuda where a GPU is visible)")
+    parser.add_argument("--device", default=DEFAULT_DEVICE,
+                        help="cpu, cuda or cuda:N (default: cuda where a GPU is visible)")
     auto = dtype_default == "auto"                            # train.py's: it saves what auto chose
     parser.add_argument("--dtype", default=dtype_default, choices=DTYPES + (["auto"] if auto else []),
                         help="base model dtype (the hypernetwork and every ΔW stay float32)"
@@ -255,9 +266,7 @@ def weight_shape(module: nn.Module) -> tuple[int, int]:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a hub name (gpt2-xl, Qwen/Qwen3-0.6B) or a local folder")
-    parser.add_argument("--edit-modules", default=None, help="comma-separated module suffixes or a regex on full names (default: the EDIT_TABLE entry)")
-    parser.add_argument("--edit-layers", type=int, default=3, help="edit the last K blocks (0 = all of them)")
+    add_model_args(parser)
     parser.add_argument("--prompt", default="The capital of France is", help="prompt to complete greedily")
     add_device_args(parser)
     args = parser.parse_args()

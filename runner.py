@@ -37,17 +37,20 @@ def attention_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> t
     T = attention_mask.shape[1]
     causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
     allowed = causal & attention_mask.bool()[:, None, :]                                  # (B, T, T)
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype,
+                       device=allowed.device).masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 @torch.no_grad()
-def hidden_before(model: nn.Module, block: int, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def hidden_before(model: nn.Module, block: int, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Hidden states entering block `block` (B, T, C); the blocks above are not run."""
     def stop(module, args, kwargs):
         raise _Stop(args[0] if args else kwargs["hidden_states"])
     handle = model.get_submodule(blocks_path(model))[block].register_forward_pre_hook(stop, with_kwargs=True)
     try:
-        model.base_model(input_ids=input_ids, attention_mask=attention_bias(attention_mask, model.dtype), use_cache=False)
+        model.base_model(input_ids=input_ids, attention_mask=attention_bias(attention_mask, model.dtype),
+                         use_cache=False)
     except _Stop as hidden:
         return hidden.args[0]
     finally:
@@ -60,7 +63,8 @@ class _NoPosition(nn.Module):  # GPT-2 adds absolute position embeddings to inpu
         return position_ids.new_zeros((), dtype=torch.float32)   # on the device: no host-to-device copy
 
 
-def run_from_block(model: nn.Module, block: int, hidden: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+def run_from_block(model: nn.Module, block: int, hidden: torch.Tensor,
+                   attention_mask: torch.Tensor | None) -> torch.Tensor:
     """The model from block `block` up, given the hidden states entering it: final-norm output (B, T, C).
     Works by handing the base model a block list that starts at `block` and the hidden states as
     inputs_embeds (GPT-2, GPT-J, GPT-NeoX, Llama, Qwen, Mistral)."""
@@ -73,7 +77,8 @@ def run_from_block(model: nn.Module, block: int, hidden: torch.Tensor, attention
     if wpe is not None:
         base.wpe = _NoPosition()
     try:
-        return base(inputs_embeds=hidden, attention_mask=attention_bias(attention_mask, hidden.dtype), use_cache=False).last_hidden_state
+        return base(inputs_embeds=hidden, attention_mask=attention_bias(attention_mask, hidden.dtype),
+                    use_cache=False).last_hidden_state
     finally:
         setattr(parent, attr, blocks)
         if wpe is not None:
@@ -159,8 +164,10 @@ class Runner:
         self.free = float("inf") if self.device.type == "cuda" else 128
         self.on_part = None         # called with the batch rows each pass of _final runs (memory.Routing.select)
         if cache:
-            self.hidden, self.hidden_at = Store(width, model.dtype, self.keep), {}     # entering the block: text -> offset
-            self.hidden_n, self.on_disk = {}, set()                                     # text -> its tokens; texts in the states file
+            # entering the block: text -> offset
+            self.hidden, self.hidden_at = Store(width, model.dtype, self.keep), {}
+            # text -> its tokens; texts in the states file
+            self.hidden_n, self.on_disk = {}, set()
             self.final, self.final_at = Store(width, model.dtype, self.keep), {}       # final norm: text -> (offset, n)
 
     def batch(self, prompts: list[str], targets: list[str]) -> dict:
@@ -168,9 +175,13 @@ class Runner:
         keys, lengths, starts (where each answer begins)."""
         rows = tokenize(self.tokenizer, prompts, targets, max_len=self.max_len)
         batch = {k: to_device(v, self.device) for k, v in pad(rows, self.tokenizer.pad_token_id).items()}
-        batch.update(keys=list(zip(prompts, targets)), lengths=[len(ids) for ids, _ in rows], starts=[s for _, s in rows])
+        batch.update(keys=list(zip(prompts, targets)), lengths=[len(ids) for ids, _ in rows],
+                     starts=[s for _, s in rows])
         keys, lengths = batch["keys"], batch["lengths"]
-        store, at = (self.hidden, self.hidden_at) if self.cache else (Store(self.model.config.hidden_size, self.model.dtype, self.device, 256), {})
+        if self.cache:
+            store, at = self.hidden, self.hidden_at
+        else:
+            store, at = Store(self.model.config.hidden_size, self.model.dtype, self.device, 256), {}
         todo = _uncached(keys, at)
         for group in length_groups([lengths[b] for b in todo], free=self.free):  # texts of similar length together
             part = take(batch, [todo[g] for g in group])
@@ -184,7 +195,8 @@ class Runner:
                     self.hidden_n[key] = n
         T = batch["input_ids"].shape[1]
         gather = [at[key] + t if t < n else 0 for key, n in zip(keys, lengths) for t in range(T)]
-        batch["hidden"] = to_device(store.data[index(gather, store.data.device)], self.device).view(len(keys), T, -1)  # (B, T, C)
+        # (B, T, C)
+        batch["hidden"] = to_device(store.data[index(gather, store.data.device)], self.device).view(len(keys), T, -1)
         return batch
 
     def scored_logits(self, batch: dict, split: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -251,7 +263,8 @@ class Runner:
         Nothing new since the last save or load: the file is not even read."""
         if self.on_disk.issuperset(self.hidden_at):
             return
-        old = torch.load(path) if os.path.exists(path) else {"keys": [], "lengths": [], "data": self.hidden.data.new_zeros(0, self.hidden.data.shape[1]).cpu()}
+        empty = {"keys": [], "lengths": [], "data": self.hidden.data.new_zeros(0, self.hidden.data.shape[1]).cpu()}
+        old = torch.load(path) if os.path.exists(path) else empty
         self.on_disk.update(map(tuple, old["keys"]))
         new = [k for k in self.hidden_at if k not in self.on_disk]
         if not new:
@@ -260,7 +273,8 @@ class Runner:
         data = torch.cat([old["data"], self.hidden.data[index(rows, self.keep)].cpu()])
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         tmp = f"{path}.{os.getpid()}.tmp"
-        torch.save({"keys": old["keys"] + new, "lengths": old["lengths"] + [self.hidden_n[k] for k in new], "data": data}, tmp)
+        torch.save({"keys": old["keys"] + new, "lengths": old["lengths"] + [self.hidden_n[k] for k in new],
+                    "data": data}, tmp)
         os.replace(tmp, path)
         self.on_disk.update(new)
 
@@ -278,7 +292,8 @@ class Runner:
                 self.final_at[key] = (offset, len(scored_span(start, n)))
                 offset += self.final_at[key][1]
         gather = [i for key in keys for i in range(self.final_at[key][0], sum(self.final_at[key]))]
-        return self.model.get_output_embeddings()(to_device(self.final.data[index(gather, self.keep)], self.device))   # (N, V)
+        # (N, V)
+        return self.model.get_output_embeddings()(to_device(self.final.data[index(gather, self.keep)], self.device))
 
 
 def take(batch: dict, rows: list[int] | slice) -> dict:

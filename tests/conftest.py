@@ -22,7 +22,8 @@ def find_data() -> str:
     if os.environ.get("IBKE_DATA_DIR"):
         return os.environ["IBKE_DATA_DIR"]
     places = [os.path.join(ROOT, "data"), os.path.join(ROOT, "..", "shared", "data")]
-    return next((p for p in places if os.path.exists(os.path.join(p, "counterfact", "counterfact-edit.json"))), places[0])
+    return next((p for p in places if os.path.exists(os.path.join(p, "counterfact", "counterfact-edit.json"))),
+                places[0])
 
 
 DATA_DIR = find_data()
@@ -42,7 +43,8 @@ def tiny(kind: str, dtype=torch.float32, init: float = 0.02):
     """init: weight std; 0.02 (HF's default) gives near-uniform logits that edits barely move."""
     torch.manual_seed(0)
     if kind == "gpt2":
-        config = GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0, eos_token_id=0,
+        config = GPT2Config(n_embd=32, n_layer=4, n_head=4, vocab_size=101, n_positions=64, bos_token_id=0,
+                            eos_token_id=0,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, initializer_range=init)
     else:
         config = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
@@ -59,8 +61,8 @@ def tiny_model(request):
 @pytest.fixture
 def data_dir():
     if not os.path.exists(os.path.join(DATA_DIR, "counterfact", "counterfact-edit.json")):
-        pytest.fail(f"benchmark files not found in {DATA_DIR}: run `python data.py --data counterfact` (downloads them into "
-                    f"data/), put them there by hand (README), or set IBKE_DATA_DIR")
+        pytest.fail(f"benchmark files not found in {DATA_DIR}: run `python data.py --data counterfact` (downloads them "
+                    f"into data/), put them there by hand (README), or set IBKE_DATA_DIR")
     return DATA_DIR
 
 
@@ -105,7 +107,8 @@ def tiny_folders(tmp_path_factory, gpt2_tokenizer):
 
 
 def run(script, *args, check=True):
-    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True,
+                         cwd=ROOT)
     if check and out.returncode != 0:
         raise AssertionError(f"{script} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}")
     return out

@@ -32,7 +32,8 @@ def test_commands_resume_a_started_run_and_pass_the_runs_flags(tmp_path):
     assert "--no-scale" in train and "--d-m" in train and train[train.index("--device") + 1] == "cuda"
     assert evaluate[evaluate.index("--skip") + 1] == "1000" and "--device" in evaluate and "--d-m" not in evaluate
     for cmd in (train, evaluate):                                       # the data and the shared lower-block states
-        assert cmd[cmd.index("--data-dir") + 1] == "data" and cmd[cmd.index("--cache-dir") + 1] == os.path.join(str(tmp_path), "cache")
+        assert cmd[cmd.index("--data-dir")
+                   + 1] == "data" and cmd[cmd.index("--cache-dir") + 1] == os.path.join(str(tmp_path), "cache")
     os.makedirs(analysis.run_dir(str(tmp_path), "no-scale", 1))
     open(os.path.join(analysis.run_dir(str(tmp_path), "no-scale", 1), "latest.pt"), "w").close()
     assert "--resume" in analysis.commands(args, "no-scale", 1)[0]
@@ -42,7 +43,8 @@ def test_run_skips_what_is_done_and_reports_failures(tmp_path, monkeypatch, caps
     for run in ("default", "no-ib", "no-scale"):
         fake_run(str(tmp_path), run, 0, {"F1": 0.5}, [(10, 0.5)])
     called = []
-    monkeypatch.setattr(analysis.subprocess, "run", lambda *a, **k: called.append(a) or type("R", (), {"returncode": 1})())
+    monkeypatch.setattr(analysis.subprocess, "run", lambda *a,
+                        **k: called.append(a) or type("R", (), {"returncode": 1})())
     analysis.run(args_for(tmp_path, "--seeds", "0"))
     assert not called and capsys.readouterr().out.count("done before") == 3
     with pytest.raises(SystemExit, match="3 runs failed"):
@@ -80,7 +82,8 @@ def test_report_names_settings_in_which_runs_differ_beyond_their_own_flags(tmp_p
     fake_run(out, "default", 0, summary, [(10, 0.5)], {**base, "seed": 0, "out": "a"})
     fake_run(out, "beta=1", 0, summary, [(10, 0.5)], {**base, "beta": 1.0, "seed": 0})
     fake_run(out, "default", 1, summary, [(10, 0.5)], {**base, "seed": 1})
-    assert analysis.recipe_differences(analysis.collect(out)) == []        # β is beta=1's own flag; seeds and --out differ
+    # β is beta=1's own flag; seeds and --out differ
+    assert analysis.recipe_differences(analysis.collect(out)) == []
     fake_run(out, "no-ib", 0, summary, [(10, 0.5)], {**base, "c_loc_end": 4.0, "no_ib": True})   # an older default
     assert analysis.recipe_differences(analysis.collect(out)) == ["c_loc_end"]
     analysis.report(analysis.parser.parse_args(["report", "--out", out]))

@@ -16,7 +16,7 @@ import torch
 from conftest import DATA_DIR, reorder_rtol, tiny
 from data import load
 from editor import ibke_editor
-from evaluate import measure
+from metrics import measure
 from hooks import dense
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
@@ -45,7 +45,8 @@ def test_train_resume_evaluate_and_bench_on_cuda(model_name, dtype, tmp_path):
     ckpt = torch.load(tmp_path / "run" / "latest.pt", weights_only=False)
     assert ckpt["step"] == 4 and ckpt["cuda_rng"] is not None
     evaluations = [("n1", ["--limit", "2"]), ("n8", ["--limit", "8", "--edits-per-batch", "8"]),
-                   ("mquake", ["--data", "mquake", "--limit", "1"]), ("ft", ["--method", "ft", "--ft-steps", "2", "--limit", "2"])]
+                   ("mquake", ["--data", "mquake", "--limit", "1"]),
+                   ("ft", ["--method", "ft", "--ft-steps", "2", "--limit", "2"])]
     for name, flags in evaluations:
         run("evaluate.py", "--ckpt", tmp_path / "run" / "best.pt", "--data-dir", DATA_DIR, "--device", "cuda",
             *flags, "--out", tmp_path / f"{name}.json")
@@ -62,7 +63,8 @@ def test_train_resume_evaluate_and_bench_on_cuda(model_name, dtype, tmp_path):
 def test_ridge_training_and_cached_evaluation_on_cuda(tiny_folders, dtype, tmp_path):
     """--aggregate ridge (its solve in float64 on the GPU, over the real tokens) trains through a
     validation at n = 4; evaluate.py --cache-dir reads the states back and scores the same."""
-    common = ["--model", tiny_folders["gpt2"], "--data-dir", DATA_DIR, "--device", "cuda", "--dtype", dtype, *TINY_EDITOR,
+    common = ["--model", tiny_folders["gpt2"], "--data-dir", DATA_DIR, "--device", "cuda", "--dtype", dtype,
+              *TINY_EDITOR,
               "--aggregate", "ridge", "--val-every", "2", "--val-size", "8", "--val-n", "4", "--batch-size", "8"]
     run("train.py", *common, "--steps", "2", "--out", tmp_path / "run")
     evaluate = ["evaluate.py", "--ckpt", tmp_path / "run" / "best.pt", "--data-dir", DATA_DIR, "--device", "cuda",
@@ -95,9 +97,11 @@ def test_cpu_and_cuda_give_the_same_edit_and_logits(kind, gpt2_tokenizer):
         runner = Runner(model, gpt2_tokenizer, names, cache=False)
         metrics, _, deltas = measure(runner, ibke_editor(editor.to(device)), records)
         results[device] = ({n: dense(d).cpu() for n, d in deltas.items()}, metrics)
-    width, depth = getattr(model.config, "intermediate_size", None) or 4 * model.config.hidden_size, model.config.num_hidden_layers
+    width, depth = getattr(model.config, "intermediate_size",
+                           None) or 4 * model.config.hidden_size, model.config.num_hidden_layers
     for n, delta in results["cpu"][0].items():         # the same sums, in other orders on another device
-        torch.testing.assert_close(results["cuda"][0][n], delta, rtol=0, atol=reorder_rtol(width, 2 * depth) * delta.abs().max().item())
+        torch.testing.assert_close(results["cuda"][0][n], delta, rtol=0,
+                                   atol=reorder_rtol(width, 2 * depth) * delta.abs().max().item())
     assert results["cuda"][1] == results["cpu"][1]     # per-record metrics (argmax agreements) the same
 
 
@@ -143,8 +147,10 @@ def test_resumed_run_matches_an_uninterrupted_one_on_cuda(tiny_folders, aggregat
     """2 + 2 steps against 4 (cancel: --chunk 2 of 4 edits): the same draws exactly, the same update up
     to rounding (the bound of tests/test_pipeline's CPU test, 1e-2 of the update's norm: CUDA's atomic
     adds reorder sums as the cache refill does there)."""
-    common = ["--model", tiny_folders["gpt2"], "--data-dir", DATA_DIR, "--device", "cuda", "--dtype", "float32", *TINY_EDITOR,
-              "--val-every", "2", "--val-size", "4", "--batch-size", "4", "--eta-init", "1e-2", "--aggregate", aggregate,
+    common = ["--model", tiny_folders["gpt2"], "--data-dir", DATA_DIR, "--device", "cuda", "--dtype", "float32",
+              *TINY_EDITOR,
+              "--val-every", "2", "--val-size", "4", "--batch-size", "4", "--eta-init", "1e-2", "--aggregate",
+              aggregate,
               *(["--chunk", "2"] if aggregate == "cancel" else [])]
     run("train.py", *common, "--steps", "2", "--out", tmp_path / "a")
     start = torch.load(tmp_path / "a" / "latest.pt", weights_only=False)
@@ -185,11 +191,12 @@ def test_a_nonfinite_or_diverged_step_is_skipped_on_the_gpu(bad):
 def test_edit_time_starts_after_the_batchs_lower_blocks(tiny_setup_cuda, monkeypatch):
     """measure() waits for the queued lower-block passes of the first batch before it starts the clock,
     and for the edit before it stops it, on the runner's device (not the current one)."""
-    import evaluate
+    import metrics
     model, tokenizer, names, editor = tiny_setup_cuda
     events = []
     real = torch.cuda.synchronize
-    monkeypatch.setattr(evaluate.torch.cuda, "synchronize", lambda device=None: events.append(("sync", device)) or real(device))
+    monkeypatch.setattr(metrics.torch.cuda, "synchronize",
+                        lambda device=None: events.append(("sync", device)) or real(device))
     edit = ibke_editor(editor)
     measure(Runner(model, tokenizer, names, cache=False), lambda *a: events.append("edit") or edit(*a),
             load("counterfact", DATA_DIR)["eval"][:2])
@@ -200,7 +207,8 @@ def test_evaluation_keeps_no_optimizer_state_on_the_gpu(tiny_folders, tmp_path):
     """Editor.load puts the model and the hypernetwork on the GPU, not the checkpoint's Adam moments."""
     from editor import Editor
     run("train.py", "--model", tiny_folders["llama"], "--data-dir", DATA_DIR, "--device", "cuda", "--dtype", "float32",
-        "--d-m", "256", "--latent-dim", "64", "--steps", "1", "--val-every", "1", "--val-size", "2", "--batch-size", "2",
+        "--d-m", "256", "--latent-dim", "64", "--steps", "1", "--val-every", "1", "--val-size", "2", "--batch-size",
+        "2",
         "--out", tmp_path / "run")
     torch.cuda.empty_cache()
     before = torch.cuda.memory_allocated()

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-import data
+import download
 from data import DataError, encode, load
 
 
@@ -27,7 +27,8 @@ def test_zsre_subset_gets_seeded_split(data_dir, capsys):
     assert sorted(ids, key=int) == [str(i) for i in range(1000) if i not in (534, 723)]   # a partition
     assert [r.case_id for r in load("zsre", data_dir)["eval"]] == [r.case_id for r in splits["eval"]]  # seeded
     r = next(r for r in splits["train"] + splits["eval"] if r.case_id == "0")
-    assert (r.prompt, r.target, r.old_target) == ("What is the product made by UniFirst?", "unmanned aircraft", "uniform")
+    assert (r.prompt, r.target,
+            r.old_target) == ("What is the product made by UniFirst?", "unmanned aircraft", "uniform")
     assert r.locality == [("nq question: john goodman's character in the big lebowski", "Walter Sobchak")]
 
 
@@ -79,11 +80,11 @@ def test_download_from_file_url_with_checksum(data_dir, tmp_path, monkeypatch):
     src = os.path.join(data_dir, "mquake", "MQuAKE-hard.json")
     url = "file://" + os.path.abspath(src)
     sha = hashlib.sha256(open(src, "rb").read()).hexdigest()
-    monkeypatch.setitem(data.FILES, "mquake/MQuAKE-hard.json", (url, sha))
+    monkeypatch.setitem(download.FILES, "mquake/MQuAKE-hard.json", (url, sha))
     records = load("mquake", str(tmp_path))["eval"]                      # downloads, then reads
     assert len({r.case_id for r in records}) == 429
     assert open(tmp_path / "mquake" / "MQuAKE-hard.json", "rb").read() == open(src, "rb").read()
-    monkeypatch.setitem(data.FILES, "mquake/MQuAKE-hard.json", (url, "0" * 64))
+    monkeypatch.setitem(download.FILES, "mquake/MQuAKE-hard.json", (url, "0" * 64))
     os.remove(tmp_path / "mquake" / "MQuAKE-hard.json")
     with pytest.raises(DataError, match="checksum"):
         load("mquake", str(tmp_path))
@@ -93,7 +94,8 @@ def test_download_from_file_url_with_checksum(data_dir, tmp_path, monkeypatch):
 def test_git_blob_id_names_a_file_as_its_repository_does(data_dir):
     """MEND's zsRE files are checked by the id qizhou000/RECIPE's tree gives them at b8ff1fc2 (git
     ls-tree): this is that tree's id for counterfact-edit.json, the file data/ holds."""
-    assert data.git_blob_id(os.path.join(data_dir, "counterfact", "counterfact-edit.json")) == "a24e5bb3b963d4d683ae032344ddce7566ba1ee7"
+    assert download.git_blob_id(os.path.join(data_dir, "counterfact",
+                                         "counterfact-edit.json")) == "a24e5bb3b963d4d683ae032344ddce7566ba1ee7"
 
 
 def test_zsre_takes_the_full_split_where_it_downloads_else_the_subset(data_dir, tmp_path, monkeypatch, capsys):
@@ -102,12 +104,12 @@ def test_zsre_takes_the_full_split_where_it_downloads_else_the_subset(data_dir, 
     full = tmp_path / "full.json"                                            # a stand-in for MEND's splits
     json.dump(records[:30], open(full, "w"))
     for rel in ("zsre/zsre_mend_train.json", "zsre/zsre_mend_eval.json"):
-        monkeypatch.setitem(data.FILES, rel, ("file://" + str(full), data.git_blob_id(full)))
-    monkeypatch.setitem(data.FILES, "zsre/zsre_mend_train-1k.json", ("file://" + subset, None))
+        monkeypatch.setitem(download.FILES, rel, ("file://" + str(full), download.git_blob_id(full)))
+    monkeypatch.setitem(download.FILES, "zsre/zsre_mend_train-1k.json", ("file://" + subset, None))
     splits = load("zsre", str(tmp_path / "online"))
     assert {k: len(v) for k, v in splits.items()} == {"train": 30, "eval": 30}
     assert "1,000-record" not in capsys.readouterr().out
-    monkeypatch.setitem(data.FILES, "zsre/zsre_mend_train.json", ("http://127.0.0.1:9/zsre_mend_train.json", None))
+    monkeypatch.setitem(download.FILES, "zsre/zsre_mend_train.json", ("http://127.0.0.1:9/zsre_mend_train.json", None))
     splits = load("zsre", str(tmp_path / "offline"))                         # nothing listens on port 9
     assert {k: len(v) for k, v in splits.items()} == {k: len(v) for k, v in load("zsre", data_dir).items()}   # 800/200
     assert "zsRE: MEND's train split is not downloadable" in capsys.readouterr().out
@@ -116,13 +118,14 @@ def test_zsre_takes_the_full_split_where_it_downloads_else_the_subset(data_dir, 
 
 def test_offline_error_names_file_url_and_place(tmp_path, monkeypatch):
     url = "http://127.0.0.1:9/counterfact-train.json"                   # nothing listens on port 9
-    monkeypatch.setitem(data.FILES, "counterfact/counterfact-train.json", (url, None))
+    monkeypatch.setitem(download.FILES, "counterfact/counterfact-train.json", (url, None))
     with pytest.raises(DataError) as err:
         load("counterfact", str(tmp_path))
     message = str(err.value)
     assert "counterfact-train.json" in message and url in message
     assert str(tmp_path / "counterfact" / "counterfact-train.json") in message
-    assert "2 data file(s) missing" in message and str(tmp_path / "counterfact" / "counterfact-edit.json") in message  # every one
+    # every one
+    assert "2 data file(s) missing" in message and str(tmp_path / "counterfact" / "counterfact-edit.json") in message
 
 
 def test_malformed_record_names_file_index_field(data_dir, tmp_path):
@@ -170,4 +173,5 @@ def test_label_masking_smollm_tokenizer(smollm):
 
 def test_prompt_only_row_for_generation(gpt2_tokenizer):
     batch = encode(gpt2_tokenizer, ["Who performed Hey Jude?"], [""])
-    assert (batch["labels"] == -100).all() and batch["attention_mask"].sum() == len(gpt2_tokenizer("Who performed Hey Jude?").input_ids)
+    prompt_ids = gpt2_tokenizer("Who performed Hey Jude?").input_ids
+    assert (batch["labels"] == -100).all() and batch["attention_mask"].sum() == len(prompt_ids)

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 from conftest import tiny
 from data import load
 from editor import ft_editor, ibke_editor, no_editor
-from evaluate import measure, multihop
+from metrics import measure, multihop
 from hooks import functional_edit
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights
@@ -70,7 +70,8 @@ def tiny_setup(gpt2_tokenizer):
     model.resize_token_embeddings(len(gpt2_tokenizer))
     model.requires_grad_(False)
     names = edit_module_names(model)
-    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, EditorConfig(d_m=32, latent_len=2, latent_dim=16, heads=2))
+    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names},
+                  EditorConfig(d_m=32, latent_len=2, latent_dim=16, heads=2))
     return model, gpt2_tokenizer, names, editor
 
 
@@ -94,7 +95,8 @@ def test_warm_training_step_copies_nothing_to_the_device_blocking(kind, gpt2_tok
     model.resize_token_embeddings(len(gpt2_tokenizer))
     model.requires_grad_(False)
     names = edit_module_names(model)
-    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, EditorConfig(d_m=32, latent_len=2, latent_dim=16, heads=2))
+    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names},
+                  EditorConfig(d_m=32, latent_len=2, latent_dim=16, heads=2))
     records = load("counterfact", data_dir)["train"][:8]
     runner = Runner(model, gpt2_tokenizer, names, cache=True)
     optimizer = torch.optim.Adam(editor.parameters(), lr=1e-4, fused=True)
@@ -149,8 +151,10 @@ def test_dtype_auto_is_bfloat16_only_where_the_device_computes_it_natively(monke
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)   # counts emulation
     monkeypatch.setattr(torch.version, "hip", None)
     capability = {0: (8, 0), 1: (7, 0), 2: (7, 5)}                                   # A100, V100, T4; current device 0
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: capability[0 if d is None else torch.device(d).index or 0])
-    for device, expected in [("cuda", "bfloat16"), ("cuda:0", "bfloat16"), ("cuda:1", "float32"), ("cuda:2", "float32")]:
+    monkeypatch.setattr(torch.cuda, "get_device_capability",
+                        lambda d=None: capability[0 if d is None else torch.device(d).index or 0])
+    for device, expected in [("cuda", "bfloat16"), ("cuda:0", "bfloat16"), ("cuda:1", "float32"),
+                             ("cuda:2", "float32")]:
         assert native_dtype(device) == expected, device
 
 
@@ -162,7 +166,8 @@ def test_resume_restores_the_training_gpus_generator_only(monkeypatch, capsys):
     states = {0: torch.tensor([0], dtype=torch.uint8), 1: torch.tensor([1], dtype=torch.uint8)}
     restored = {}
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": states[torch.device(device).index or 0])
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.update({torch.device(device).index or 0: state}))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state,
+                        device="cuda": restored.update({torch.device(device).index or 0: state}))
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: pytest.fail("every GPU's state restored"))
     saved = rng_state(torch.device("cuda:1"))
     assert torch.equal(saved["cuda_rng"], states[1])

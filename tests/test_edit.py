@@ -78,12 +78,14 @@ def test_save_refuses_the_source_folder_and_a_full_one(trained, tiny_folders, tm
 
 def test_edit_py_shows_before_and_after_and_saves(trained, tmp_path):
     ckpt = trained[0] / "b" / "best.pt"
-    out = run("edit.py", "--ckpt", ckpt, FACT.prompt, FACT.target, "--ask", "The Colosseum is in", "--save", tmp_path / "e")
+    out = run("edit.py", "--ckpt", ckpt, FACT.prompt, FACT.target, "--ask", "The Colosseum is in", "--save",
+              tmp_path / "e")
     assert "[fact] The Eiffel Tower is in" in out.stdout and "[ask] The Colosseum is in" in out.stdout
     assert out.stdout.count("before:") == out.stdout.count("after:") == 2 and "P('Rome'):" in out.stdout
     assert os.path.exists(tmp_path / "e" / "config.json") and os.path.exists(tmp_path / "e" / "edits.json")
     facts = tmp_path / "facts.jsonl"
-    facts.write_text(json.dumps({"prompt": "A is in", "target": "B", "rephrase": "A lies in", "locality": ["C is in"]}) + "\n")
+    facts.write_text(json.dumps({"prompt": "A is in", "target": "B", "rephrase": "A lies in", "locality": ["C is in"]})
+                     + "\n")
     out = run("edit.py", "--ckpt", ckpt, "--facts", facts)
     assert "[rephrase] A lies in" in out.stdout and "[locality] C is in" in out.stdout
 
@@ -94,11 +96,14 @@ def test_edit_py_shows_before_and_after_and_saves(trained, tmp_path):
     (["The Eiffel Tower is in"], None, "give a prompt and its target"),
     ([], None, "nothing to edit"),
     (["--facts", "F"], '{"prompt": "a", "target": "b"}\n{"prompt": "c", "target"\n', "line 2 is not JSON"),
-    (["--facts", "F"], '[{"prompt": "a", "target": "b"}, {"prompt": "c"}]', 'item 1: "target" must be a non-empty string'),
+    (["--facts", "F"], '[{"prompt": "a", "target": "b"}, {"prompt": "c"}]',
+     'item 1: "target" must be a non-empty string'),
     (["--facts", "F"], '[{"prompt": "a", "target": "b", "rephrase": 3}]', '"rephrase" must be a prompt or a list'),
     (["--facts", "F"], "[]", "holds no facts"),
-    (["--facts", "F"], '[{"prompt": "a b", "target": "c", "subject": 3}]', '"subject" must be a string that the prompt names'),
-    (["The Eiffel Tower is in", "Rome", "--subject", "Louvre"], None, "--subject must be a string that the prompt names"),
+    (["--facts", "F"], '[{"prompt": "a b", "target": "c", "subject": 3}]',
+     '"subject" must be a string that the prompt names'),
+    (["The Eiffel Tower is in", "Rome", "--subject", "Louvre"], None,
+     "--subject must be a string that the prompt names"),
     (["--memory", "m.mem", "a", "b"], None, "no key at"),
     (["--memory", "m.mem", "--save", "d", "a", "b"], None, "give one of them"),
 ])
@@ -111,7 +116,8 @@ def test_edit_py_bad_input_gets_one_line(trained, tmp_path, args, content, messa
 
 
 def test_an_editor_for_another_model_is_refused(trained, tiny_folders):
-    out = run("edit.py", "--ckpt", trained[0] / "b" / "best.pt", "a", "b", "--model", tiny_folders["llama"], check=False)
+    out = run("edit.py", "--ckpt", trained[0] / "b" / "best.pt", "a", "b", "--model", tiny_folders["llama"],
+              check=False)
     assert out.returncode != 0 and "was trained on" in out.stderr and "Traceback" not in out.stderr
 
 

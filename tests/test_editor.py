@@ -324,12 +324,15 @@ def test_carry_over_keeps_each_module_and_starts_new_ones_from_the_nearest():
     # the same arithmetic for those modules, batched with 4 modules instead of 2: only the order of sums
     # in the batched products may differ; widths ≤ 128, ~6 stacked layers in the hypernetwork
     for n in old_shapes:
-        torch.testing.assert_close(after[n], before[n], rtol=reorder_rtol(128, 6), atol=reorder_rtol(128, 6) * before[n].abs().max().item())
+        torch.testing.assert_close(after[n], before[n], rtol=reorder_rtol(128, 6),
+                                   atol=reorder_rtol(128, 6) * before[n].abs().max().item())
     for key, group in new.groups.items():
         was, net, old_net = old.groups[key], new.editors[key], old.editors[key]
         for m, n in enumerate(group):
-            src = was.index(n) if n in was else was.index(next(o for o in was if ".2." in o))   # blocks 0, 1: nearest is 2
-            assert torch.equal(net.module_emb[m], old_net.module_emb[src]) and torch.equal(net.log_eta[m], old_net.log_eta[src])
+            # blocks 0, 1: nearest is 2
+            src = was.index(n) if n in was else was.index(next(o for o in was if ".2." in o))
+            assert torch.equal(net.module_emb[m],
+                               old_net.module_emb[src]) and torch.equal(net.log_eta[m], old_net.log_eta[src])
             assert (net.norm.count[m] == 0).item() == (n not in was)
         assert torch.equal(net.proj.weight, old_net.proj.weight) and torch.equal(net.queries, old_net.queries)
     # across aggregations: a cancel editor's λ is dropped by a sum editor; a sum editor's λ starts at --ridge-init
@@ -337,4 +340,5 @@ def test_carry_over_keeps_each_module_and_starts_new_ones_from_the_nearest():
     IBKE(shapes, SMALL).carry_over(IBKE(old_shapes, cancel).state_dict(), old_shapes)
     wide = IBKE(shapes, cancel)
     wide.carry_over(old.state_dict(), old_shapes)
-    assert all(torch.equal(net.log_lambda, torch.full_like(net.log_lambda, math.log(3.0))) for net in wide.editors.values())
+    assert all(torch.equal(net.log_lambda,
+                           torch.full_like(net.log_lambda, math.log(3.0))) for net in wide.editors.values())

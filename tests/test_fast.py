@@ -41,7 +41,8 @@ def check_same(model, tokenizer, records, free: float = 128):
     """The plain step runs every block from the embeddings, the fast one from cached hidden states in
     other row groups: the same sums in another order through the model's depth (its FFN width the
     longest reduction); gradients go back through the same blocks (twice the depth)."""
-    width, depth = getattr(model.config, "intermediate_size", None) or 4 * model.config.hidden_size, model.config.num_hidden_layers
+    width, depth = getattr(model.config, "intermediate_size",
+                           None) or 4 * model.config.hidden_size, model.config.num_hidden_layers
     rtol, grad_rtol = reorder_rtol(width, depth), reorder_rtol(width, 2 * depth)
     names = edit_module_names(model)
     editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names},
@@ -63,7 +64,8 @@ def check_same(model, tokenizer, records, free: float = 128):
     edit_batch = take(runner.batch([r.prompt for r in batch], [r.target for r in batch]), slice(0, 3))
     deltas = ibke_editor(editor)(runner, edit_batch)             # what evaluate.py applies
     for name in names:
-        torch.testing.assert_close(dense(deltas[name]), ref_deltas[name].detach(), rtol=rtol, atol=rtol * ref_deltas[name].abs().max().item())
+        torch.testing.assert_close(dense(deltas[name]), ref_deltas[name].detach(), rtol=rtol,
+                                   atol=rtol * ref_deltas[name].abs().max().item())
 
 
 @pytest.mark.parametrize("free", [128, float("inf")])

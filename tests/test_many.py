@@ -9,13 +9,13 @@ import torch
 from conftest import reorder_rtol, tiny
 from data import load
 from editor import ibke_editor
-from evaluate import measure
+from metrics import measure
 from hooks import dense
 from hypernet import IBKE, EditorConfig, ridge
 from model import edit_module_names, weight_shape
 from runner import Runner
 from test_editor import SMALL, decomposed, perturb_zero_init
-from train import draw_n
+from data import draw_n
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -114,7 +114,8 @@ def test_measure_in_passes_gives_the_same_numbers(gpt2_tokenizer, data_dir):
     model.resize_token_embeddings(len(gpt2_tokenizer))
     model.requires_grad_(False)
     names = edit_module_names(model)
-    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, EditorConfig(**{**SMALL.__dict__, "aggregate": "ridge"})).eval()
+    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names},
+                  EditorConfig(**{**SMALL.__dict__, "aggregate": "ridge"})).eval()
     perturb_zero_init(editor)
     records = load("counterfact", data_dir)["train"][:4]
     runner = Runner(model, gpt2_tokenizer, names, cache=False)
@@ -124,7 +125,7 @@ def test_measure_in_passes_gives_the_same_numbers(gpt2_tokenizer, data_dir):
 
 
 def test_draw_n_shares_and_stream():
-    """train.draw_n: log-uniform n has P(n) = log((n+1)/n) / log(most+1); --p-single adds lone edits;
+    """data.draw_n: log-uniform n has P(n) = log((n+1)/n) / log(most+1); --p-single adds lone edits;
     p_single 0 draws exactly the stream of before (no extra draw). Counts over 20,000 draws: a share's
     standard error is at most sqrt(0.25 / 20000) = 0.0035, so 0.02 is over 5 of them."""
     for p_single, most in [(0.0, 256), (0.5, 256), (0.0, 8)]:
@@ -154,7 +155,8 @@ def test_encoding_in_chunks_gives_the_same_update_gradient_and_statistics(ib, mo
         perturb_zero_init(net)
         gen.manual_seed(3)
         deltas, kl = net(decomposition, mask, chunk=chunk)
-        loss = sum((d * torch.randn(d.shape, generator=gen)).sum() for d in deltas.values()) + kl   # every entry of ΔW weighted
+        # every entry of ΔW weighted
+        loss = sum((d * torch.randn(d.shape, generator=gen)).sum() for d in deltas.values()) + kl
         grads = torch.autograd.grad(loss, list(net.parameters()), allow_unused=True)
         return deltas, torch.cat([g.flatten() for g in grads if g is not None]), dict(net.named_buffers())
 

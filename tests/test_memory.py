@@ -32,7 +32,8 @@ def editor(trained):
     return editor
 
 
-PROMPTS = ["The Eiffel Tower is in", "The Louvre is in", "Mount Fuji rises above the plains of", "Berlin is the capital of",
+PROMPTS = ["The Eiffel Tower is in", "The Louvre is in", "Mount Fuji rises above the plains of",
+           "Berlin is the capital of",
            "Tokyo is in", "The mother tongue of Danielle Darrieux is", "Michel Rocard is a native speaker of",
            "Apple was founded by", "The Nile flows into", "Toyota's headquarters are in"]
 
@@ -57,7 +58,8 @@ def test_low_rank_is_the_truncated_svd():
     A, B = torch.randn(5, 12), torch.randn(5, 7)                              # ΔW = AᵀB, rank 5
     dense = A.T @ B
     a, b = low_rank((A, B), 8)                                                 # rank 8 ≥ 5: exact, zero rows past 5
-    torch.testing.assert_close(a.T @ b, dense, rtol=0, atol=1e-5 * dense.abs().max().item())  # float32 rounding of a double SVD
+    # float32 rounding of a double SVD
+    torch.testing.assert_close(a.T @ b, dense, rtol=0, atol=1e-5 * dense.abs().max().item())
     assert a[5:].abs().max() == 0 and b[5:].abs().max() == 0
     u, s, vh = torch.linalg.svd(dense.double())
     a2, b2 = low_rank((A, B), 2)
@@ -114,7 +116,8 @@ def test_saved_memory_loads_and_answers_alike(editor, trained, tmp_path):
 
 def test_learned_key_pulls_rephrases_to_their_prompt(editor):
     prompts = ["The Eiffel Tower is in", "The Louvre is in", "Berlin is the capital of", "Tokyo is in"] * 8
-    rephrases = ["Where is the Eiffel Tower? In", "Where is the Louvre? In", "What is Berlin the capital of?", "Where is Tokyo?"] * 8
+    rephrases = ["Where is the Eiffel Tower? In", "Where is the Louvre? In", "What is Berlin the capital of?",
+                 "Where is Tokyo?"] * 8
     neighbours = ["The Colosseum is in", "The Prado is in", "Rome is the capital of", "Osaka is in"] * 8
     f = [prompt_features(editor.model, editor.tokenizer, x, 1) for x in (prompts, rephrases, neighbours)]
     key = Key(editor.model.config.hidden_size, layer=1, dim=16)
@@ -129,7 +132,8 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     assert "key alone, among 16 edits" in out.stdout and "gated, among 10000 edits" in out.stdout
     out = run("key.py", "routing", "--ckpt", ckpt, "--key", tmp_path / "key.pt", "--data-dir", DATA_DIR,
               "--stored", "16", "--queries", "4")
-    assert "records 0-3 among 4 stored edits, gated" in out.stdout and "records 0-3 among 16 stored edits, key alone" in out.stdout
+    assert "records 0-3 among 4 stored edits, gated" in out.stdout
+    assert "records 0-3 among 16 stored edits, key alone" in out.stdout
     common = ["--ckpt", ckpt, "--data-dir", DATA_DIR, "--limit", "6", "--edits-per-batch", "2"]
     run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "m.mem", "--key", tmp_path / "key.pt",
         "--out", tmp_path / "mem.json")
@@ -142,27 +146,35 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     run("evaluate.py", *common, "--sequential", "merge", "--out", tmp_path / "merge.json")
     assert json.load(open(tmp_path / "merge.json"))["summary"]["n"] == 6
     # MQuAKE: every case's edits kept in one memory, then each case's multi-hop questions through it
-    run("evaluate.py", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--data", "mquake", "--limit", "2", "--sequential", "memory",
+    run("evaluate.py", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--data", "mquake", "--limit", "2", "--sequential",
+        "memory",
         "--memory", tmp_path / "q.mem", "--key", tmp_path / "key.pt", "--out", tmp_path / "mq.json")
     mq = json.load(open(tmp_path / "mq.json"))
-    assert len(mq["batches"][0]["MH"]) == 2 and mq["summary"]["MH"] in (0, 0.5, 1) and mq["batches"][0]["memory"]["edits"] > 2
+    assert len(mq["batches"][0]["MH"]) == 2 and mq["summary"]["MH"] in (0, 0.5, 1)
+    assert mq["batches"][0]["memory"]["edits"] > 2
     # edit.py keeps a user's facts in a memory file and extends it
-    first = run("edit.py", "--ckpt", ckpt, "The Eiffel Tower is in", "Rome", "--memory", tmp_path / "u.mem", "--key", tmp_path / "key.pt")
-    again = run("edit.py", "--ckpt", ckpt, "The Louvre is in", "Berlin", "--memory", tmp_path / "u.mem", "--ask", "The Eiffel Tower is in")
-    assert "(1 in all)" in first.stdout and "(2 in all)" in again.stdout and "[ask] The Eiffel Tower is in" in again.stdout
+    first = run("edit.py", "--ckpt", ckpt, "The Eiffel Tower is in", "Rome", "--memory", tmp_path / "u.mem", "--key",
+                tmp_path / "key.pt")
+    again = run("edit.py", "--ckpt", ckpt, "The Louvre is in", "Berlin", "--memory", tmp_path / "u.mem", "--ask",
+                "The Eiffel Tower is in")
+    assert "(1 in all)" in first.stdout and "(2 in all)" in again.stdout
+    assert "[ask] The Eiffel Tower is in" in again.stdout
     # a memory that routes nothing leaves every answer as it was: LS exactly 1 against the original model
     key = torch.load(tmp_path / "key.pt", weights_only=False)
     key["threshold"] = key["gated"] = 2.0
     torch.save(key, tmp_path / "never.pt")
-    run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "n.mem", "--key", tmp_path / "never.pt",
+    run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "n.mem", "--key",
+        tmp_path / "never.pt",
         "--out", tmp_path / "never.json")
     assert json.load(open(tmp_path / "never.json"))["summary"]["LS"] == 1.0
     # resumed: a memory holding these records' edits is not edited again; another's is refused in one line
-    again = run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "m.mem", "--out", tmp_path / "mem2.json")
+    again = run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "m.mem", "--out",
+                tmp_path / "mem2.json")
     assert "resuming" in again.stdout and "6 of 6 edits stored" in again.stdout
     bad = run("evaluate.py", *common, "--skip", "6", "--sequential", "memory", "--memory", tmp_path / "m.mem",
               "--out", tmp_path / "mem3.json", check=False)
-    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: --memory") and "Traceback" not in bad.stderr
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert bad.stderr.strip().splitlines()[-1].startswith("error: --memory")
 
 
 def test_serving_routes_inside_the_forward_as_route_does(editor):
@@ -174,10 +186,12 @@ def test_serving_routes_inside_the_forward_as_route_does(editor):
     with memory.serving():
         served = logits(editor, prompts)
         ids = editor.tokenizer(["The Louvre is in"], return_tensors="pt")
-        out = editor.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=editor.tokenizer.pad_token_id)
+        out = editor.model.generate(**ids, max_new_tokens=3, do_sample=False,
+                                    pad_token_id=editor.tokenizer.pad_token_id)
     assert torch.equal(served, routed) and memory.route(prompts).tolist() == [-1, 1, 0]
     with memory.applied(torch.tensor([1])):                                   # generation keeps the prompt's edit
-        assert torch.equal(out, editor.model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=editor.tokenizer.pad_token_id))
+        assert torch.equal(out, editor.model.generate(**ids, max_new_tokens=3, do_sample=False,
+                                                      pad_token_id=editor.tokenizer.pad_token_id))
 
 
 def test_the_gate_takes_an_edit_only_where_its_subject_is_named(editor):

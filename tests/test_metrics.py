@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from evaluate import harmonic, per_row, rows_of, score_rows, summarise
+from metrics import harmonic, per_row, rows_of, score_rows, summarise
 from data import EditRequest
 
 

@@ -8,7 +8,8 @@ from model import ModelError, edit_module_names, load_model, meta_model, weight_
 
 
 def test_default_edit_modules_per_architecture():
-    assert edit_module_names(tiny("gpt2")) == [f"transformer.h.{i}.mlp.{m}" for i in (1, 2, 3) for m in ("c_fc", "c_proj")]
+    assert edit_module_names(tiny("gpt2")) == [f"transformer.h.{i}.mlp.{m}"
+                                               for i in (1, 2, 3) for m in ("c_fc", "c_proj")]
     assert edit_module_names(tiny("llama"), edit_layers=2) == [
         f"model.layers.{i}.mlp.{m}" for i in (2, 3) for m in ("up_proj", "down_proj")]
     gptj = meta_model("EleutherAI/gpt-j-6B")
@@ -21,8 +22,10 @@ def test_default_edit_modules_per_architecture():
 def test_edit_modules_override_by_suffix_and_pattern():
     m = tiny("llama")
     assert edit_module_names(m, "mlp.gate_proj", edit_layers=1) == ["model.layers.3.mlp.gate_proj"]
-    assert edit_module_names(m, r"layers\.[01]\.mlp\.down_proj", edit_layers=0) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
-    assert edit_module_names(m, "mlp", edit_layers=1) == [f"model.layers.3.mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")]
+    assert edit_module_names(m, r"layers\.[01]\.mlp\.down_proj",
+                             edit_layers=0) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert edit_module_names(m, "mlp", edit_layers=1) == [f"model.layers.3.mlp.{p}"
+                                                          for p in ("gate_proj", "up_proj", "down_proj")]
     for layers in (-1, 5):
         with pytest.raises(ModelError, match="has 4 blocks; give 1..4"):
             edit_module_names(m, edit_layers=layers)
@@ -88,7 +91,8 @@ def test_runner_scored_logits_equal_full_model_on_real_model(smollm, data_dir):
     again = runner.scored_logits(runner.batch(prompts[::-1], targets[::-1]))  # from the cache, other padding
     batch = encode(tokenizer, prompts, targets)
     with torch.no_grad():
-        full = scored(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"])
+        full = scored(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                      batch["labels"])
     # Same arithmetic in another order (rows grouped, padded and threaded differently): the FFN's
     # 1536-long sums dominate; 30 blocks from the embeddings, 3 from the same cached hidden states.
     # Observed on a 2-thread AMD EPYC: 1.7e-5 between cached rows (≈ 5 eps · max|logit|).

@@ -19,7 +19,8 @@ def test_training_steps_lower_the_loss(aggregate):
     """The loop of train.py, on a fixed batch of a tiny model: Adam on the hypernetwork lowers L."""
     model = tiny("llama", init=0.2)
     names = edit_module_names(model)
-    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, EditorConfig(d_m=32, latent_dim=16, heads=2, eta_init=0.1, aggregate=aggregate)).train()
+    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names},
+                  EditorConfig(d_m=32, latent_dim=16, heads=2, eta_init=0.1, aggregate=aggregate)).train()
     optimizer = torch.optim.Adam(editor.parameters(), lr=1e-2)
     edit, loc = random_batch(seed=5), random_batch(seed=7)
     gen = edit                                     # random tokens have no rephrase; reuse the edit rows
@@ -48,7 +49,8 @@ def test_checkpoint_rebuilds_editor_with_same_validation_numbers(trained):
     best = next(v for v in validations if v["val"]["F1"] == best["val"]["F1"])
     ckpt = torch.load(out / "b" / "best.pt", weights_only=False)
     assert ckpt["step"] == best["step"] and "tiny-gpt2" in ckpt["model"]
-    run("evaluate.py", "--ckpt", out / "b" / "best.pt", "--split", "val", "--data-dir", data_dir, "--out", out / "val.json")
+    run("evaluate.py", "--ckpt", out / "b" / "best.pt", "--split", "val", "--data-dir", data_dir, "--out",
+        out / "val.json")
     summary = json.load(open(out / "val.json"))["summary"]
     for k in ("ES", "GS", "LS", "F1"):
         assert summary[k] == pytest.approx(best["val"][k], abs=1e-9), k
@@ -97,7 +99,8 @@ def test_resume_with_cache_dir_reuses_the_saved_states(tiny_folders, data_dir, t
     from disk (8 records, so texts recur), and ends where the straight run ends, as a resume without
     them does (the bound and its reasons: test_resume_continues_step_count_and_optimizer_state)."""
     common = ["--model", tiny_folders["gpt2"], "--data-dir", data_dir, "--val-every", "3", "--val-size", "6",
-              "--batch-size", "3", "--eta-init", "1e-2", "--train-size", "8", "--extra-loc", "0", "--dtype", "float32", *TINY_EDITOR]
+              "--batch-size", "3", "--eta-init", "1e-2", "--train-size", "8", "--extra-loc", "0", "--dtype", "float32",
+              *TINY_EDITOR]
     run("train.py", *common, "--steps", "10", "--out", tmp_path / "straight")
     run("train.py", *common, "--steps", "6", "--out", tmp_path / "c", "--cache-dir", tmp_path / "cache")
     start = torch.load(tmp_path / "c" / "latest.pt", weights_only=False)["hypernet"]
@@ -123,7 +126,8 @@ def test_dtype_auto_is_resolved_once_and_saved(tiny_folders, data_dir, tmp_path)
 def test_second_phase_from_another_runs_checkpoint(trained):
     """--resume CKPT --out NEW: step and optimizer carry on, given flags override, fixed ones are refused."""
     out, _ = trained
-    run("train.py", "--resume", out / "a" / "latest.pt", "--steps", "12", "--c-loc", "3", "--lr", "5e-5", "--out", out / "p2")
+    run("train.py", "--resume", out / "a" / "latest.pt", "--steps", "12", "--c-loc", "3", "--lr", "5e-5", "--out",
+        out / "p2")
     phase2 = torch.load(out / "p2" / "latest.pt", weights_only=False)
     assert phase2["step"] == 12 and phase2["config"]["c_loc"] == 3 and phase2["config"]["val_size"] == 6
     assert phase2["config"]["c_loc_end"] is None                    # a --c-loc given alone is held
@@ -163,13 +167,16 @@ def test_second_phase_may_edit_more_blocks(trained):
     """--resume CKPT --edit-layers 4 from a 3-block run: the new block's modules join (IBKE.carry_over),
     Adam starts afresh, evaluate.py rebuilds the wider editor; the run's own continuation keeps its modules."""
     out, data_dir = trained
-    log = run("train.py", "--resume", out / "a" / "latest.pt", "--edit-layers", "4", "--steps", "11", "--out", out / "wide")
-    assert "edited modules: 6 -> 8; new, from the nearest edited block: transformer.h.0.mlp.c_fc, transformer.h.0.mlp.c_proj" in log.stdout
+    log = run("train.py", "--resume", out / "a" / "latest.pt", "--edit-layers", "4", "--steps", "11", "--out",
+              out / "wide")
+    assert ("edited modules: 6 -> 8; new, from the nearest edited block: transformer.h.0.mlp.c_fc, "
+            "transformer.h.0.mlp.c_proj") in log.stdout
     assert "a fresh optimizer (the edited modules changed)\n" in log.stdout            # a sum editor still: no λ
     ckpt = torch.load(out / "wide" / "latest.pt", weights_only=False)
     assert len(ckpt["shapes"]) == 8 and ckpt["config"]["edit_layers"] == 4 and ckpt["step"] == 11
     assert all(s["step"] == 1 for s in ckpt["optimizer"]["state"].values())      # one step of a fresh Adam
-    run("evaluate.py", "--ckpt", out / "wide" / "latest.pt", "--data-dir", data_dir, "--limit", "2", "--out", out / "wide.json")
+    run("evaluate.py", "--ckpt", out / "wide" / "latest.pt", "--data-dir", data_dir, "--limit", "2", "--out",
+        out / "wide.json")
     assert json.load(open(out / "wide.json"))["summary"]["n"] == 2
     refused = run("train.py", "--resume", "--edit-layers", "3", "--out", out / "wide", check=False)
     assert refused.returncode != 0 and "fixes --edit-layers" in refused.stderr and "Traceback" not in refused.stderr
@@ -181,14 +188,17 @@ def test_interrupted_evaluation_resumes(trained):
     run("evaluate.py", *args, "--out", out / "full.json")
     full = json.load(open(out / "full.json"))
     assert len(full["batches"]) == 3 and not (out / "full.json.partial.jsonl").exists()   # finished: nothing stray
-    lines = [json.dumps(full["signature"]) + "\n", json.dumps(full["batches"][0]) + "\n", json.dumps(full["batches"][1])[:40]]
+    lines = [json.dumps(full["signature"]) + "\n", json.dumps(full["batches"][0]) + "\n",
+             json.dumps(full["batches"][1])[:40]]
     with open(out / "cut.json.partial.jsonl", "w") as f:               # as if stopped while writing batch 2
         f.writelines(lines)
     resumed = run("evaluate.py", *args, "--out", out / "cut.json")
     assert "resuming: 1 of 3 batches" in resumed.stdout                 # the cut line dropped and redone
     cut = json.load(open(out / "cut.json"))
     timing = ("ms_per_edit", "peak_mib")                                  # the machine's, not the editor's
-    assert {k: v for k, v in full["summary"].items() if k not in timing} == {k: v for k, v in cut["summary"].items() if k not in timing}
+    def scores(results):
+        return {k: v for k, v in results["summary"].items() if k not in timing}
+    assert scores(full) == scores(cut)
     assert full["summary"]["peak_mib"] > 50                              # torch alone takes more resident memory
     with open(out / "cut.json.partial.jsonl", "w") as f:               # another checkpoint's partial file
         f.writelines(lines[:2])
@@ -221,7 +231,8 @@ def test_evaluation_with_cache_dir_gives_the_same_numbers(trained, tmp_path):
     again = run("evaluate.py", *args, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "again.json")
     taken = [int(re.search(r"(\d+) texts' lower-block states", r.stdout).group(1)) for r in (first, again)]
     assert taken[0] == 0 and taken[1] > 6                               # the second: every text of the 6 records
-    plain, first, again = ([b["results"] for b in json.load(open(tmp_path / f"{f}.json"))["batches"]] for f in ("plain", "first", "again"))
+    plain, first, again = ([b["results"] for b in json.load(open(tmp_path / f"{f}.json"))["batches"]]
+                           for f in ("plain", "first", "again"))
     assert plain == first == again
 
 
@@ -248,12 +259,13 @@ def test_evaluate_baselines_run(trained):
 def test_draw_takes_locality_records_of_the_edits_relation_or_answer():
     import random
     from data import EditRequest
-    from train import draw, loc_groups
+    from data import draw, loc_groups
     records = [EditRequest(f"{s} is located in", "Rome", old_target=o, subject=s)
                for s, o in (("Paris", "France"), ("Lyon", "France"), ("Nice", "France"), ("Metz", "Germany"))]
     records += [EditRequest(f"The mother tongue of {s} is", "English", old_target=o, subject=s)
                 for s, o in (("Ann", "French"), ("Bob", "German"), ("Cid", "French"))]
-    records += [EditRequest(f"{s} is a native speaker of", "Dutch", old_target="French", subject=s) for s in ("Eve", "Flo")]
+    records += [EditRequest(f"{s} is a native speaker of", "Dutch", old_target="French",
+                            subject=s) for s in ("Eve", "Flo")]
     for loc_from, key in (("relation", lambda r: r.relation), ("answer", lambda r: r.old_target)):
         groups, sampler = loc_groups(records, loc_from), random.Random(0)
         for _ in range(50):
@@ -289,7 +301,8 @@ def test_bench_with_a_checkpoint_loads_one_model(trained, tmp_path, monkeypatch)
     loads = []
     load = bench.load_model
     monkeypatch.setattr(bench, "load_model", lambda *a, **k: loads.append(a[0]) or load(*a, **k))
-    monkeypatch.setattr(sys, "argv", ["bench.py", "--ckpt", str(out / "b" / "best.pt"), "--repeats", "1", "--dtype", "float32",
+    monkeypatch.setattr(sys, "argv",
+                        ["bench.py", "--ckpt", str(out / "b" / "best.pt"), "--repeats", "1", "--dtype", "float32",
                                       "--data-dir", data_dir, "--out", str(tmp_path / "bench.json")])
     bench.main()
     figures = json.load(open(tmp_path / "bench.json"))

@@ -21,7 +21,8 @@ from data import DataError, load, tokenize
 
 def snapshot(folder) -> dict:
     """Every file under folder: its size and sha256."""
-    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)), hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest())
+    return {os.path.join(d, f): (os.path.getsize(os.path.join(d, f)),
+                                 hashlib.sha256(open(os.path.join(d, f), "rb").read()).hexdigest())
             for d, _, files in os.walk(folder) for f in files}
 
 
@@ -40,7 +41,8 @@ def fails(main, argv, message, monkeypatch) -> str:
 def setting(trained, tiny_folders):
     """A finished tiny run (out/b: best.pt, latest.pt, log.jsonl) and the flags that train it."""
     out, data_dir = trained
-    common = ["--model", tiny_folders["gpt2"], "--data-dir", data_dir, *TINY_EDITOR, "--val-size", "6", "--batch-size", "3"]
+    common = ["--model", tiny_folders["gpt2"], "--data-dir", data_dir, *TINY_EDITOR, "--val-size", "6", "--batch-size",
+              "3"]
     return out, data_dir, common
 
 
@@ -62,7 +64,8 @@ TRAIN_ARGS = [  # (flags, message)
     (["--p-single", "1.5"], "--p-single 1.5: give a probability from 0 to 1"),
     (["--c-loc-end", "-1"], "--c-loc-end -1.0: give 0 or a positive finite weight"),
     (["--ramp-start", "1"], "--ramp-start 1.0: give a fraction of --steps, 0 to below 1"),
-    (["--ramp-start", "0.6", "--ramp-end", "0.5"], "--ramp-end 0.5: give a fraction of --steps above --ramp-start (0.6), at most 1"),
+    (["--ramp-start", "0.6", "--ramp-end", "0.5"],
+     "--ramp-end 0.5: give a fraction of --steps above --ramp-start (0.6), at most 1"),
 ]
 
 
@@ -77,8 +80,10 @@ def test_train_argument_probes(setting, tmp_path, monkeypatch, flags, message):
 def test_train_never_clobbers_a_run(setting, tmp_path, monkeypatch):
     out, data_dir, common = setting
     before = snapshot(out / "b")
-    fails(train.main, [*common, "--steps", "2", "--out", out / "b"], "holds a run (latest.pt, best.pt, log.jsonl)", monkeypatch)
-    fails(train.main, ["--resume", out / "a" / "latest.pt", "--out", out / "b"], "holds a run", monkeypatch)  # a second phase too
+    fails(train.main, [*common, "--steps", "2", "--out", out / "b"], "holds a run (latest.pt, best.pt, log.jsonl)",
+          monkeypatch)
+    # a second phase too
+    fails(train.main, ["--resume", out / "a" / "latest.pt", "--out", out / "b"], "holds a run", monkeypatch)
     (tmp_path / "file").write_text("x")
     fails(train.main, [*common, "--out", tmp_path / "file"], "is a file; give a folder", monkeypatch)
     assert snapshot(out / "b") == before
@@ -86,7 +91,8 @@ def test_train_never_clobbers_a_run(setting, tmp_path, monkeypatch):
     run("train.py", *common, "--steps", "2", "--val-every", "2", "--out", tmp_path / "b", "--overwrite")   # asked for
     steps = [json.loads(line)["step"] for line in open(tmp_path / "b" / "log.jsonl")]
     assert steps == [1, 2, 2] and torch.load(tmp_path / "b" / "latest.pt", weights_only=False)["step"] == 2
-    run("train.py", *common, "--steps", "2", "--val-every", "2", "--out", tmp_path / "deep" / "er")      # missing parents: made
+    # missing parents: made
+    run("train.py", *common, "--steps", "2", "--val-every", "2", "--out", tmp_path / "deep" / "er")
 
 
 @pytest.mark.parametrize("content", [b"", b"PK\x03\x04 cut here", b"not a checkpoint", "pickle"])
@@ -96,11 +102,13 @@ def test_unreadable_checkpoints_get_one_line(setting, tmp_path, monkeypatch, con
     if content == "pickle":
         torch.save({"weights": torch.zeros(2)}, path)                     # a foreign checkpoint
     else:
-        path.write_bytes(content if content != b"PK\x03\x04 cut here" else open(out / "b" / "best.pt", "rb").read()[:4096])
+        cut = content == b"PK\x03\x04 cut here"                     # a checkpoint's first 4 kB
+        path.write_bytes(open(out / "b" / "best.pt", "rb").read()[:4096] if cut else content)
     before = snapshot(tmp_path)
     fails(evaluate.main, ["--ckpt", path, "--data-dir", data_dir, "--out", tmp_path / "r.json"],
           f"not a checkpoint of this project: {path}", monkeypatch)
-    fails(train.main, ["--resume", path, "--out", tmp_path / "p2"], f"not a checkpoint of this project: {path}", monkeypatch)
+    fails(train.main, ["--resume", path, "--out", tmp_path / "p2"], f"not a checkpoint of this project: {path}",
+          monkeypatch)
     assert snapshot(tmp_path) == before
 
 
@@ -117,7 +125,9 @@ EVALUATE_ARGS = [
 def test_evaluate_argument_probes(setting, tmp_path, monkeypatch, flags, message):
     out, data_dir, _ = setting
     before = snapshot(out)
-    fails(evaluate.main, ["--ckpt", out / "b" / "best.pt", "--data-dir", data_dir, "--out", tmp_path / "r.json", *flags], message, monkeypatch)
+    fails(evaluate.main,
+          ["--ckpt", out / "b" / "best.pt", "--data-dir", data_dir, "--out", tmp_path / "r.json", *flags], message,
+          monkeypatch)
     assert snapshot(out) == before and not os.listdir(tmp_path)
 
 
@@ -144,7 +154,8 @@ def test_data_probes(data_dir, tmp_path, capsys, gpt2_tokenizer):
     json.dump(records, open(tmp_path / "bad" / "counterfact" / "counterfact-edit.json", "w"))
     assert len(load("counterfact", str(tmp_path / "bad"), split="eval")["eval"]) == 2     # no train file needed
     note = capsys.readouterr().out
-    assert "left out 2 record(s)" in note and "record 1: field 'target_new' is None" in note and "record 2: field 'prompt' is empty" in note
+    assert "left out 2 record(s)" in note and "record 1: field 'target_new' is None" in note
+    assert "record 2: field 'prompt' is empty" in note
     os.makedirs(tmp_path / "dangling")
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling" / "counterfact")
     with pytest.raises(DataError, match="is a link to .*nowhere, which does not exist"):
@@ -172,14 +183,16 @@ def test_model_folder_without_config(tmp_path):
 def test_cuda_without_a_gpu(setting, tmp_path, monkeypatch):
     out, data_dir, common = setting
     fails(train.main, [*common, "--device", "cuda", "--out", tmp_path / "x"], "no CUDA GPU is visible", monkeypatch)
-    fails(evaluate.main, ["--ckpt", out / "b" / "best.pt", "--device", "cuda", "--out", tmp_path / "r.json"], "no CUDA GPU is visible", monkeypatch)
+    fails(evaluate.main, ["--ckpt", out / "b" / "best.pt", "--device", "cuda", "--out", tmp_path / "r.json"],
+          "no CUDA GPU is visible", monkeypatch)
 
 
 def test_sigint_saves_latest_and_resume_keeps_the_log_in_step(setting, tmp_path):
     """Ctrl-C mid-run: latest.pt holds the last step, one line says so; --resume drops the log lines
     written after it and redoes those steps."""
     _, data_dir, common = setting
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, common), "--steps", "100000", "--val-every", "100000",
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, common), "--steps", "100000", "--val-every",
+           "100000",
            "--save-every", "100000", "--log-every", "1", "--out", str(tmp_path / "run")]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = tmp_path / "run" / "log.jsonl"
@@ -219,7 +232,8 @@ def test_a_second_run_into_the_same_out_stops_at_once(setting, tmp_path):
     """Two real processes: a run owns its --out (train.py: the folder; evaluate.py: the results file);
     the second stops with one line naming the first, and changes nothing of it."""
     out, data_dir, common = setting
-    script = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, common), "--steps", "100000", "--val-every", "100000",
+    script = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, common), "--steps", "100000", "--val-every",
+              "100000",
               "--save-every", "100000", "--out", str(tmp_path / "run")]
     first = subprocess.Popen(script, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -232,12 +246,14 @@ def test_a_second_run_into_the_same_out_stops_at_once(setting, tmp_path):
         first.communicate(timeout=120)
     assert not (tmp_path / "run" / "run.lock").exists()                        # released at the end
     results = str(tmp_path / "r.json")
-    evaluation = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--ckpt", str(out / "b" / "best.pt"), "--data-dir", data_dir,
+    evaluation = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--ckpt", str(out / "b" / "best.pt"), "--data-dir",
+                  data_dir,
                   "--limit", "5000", "--out", results]
     first = subprocess.Popen(evaluation, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(results + ".lock")
-        second = run("evaluate.py", "--ckpt", out / "a" / "latest.pt", "--data-dir", data_dir, "--limit", "2", "--out", results, check=False)
+        second = run("evaluate.py", "--ckpt", out / "a" / "latest.pt", "--data-dir", data_dir, "--limit", "2", "--out",
+                     results, check=False)
         assert second.returncode != 0 and f"in use by another run (pid {first.pid}" in second.stderr
     finally:
         first.send_signal(signal.SIGINT)
@@ -246,7 +262,7 @@ def test_a_second_run_into_the_same_out_stops_at_once(setting, tmp_path):
 
 
 def test_a_lock_left_by_a_dead_run_is_taken_over(tmp_path):
-    from checkpoint import RunLock
+    from rundir import RunLock
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "out.lock").write_text(dead.stdout.strip())
     with RunLock(str(tmp_path / "out"), "--out out"):
@@ -258,7 +274,8 @@ def test_outputs_are_checked_before_any_work(setting, tmp_path, monkeypatch):
     """A --cache-dir that is a file, a read-only --out: one line before the model is loaded."""
     out, data_dir, common = setting
     (tmp_path / "file").write_text("mine")
-    fails(train.main, [*common, "--cache-dir", tmp_path / "file", "--out", tmp_path / "new"], "--cache-dir", monkeypatch)
+    fails(train.main, [*common, "--cache-dir", tmp_path / "file", "--out", tmp_path / "new"], "--cache-dir",
+          monkeypatch)
     fails(evaluate.main, ["--ckpt", out / "b" / "best.pt", "--data-dir", data_dir, "--cache-dir", tmp_path / "file",
                           "--out", tmp_path / "r.json"], "is a file; give a folder", monkeypatch)
     assert (tmp_path / "file").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["file"]
@@ -277,7 +294,8 @@ def test_non_finite_weights_are_never_an_editor(setting, tmp_path, monkeypatch):
     torch.save(ckpt, tmp_path / "nan.pt")
     fails(evaluate.main, ["--ckpt", tmp_path / "nan.pt", "--data-dir", data_dir, "--out", tmp_path / "r.json"],
           "non-finite weights", monkeypatch)
-    result = run("train.py", *common, "--lr", "1e300", "--steps", "2", "--val-every", "2", "--out", tmp_path / "run", check=False)
+    result = run("train.py", *common, "--lr", "1e300", "--steps", "2", "--val-every", "2", "--out", tmp_path / "run",
+                 check=False)
     assert not (tmp_path / "run" / "best.pt").exists() and "not saved as best.pt" in result.stdout + result.stderr
 
 

@@ -1,0 +1,222 @@
+"""
+The metrics, one place: evaluate.py's protocols and train.py's validation score edits with them.
+Token-level and teacher-forced (the EasyEdit / MALMEN convention), per record, then averaged:
+
+  ES   fraction of o_e's tokens that are the argmax after the edit, given q_e
+  GS   the same on the generality prompts q_g
+  LS   fraction of the locality answer's positions whose post-edit argmax equals the pre-edit argmax
+  F1   harmonic mean of ES, GS and LS (of the averages)
+  EM   whole answer right (every token the argmax), on q_e and on q_g (GEM; MEND's convention)
+  ES_p, PS_p, NS_p   CounterFact, ROME-style: 1[P(new) > P(old)] on q_e, on q_g, and
+       1[P(true) > P(new)] on q_l (P = mean log-probability per answer token); S_p their harmonic mean
+  MH   MQuAKE: all edits of a case applied, greedy answers to its 3 questions; solved if one of
+       them contains the new answer or an alias as whole words
+
+Prompts keep their last 128 tokens, answers their first 32 (data.MAX_ANSWER). METHOD.md §4.
+
+    python -m pytest tests/test_metrics.py     # each metric on hand-made logits
+"""
+import contextlib
+import re
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from data import EditRequest
+from hooks import functional_edit
+from losses import answer_nll
+from runner import Runner, index, take
+
+METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p"]
+
+
+# -----------------------------------------------------------------------------
+# per row and per record
+
+def per_row(values: torch.Tensor, rows: torch.Tensor, n_rows: int) -> torch.Tensor:
+    """Mean of per-position values within each row. (N,), (N,) -> (n_rows,), on their device."""
+    total = torch.zeros(n_rows, device=values.device).index_add(0, rows, values.float())
+    count = torch.zeros(n_rows, device=values.device).index_add(0, rows, torch.ones_like(values, dtype=torch.float))
+    return total / count.clamp_min(1)
+
+
+def harmonic(*xs: float) -> float:
+    return 0.0 if min(xs) <= 0 else len(xs) / sum(1 / x for x in xs)
+
+
+def score_rows(pre, post, n_rows: int) -> dict[str, torch.Tensor]:
+    """Per row: token accuracy, agreement with the pre-edit argmax, mean NLL. post: a scored triple;
+    pre: (argmax (P,), rows (P,)) at some rows' scored positions, row-major (the locality ones; None:
+    none), whose agreement is then the only one computed."""
+    logits, targets, rows = post
+    pre_top, pre_rows = pre if pre is not None else (targets[:0], rows[:0])
+    at = torch.isin(rows, pre_rows)                                  # pre's rows, in the same row-major order
+    agree = logits[at].argmax(-1) == pre_top
+    return {"acc": per_row(logits.argmax(-1) == targets, rows, n_rows),
+            "agree": per_row(agree, rows[at], n_rows),
+            "nll": answer_nll(logits.detach(), targets, rows, n_rows)}
+
+
+def summarise(results: list[dict]) -> dict[str, float]:
+    """Average per-record metrics; F1 and S_p are harmonic means of the averages."""
+    out = {k: statistics.fmean(r[k] for r in results if k in r) for k in METRICS[:3] + METRICS[4:9]
+           if any(k in r for r in results)}
+    if {"ES", "GS", "LS"} <= out.keys():
+        out["F1"] = harmonic(out["ES"], out["GS"], out["LS"])
+    if {"ES_p", "PS_p", "NS_p"} <= out.keys():
+        out["S_p"] = harmonic(out["ES_p"], out["PS_p"], out["NS_p"])
+    out["n"] = len(results)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# one batch of edits: edit, measure, restore
+
+def rows_of(records: list[EditRequest]) -> tuple[list[str], list[str], list[tuple[str, int]]]:
+    """All sequences a batch needs, as (prompt, answer) with (kind, record index)."""
+    prompts, targets, kinds = [], [], []
+
+    def add(kind, i, prompt, target):
+        prompts.append(prompt), targets.append(target), kinds.append((kind, i))
+    for i, r in enumerate(records):                    # the edit rows first, in record order
+        add("edit", i, r.prompt, r.target)
+    for i, r in enumerate(records):
+        for q, a in r.generality:
+            add("gen", i, q, a)
+        for q, a in r.locality:
+            add("loc", i, q, a)
+        if r.old_target:                               # CounterFact probability scores
+            add("edit_old", i, r.prompt, r.old_target)
+            for q, _ in r.generality:
+                add("gen_old", i, q, r.old_target)
+            for q, a in r.locality:
+                add("loc_new", i, q, r.target)
+    return prompts, targets, kinds
+
+
+def measure(runner: Runner, editor: Callable, records: list[EditRequest],
+            rows_per_pass: int = 512) -> tuple[list[dict], float, dict]:
+    """Apply the edits of `records` as one batch: per-record metrics, the seconds the edit took, the ΔW.
+    The rows are scored rows_per_pass at a time (the edit rows in the first pass), so memory does not
+    grow with the number of edits."""
+    prompts, targets, kinds = rows_of(records)
+    n = len(records)
+    end = min(max(n, rows_per_pass), len(prompts))   # the first pass: the edit rows and more
+    first = runner.batch(prompts[:end], targets[:end])
+    cuda = runner.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(runner.device)          # the batch's lower blocks are done before the clock starts
+    start = time.perf_counter()
+    deltas = editor(runner, take(first, slice(0, n)))
+    if cuda:
+        torch.cuda.synchronize(runner.device)          # the edit's time, not its launch
+    seconds = time.perf_counter() - start
+    results = score(runner, records, lambda prompts: functional_edit(runner.model, deltas), rows_per_pass=rows_per_pass,
+                    first=first)
+    return results, seconds, deltas
+
+
+def score(runner: Runner, records: list[EditRequest], edited: Callable, reference: dict | None = None,
+          rows_per_pass: int = 512, first: dict | None = None) -> list[dict]:
+    """Per-record metrics of `records`' rows, each pass run inside `edited(its prompts)` (a context).
+    LS compares with the pre-edit argmax at the locality rows: `reference` ({(prompt, answer): argmax
+    list}, the original model's, from references()) or, without it, the model outside `edited` now.
+    first: the first pass's batch, already built."""
+    prompts, targets, kinds = rows_of(records)
+    n = len(records)
+    bounds = [0] + list(range(max(n, rows_per_pass), len(prompts), rows_per_pass)) + [len(prompts)]
+    s = {"acc": [], "agree": [], "nll": []}            # per row; nll: mean NLL per answer token
+    for a, b in zip(bounds, bounds[1:]):
+        batch = first if a == 0 and first is not None else runner.batch(prompts[a:b], targets[a:b])
+        loc = [r for r in range(b - a) if kinds[a + r][0] == "loc"]
+        pre = None
+        if loc and reference is not None:               # the original model's argmax, read before any edit
+            pre = (torch.tensor([t for r in loc for t in reference[batch["keys"][r]]], device=runner.device),
+                   index([r for r in loc for _ in reference[batch["keys"][r]]], runner.device))
+        elif loc:
+            with torch.no_grad():                      # pre-edit logits: needed at the locality rows only
+                pre_logits, _, pre_rows = runner.scored_logits(take(batch, loc))
+            pre = (pre_logits.argmax(-1), index(loc, runner.device)[pre_rows])   # rows numbered as in batch
+        with edited(prompts[a:b]) as routing, torch.no_grad():
+            runner.on_part = getattr(routing, "select", None)      # a memory routes per row
+            try:
+                post = runner.scored_logits(batch)
+            finally:
+                runner.on_part = None
+        for k, v in score_rows(pre, post, b - a).items():                # one read per pass
+            s[k] += v.tolist()
+    acc, agree, nll = s["acc"], s["agree"], s["nll"]
+    of = {}                                            # (kind, record) -> its rows
+    for b, key in enumerate(kinds):
+        of.setdefault(key, []).append(b)
+    results = []
+    for i in range(n):
+        gen, locs, edit_old, gen_old, loc_new = (of.get((k, i), [])
+                                                 for k in ("gen", "loc", "edit_old", "gen_old", "loc_new"))
+        r = {"ES": acc[i], "EM": float(acc[i] == 1)}
+        if gen:
+            r["GS"] = statistics.fmean(acc[b] for b in gen)
+            r["GEM"] = statistics.fmean(float(acc[b] == 1) for b in gen)
+        if locs:
+            r["LS"] = statistics.fmean(agree[b] for b in locs)
+        if edit_old:                                   # P(a) > P(b) ⇔ NLL(a) < NLL(b)
+            r["ES_p"] = float(nll[i] < nll[edit_old[0]])
+        if gen_old:
+            r["PS_p"] = statistics.fmean(float(nll[a] < nll[b]) for a, b in zip(gen, gen_old))
+        if loc_new:
+            r["NS_p"] = statistics.fmean(float(nll[a] < nll[b]) for a, b in zip(locs, loc_new))
+        results.append(r)
+    return results
+
+
+@torch.no_grad()
+def references(runner: Runner, records: list[EditRequest], rows_per_pass: int = 512) -> dict:
+    """The unedited model's argmax at the scored positions of every locality row: {(prompt, answer): list}."""
+    pairs = list(dict.fromkeys((q, a) for r in records for q, a in r.locality))
+    out = {}
+    for i in range(0, len(pairs), rows_per_pass):
+        batch = runner.batch(*map(list, zip(*pairs[i:i + rows_per_pass])))
+        logits, _, rows = runner.scored_logits(batch)
+        top, rows = logits.argmax(-1).tolist(), rows.tolist()
+        for r, key in enumerate(batch["keys"]):
+            out[key] = [t for t, row in zip(top, rows) if row == r]
+    return out
+
+def multihop(runner: Runner, edited: contextlib.AbstractContextManager, records: list[EditRequest],
+             max_new_tokens: int = 12) -> dict:
+    """MQuAKE: inside `edited` (one case's deltas applied, or a memory serving), greedy answers to its questions."""
+    model, tokenizer = runner.model, runner.tokenizer
+    answers = [a.lower() for a in records[0].answers]
+    prompts = [f"Q: {q} A:" for q in records[0].questions]
+    tokenizer.padding_side = "left"                     # generation continues from the right end
+    ids = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    tokenizer.padding_side = "right"
+    with edited, torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    new_tokens = out[:, ids["input_ids"].shape[1]:]
+    texts = [t.split("\n")[0].lower() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    solved = any(re.search(rf"\b{re.escape(a)}\b", t) for t in texts for a in answers)  # whole words: "ar" ≠ "are"
+    return {"MH": float(solved), "answers": texts}
+
+
+# -----------------------------------------------------------------------------
+# the printed table
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    cols = [c for c in METRICS + ["MH"] if any(c in r for _, r in rows)]
+    lines = ["| run | " + " | ".join(cols) + " | ms/edit | peak MiB |", "|---" * (len(cols) + 3) + "|"]
+    for name, r in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" if c in r else "" for c in cols)
+                     + " | " + " | ".join(f"{r[c]:.0f}" if c in r else "" for c in ("ms_per_edit", "peak_mib")) + " |")
+    return "\n".join(lines)
+
+
+def peak_mib(device: torch.device | str) -> float:
+    """Peak memory of this process so far, MiB: the device's allocations on CUDA, resident memory on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    import resource                                          # POSIX only
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024   # Linux: KiB
