@@ -5,7 +5,7 @@ Edit your own facts with a trained editor: see what the model says before and af
     python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" \\
         --ask "The Eiffel Tower is located in the city of" --save edited/
     python edit.py --ckpt out/ibke/best.pt --facts facts.jsonl --save edited/
-    python -c "from transformers import pipeline; print(pipeline('text-generation', 'edited/')('The Eiffel Tower is in'))"
+    python -c "import transformers as t; print(t.pipeline('text-generation', 'edited/')('The Eiffel Tower is in'))"
     python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --subject "Eiffel Tower" --memory facts.mem
                                                                   # kept in an edit memory
 

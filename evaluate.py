@@ -274,7 +274,8 @@ def evaluate(args: argparse.Namespace) -> None:
         summary["unasked"] = summarise([r for r, a in zip(results, asked) if not a]) | {"asked": sum(asked)}
     # per case: its first record carries it, or the sequential list
     if data_name.startswith("mquake"):
-        summary["MH"] = statistics.fmean(done[0]["MH"] if args.sequential else [line["results"][0]["MH"] for line in done])
+        per_case = done[0]["MH"] if args.sequential else [line["results"][0]["MH"] for line in done]
+        summary["MH"] = statistics.fmean(per_case)
     edits = sum(line["edits"] for line in done)             # made in this sitting (a resumed memory: maybe none)
     if edits:
         summary["ms_per_edit"] = 1000 * sum(line["seconds"] for line in done) / edits
@@ -285,7 +286,7 @@ def evaluate(args: argparse.Namespace) -> None:
                           "signature": signature, "batches": done})
     if os.path.exists(partial):
         os.remove(partial)                                    # finished: the batches are in --out
-    name = f"{args.method} n={args.edits_per_batch}" if not data_name.startswith("mquake") else f"{args.method} {data_name}"
+    name = f"{args.method} {data_name}" if data_name.startswith("mquake") else f"{args.method} n={args.edits_per_batch}"
     if args.sequential:
         name = f"{args.method} {args.sequential} T={len(results)} n={args.edits_per_batch}"
         for t, r in done[0]["retention"].items():

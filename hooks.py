@@ -1,5 +1,5 @@
 """
-Hooks into the frozen base model (IBKE.md §3, hooks.py): read the gradient decomposition of the
+Hooks into the frozen base model (METHOD.md §3): read the gradient decomposition of the
 edited FFN matrices, and write an edit into them.
 
     python -m pytest tests/test_editor.py -k "decomposition or restore or functional"
@@ -50,7 +50,7 @@ def grad_decomposition(model: nn.Module, names: list[str], batch: dict[str, torc
                        forward: Callable[[dict], tuple] | None = None):
     """One forward + backward of the edit batch: ({name: (h, u)}, token mask (B, T) bool).
 
-    Loss L_E = Σ_e mean over e's answer tokens of −log p(o_e | q_e)   (IBKE.md §3, hooks.py).
+    Loss L_E = Σ_e mean over e's answer tokens of −log p(o_e | q_e)   (METHOD.md §3).
     tokens: "all" keeps every non-padding token; "answer" only the scored ones (those whose next
     token is an answer token). h and u are zero outside the mask.
     forward: batch -> scored logits (N, V), targets (N,), rows (N,) (see losses.scored); default the
@@ -109,7 +109,7 @@ def dense(delta) -> torch.Tensor:
 
 
 def _weight_delta(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
-    return delta if isinstance(module, Conv1D) else delta.T  # nn.Linear stores Wᵀ (IBKE.md §3 step 6)
+    return delta if isinstance(module, Conv1D) else delta.T  # nn.Linear stores Wᵀ (METHOD.md §3 step 6)
 
 
 @torch.no_grad()

@@ -1,5 +1,5 @@
 """
-The IBKE hypernetwork (IBKE.md §3, hypernet.py): gradient decomposition (h, u) -> weight update ΔW.
+The IBKE hypernetwork (METHOD.md §3): gradient decomposition (h, u) -> weight update ΔW.
 
     python hypernet.py                        # parameter counts for the default model
     python hypernet.py --model gpt2-xl        # ... for gpt2-xl, built on the meta device (no download)
@@ -9,7 +9,7 @@ Per edited module m, with weights shared by all modules of the same shape (d_in,
   2. project     t_i = W_in x_i + b_in + emb_m
   3. encode φ1   A_e = CrossAttn(P, T_e, T_e); z_e = μ_e + σ_e ⊙ ε  (ITM: KL to N(0, I))
   4. decode φ2   r_i = CrossAttn(t_i, z_e, z_e) + MLP;  [h̃_i; ũ_i] = x_i + W_out r_i;  s_i = σ(w_s·r_i + b_s)
-  5. update      ΔW_m = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i         (--aggregate sum; IBKE.md §3)
+  5. update      ΔW_m = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i         (--aggregate sum; METHOD.md §3)
                  or the ridge solve over all edits' tokens                  (--aggregate ridge; MALMEN)
                  or the sum with the edits' cross-talk solved away          (--aggregate cancel; = sum at n = 1)
 Dimension letters: M modules of one shape, E edits, T tokens, N = E·T, D = d_in + d_out, C = d_m,
@@ -170,7 +170,7 @@ class ShapeEditor(nn.Module):
 
 def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.Tensor,
           own: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The edits of a batch as one least-squares update (IBKE.md §6: MALMEN's normal equation, with
+    """The edits of a batch as one least-squares update (METHOD.md §6: MALMEN's normal equation, with
     IBKE's keys and value shifts): ΔW = (1 + λ) c (KᵀK + λ c I)⁻¹ KᵀV, c = mean_i |k_i|². This is §6's
     (KᵀK + e^λ I)⁻¹ KᵀV with its ridge measured in units of the keys' size (e^λ = λc, so λ means the
     same for any model) and the gain (1 + λ) c made explicit, so the update keeps the sum's size at

@@ -1,5 +1,5 @@
 """
-The tripartite objective of IBKE (IBKE.md §2-§3, losses.py):
+The tripartite objective of IBKE (METHOD.md §2-§3):
 
     L = c_edit·NLL(o_e | q_e) + c_gen·NLL(o_g | q_g)       SG, sufficiency for generality
       + c_loc·KL(p_θ(·|q_l) || p_θ̂(·|q_l))                IL, independence for locality
@@ -57,8 +57,9 @@ class LossWeights:
 
 def ibke_loss(edit_nll: torch.Tensor, gen_nll: torch.Tensor, loc_kl: torch.Tensor, itm_kl: torch.Tensor,
               w: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The weighted sum of IBKE.md §3 (each input already averaged over the batch) and its parts,
-    detached 0-d tensors: reading them waits for the device, so the caller reads them when it logs."""
+    """The weighted sum of METHOD.md §3 (each input already averaged over the batch): the loss train.py
+    differentiates (its SG and IL terms into ΔW, then ITM directly), and its parts as detached 0-d
+    tensors (reading them waits for the device, so the caller reads them when it logs)."""
     total = w.c_edit * edit_nll + w.c_gen * gen_nll + w.c_loc * loc_kl + w.beta * itm_kl
     parts = {"loss": total, "edit": edit_nll, "gen": gen_nll, "loc": loc_kl, "itm": itm_kl}
     return total, {k: v.detach() for k, v in parts.items()}

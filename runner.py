@@ -1,5 +1,5 @@
 """
-Running the frozen base model fast (IBKE.md §3, training and evaluation): the blocks below the
+Running the frozen base model fast (METHOD.md §3, training and evaluation): the blocks below the
 first edited module are frozen and never edited, so for a given text they always compute the same
 hidden states. Compute them once, run only the edited blocks and above, and apply the LM head only
 where a loss or metric is read.

@@ -202,7 +202,8 @@ def update(hypernet: IBKE, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     parts["grad_norm"] = torch.nn.utils.clip_grad_norm_(hypernet.parameters(), clip)
-    optimizer.found_inf = (~(torch.isfinite(parts["loss"]) & (parts["loss"] < DIVERGED) & torch.isfinite(parts["grad_norm"]))).float()
+    fine = torch.isfinite(parts["loss"]) & (parts["loss"] < DIVERGED) & torch.isfinite(parts["grad_norm"])
+    optimizer.found_inf = (~fine).float()
     optimizer.step()
 
 
@@ -317,7 +318,8 @@ def train(args: argparse.Namespace, ckpt: dict | None, new_phase: bool) -> None:
             val = validate(val_runner, hypernet, val_records, args.tokens, args.val_n)
             usable = finite(hypernet)                       # a diverged editor is never best.pt
             improved = usable and val["F1"] > c["best_f1"]
-            c["best_f1"], c["bad_validations"] = (val["F1"], 0) if improved else (c["best_f1"], c["bad_validations"] + 1)
+            c["best_f1"] = val["F1"] if improved else c["best_f1"]
+            c["bad_validations"] = 0 if improved else c["bad_validations"] + 1
             log.validation(step, val, args.val_n, improved, usable, peak_mib(args.device))
             if improved:
                 save(best)

@@ -1,8 +1,10 @@
 """Shared fixtures: tiny random GPT-2 (Conv1D) and Llama (nn.Linear) models, a real GPT-2 tokenizer,
 and the benchmark files (find_data: $IBKE_DATA_DIR, data/, ../shared/data)."""
 import importlib.util
+import inspect
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,6 +16,9 @@ from transformers import AutoModelForCausalLM, GPT2Config, GPT2Tokenizer, LlamaC
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from hooks import grad_decomposition  # noqa: E402 (the project's modules, from ROOT)
+from hypernet import EditorConfig  # noqa: E402
+from model import edit_module_names, weight_shape  # noqa: E402
 
 
 def find_data() -> str:
@@ -134,3 +139,52 @@ def wait_for(path, seconds: float = 120) -> None:
     while not os.path.exists(path) and time.time() < deadline:
         time.sleep(0.1)
     assert os.path.exists(path), f"{path} never appeared"
+
+
+# -----------------------------------------------------------------------------
+# helpers the test modules share: a small editor, a batch of edits, a decomposition
+
+SMALL = EditorConfig(d_m=24, latent_len=3, latent_dim=16, heads=2)
+
+
+def random_batch(lengths=(7, 4, 9), answers=(2, 1, 3), vocab=101, seed=0):
+    """Several edits of different lengths (right padding), labels on each one's last tokens."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), T), generator=g)
+    mask = torch.zeros(len(lengths), T, dtype=torch.long)
+    labels = torch.full((len(lengths), T), -100)
+    for b, (n, a) in enumerate(zip(lengths, answers)):
+        mask[b, :n] = 1
+        labels[b, n - a:n] = ids[b, n - a:n]
+        ids[b, n:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def decomposed(kind="gpt2", seed=0):
+    model = tiny(kind)
+    names = edit_module_names(model)
+    decomposition, mask = grad_decomposition(model, names, random_batch(seed=seed))
+    shapes = {n: weight_shape(model.get_submodule(n)) for n in names}
+    return model, names, shapes, decomposition, mask
+
+
+def perturb_zero_init(editor):
+    """Give the zero-initialised layers weights, so every path of the network is live."""
+    g = torch.Generator().manual_seed(2)
+    for net in editor.editors.values():
+        for layer in (net.out, net.scale, net.to_logvar):
+            layer.weight.data = 0.1 * torch.randn(layer.weight.shape, generator=g)
+
+
+SUBPROCESS = re.compile(r'\brun\(\s*"|subprocess\.|Popen\(')
+
+
+def pytest_collection_modifyitems(items):
+    """Mark as `pipeline` every test that starts the scripts as processes (the `run` helper, subprocess,
+    or a checkpoint the `trained` fixture makes so): `-m "not slow and not pipeline"` is the fast loop."""
+    for item in items:
+        function = getattr(item, "function", None)
+        source = inspect.getsource(function) if function else ""
+        if "trained" in getattr(item, "fixturenames", ()) or SUBPROCESS.search(source):
+            item.add_marker(pytest.mark.pipeline)

@@ -13,7 +13,7 @@ import re
 import pytest
 import torch
 
-from conftest import DATA_DIR, reorder_rtol, tiny
+from conftest import DATA_DIR, TINY_EDITOR, perturb_zero_init, reorder_rtol, run, tiny
 from data import load
 from editor import ibke_editor
 from metrics import measure
@@ -22,8 +22,6 @@ from hypernet import IBKE, EditorConfig
 from losses import LossWeights
 from model import edit_module_names, load_model, weight_shape
 from runner import Runner
-from test_editor import perturb_zero_init
-from conftest import TINY_EDITOR, run
 from train import DIVERGED, train_step, update
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

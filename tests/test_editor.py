@@ -1,4 +1,4 @@
-"""hooks.py, hypernet.py, losses.py: the mathematics of IBKE.md §3 against reference computations."""
+"""hooks.py, hypernet.py, losses.py: the mathematics of METHOD.md §3 against reference computations."""
 import dataclasses
 import math
 
@@ -7,29 +7,12 @@ import torch
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from conftest import reorder_rtol, tiny
+from conftest import SMALL, decomposed, perturb_zero_init, random_batch, reorder_rtol, tiny
 from data import encode, load
 from hooks import apply_delta, functional_edit, grad_decomposition, restore
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, gaussian_kl, ibke_loss, locality_kl, scored
 from model import edit_module_names, weight_shape
-
-SMALL = EditorConfig(d_m=24, latent_len=3, latent_dim=16, heads=2)
-
-
-def random_batch(lengths=(7, 4, 9), answers=(2, 1, 3), vocab=101, seed=0):
-    """Several edits of different lengths (right padding), labels on each one's last tokens."""
-    g = torch.Generator().manual_seed(seed)
-    T = max(lengths)
-    ids = torch.randint(1, vocab, (len(lengths), T), generator=g)
-    mask = torch.zeros(len(lengths), T, dtype=torch.long)
-    labels = torch.full((len(lengths), T), -100)
-    for b, (n, a) in enumerate(zip(lengths, answers)):
-        mask[b, :n] = 1
-        labels[b, n - a:n] = ids[b, n - a:n]
-        ids[b, n:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
 
 def autograd_weight_grads(model, names, batch):
     """Reference: ∇_W L_E by autograd, in the (d_in, d_out) convention."""
@@ -116,14 +99,6 @@ def test_functional_edit_matches_in_place_and_only_delta_gets_gradient(tiny_mode
     assert no_hooks_left(tiny_model)
 
 
-def decomposed(kind="gpt2", seed=0):
-    model = tiny(kind)
-    names = edit_module_names(model)
-    decomposition, mask = grad_decomposition(model, names, random_batch(seed=seed))
-    shapes = {n: weight_shape(model.get_submodule(n)) for n in names}
-    return model, names, shapes, decomposition, mask
-
-
 def test_identity_initialisation_gives_normalised_gradient_step():
     model, names, shapes, decomposition, mask = decomposed()
     editor = IBKE(shapes, SMALL).train()
@@ -148,14 +123,6 @@ def test_identity_initialisation_gives_normalised_gradient_step():
                 h_hat[m, e, mask[e]].T @ u_hat[m, e, mask[e]] / lengths[e] for e in range(mask.shape[0]))
             torch.testing.assert_close(deltas[name], expected, rtol=1e-4, atol=1e-4 * expected.abs().max())
         net.train()
-
-
-def perturb_zero_init(editor):
-    """Give the zero-initialised layers weights, so every path of the network is live."""
-    g = torch.Generator().manual_seed(2)
-    for net in editor.editors.values():
-        for layer in (net.out, net.scale, net.to_logvar):
-            layer.weight.data = 0.1 * torch.randn(layer.weight.shape, generator=g)
 
 
 def test_no_scale_holds_the_start_scale_and_no_ib_is_deterministic():

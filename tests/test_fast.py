@@ -4,7 +4,7 @@ per kind of row, dense ΔW."""
 import pytest
 import torch
 
-from conftest import reorder_rtol, tiny
+from conftest import perturb_zero_init, reorder_rtol, tiny
 from data import encode, load
 from editor import ibke_editor
 from hooks import dense, functional_edit, grad_decomposition
@@ -12,12 +12,11 @@ from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl, scored
 from model import edit_module_names, weight_shape
 from runner import Runner, length_groups, take
-from test_editor import perturb_zero_init
 from train import train_step
 
 
 def plain_step(model, tokenizer, editor, batch, others, weights):
-    """IBKE.md §3 written out with full-model passes and dense ΔW (the reference)."""
+    """METHOD.md §3 written out with full-model passes and dense ΔW (the reference)."""
     def rows(pairs):
         return encode(tokenizer, [p for p, _ in pairs], [a for _, a in pairs])
 

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from conftest import reorder_rtol, tiny
+from conftest import SMALL, decomposed, perturb_zero_init, reorder_rtol, tiny
 from data import load
 from editor import ibke_editor
 from metrics import measure
@@ -14,7 +14,6 @@ from hooks import dense
 from hypernet import IBKE, EditorConfig, ridge
 from model import edit_module_names, weight_shape
 from runner import Runner
-from test_editor import SMALL, decomposed, perturb_zero_init
 from data import draw_n
 
 EPS32 = torch.finfo(torch.float32).eps

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from metrics import harmonic, per_row, rows_of, score_rows, summarise
+from metrics import harmonic, per_record, per_row, rows_of, score_rows, summarise
 from data import EditRequest
 
 
@@ -46,3 +46,27 @@ def test_rows_of_puts_edit_rows_first_and_pairs_probability_rows():
     assert ("l0", "new0", ("loc_new", 0)) in zip(prompts, targets, kinds)    # NS_p: P(true) vs P(new)
     assert ("g0", "old0", ("gen_old", 0)) in zip(prompts, targets, kinds)
     assert not [k for k in kinds if k[1] == 1 and k[0] != "edit"]          # nothing else for record 1
+
+
+def test_probability_scores_compare_each_prompts_two_answers():
+    """ES_p, PS_p, NS_p by hand: record 0 has an edit row, two rephrases and one neighbour, each scored
+    with the new and the old (neighbour: the true and the new) answer; record 1 has no old answer."""
+    records = [EditRequest("p0", "new", [("g0", "new"), ("g1", "new")], [("l0", "true")], old_target="old"),
+               EditRequest("p1", "new1", [("g2", "new1")], [], old_target=None)]
+    prompts, targets, kinds = rows_of(records)
+    nll = {("p0", "new"): 1.0, ("p0", "old"): 2.0,       # ES_p: new more likely than old -> 1
+           ("g0", "new"): 3.0, ("g0", "old"): 1.0,       # PS_p: g0 prefers old (0), g1 a tie (0) -> 0
+           ("g1", "new"): 2.0, ("g1", "old"): 2.0,
+           ("l0", "true"): 0.5, ("l0", "new"): 4.0,      # NS_p: the neighbour keeps its true answer -> 1
+           ("p1", "new1"): 1.0, ("g2", "new1"): 1.0}
+    row_nll = [nll[p, t] for p, t in zip(prompts, targets)]
+    ones = [1.0] * len(prompts)
+    r0, r1 = per_record(ones, ones, row_nll, kinds, 2)
+    assert (r0["ES_p"], r0["PS_p"], r0["NS_p"]) == (1.0, 0.0, 1.0)
+    assert not {"ES_p", "PS_p", "NS_p"} & r1.keys()                     # no old answer: no probability score
+    nll[("g1", "new")] = 1.5                                            # g1 now prefers the new answer
+    r0, _ = per_record(ones, ones, [nll[p, t] for p, t in zip(prompts, targets)], kinds, 2)
+    assert r0["PS_p"] == 0.5
+    nll[("l0", "new")] = 0.25                                           # the edit spilled onto the neighbour
+    r0, _ = per_record(ones, ones, [nll[p, t] for p, t in zip(prompts, targets)], kinds, 2)
+    assert r0["NS_p"] == 0.0 and summarise([r0])["S_p"] == 0.0
