@@ -290,7 +290,7 @@ def latent_figures(out: str) -> list[str]:
     for row, (r, (seed, mu)) in zip(axes, runs.items()):
         mu, r = mu - mu.mean(0), f"{r} {seed}".strip()
         pca = mu @ np.linalg.svd(mu, full_matrices=False)[2][:2].T           # first two principal components
-        tsne = TSNE(2, init="pca", perplexity=30, random_state=0).fit_transform(mu)
+        tsne = TSNE(2, init="pca", perplexity=min(30, len(mu) - 1), random_state=0).fit_transform(mu)  # < samples
         for ax, xy, method in ((row[0], pca, "PCA"), (row[1], tsne, "t-SNE")):
             for d in dict.fromkeys(domain):
                 ax.scatter(*xy[domain == d].T, s=5, label=d)
@@ -376,8 +376,16 @@ def latent(args: argparse.Namespace) -> None:
              "zsre": load("zsre", args.data_dir, "eval")["eval"][:args.latent_n],
              "mquake": load("mquake", args.data_dir, "eval")["eval"][:args.latent_n]}
     records = [(d, r) for d, rs in edits.items() for r in rs]
+    runs = [(n, s) for n in args.latent_runs.split(",") for s in args.seeds]
+    missing = [run_dir(args.out, n, s) for n, s in runs if not os.path.exists(os.path.join(run_dir(args.out, n, s),
+                                                                                              "best.pt"))]
+    if missing:
+        raise SystemExit(f"error: no best.pt in {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}; "
+                         f"train them first with `python analysis.py run all --out {args.out}`")
+    if len(records) < 2:
+        raise SystemExit(f"error: --latent-n {args.latent_n}: give at least 2 (a map needs more than one edit)")
     arrays = {"domain": np.array([d for d, _ in records]), "relation": np.array([r.relation or "" for _, r in records])}
-    for name, seed in [(n, s) for n in args.latent_runs.split(",") for s in args.seeds]:
+    for name, seed in runs:
         ckpt = os.path.join(run_dir(args.out, name, seed), "best.pt")
         loaded = Editor.load(ckpt, args.device or "cpu", dtype=args.dtype)
         model, tokenizer, hypernet, saved = loaded.model, loaded.tokenizer, loaded.hypernet, loaded.ckpt
@@ -409,6 +417,12 @@ def _can_plot() -> bool:
 
 def main() -> None:
     args = parser.parse_args()
+    rules = [(getattr(args, k) >= 1, f"--{k.replace('_', '-')} {getattr(args, k)}: give at least 1")
+             for k in ("jobs", "steps", "val_every", "eval_limit", "latent_n")]
+    rules += [(args.eval_skip >= 0, f"--eval-skip {args.eval_skip}: give 0 or more"), (args.seeds, "--seeds: give one")]
+    for ok, problem in rules:
+        if not ok:
+            raise SystemExit(f"error: {problem}")
     if args.command == "list":
         for e, runs in EXPERIMENTS.items():
             print(f"{e}: " + "; ".join(f"{r} ({' '.join(f) or 'the defaults'})" for r, f, _ in runs))

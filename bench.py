@@ -178,6 +178,11 @@ def main() -> None:
                         help="edits in the edit memory whose query cost is measured (0: no memory figures)")
     parser.add_argument("--out", default="bench.json", help="where the figures go")
     args = parser.parse_args()
+    for ok, problem in [(args.repeats >= 1, f"--repeats {args.repeats}: give at least 1 (a median needs one)"),
+                        (args.memory_size >= 0, f"--memory-size {args.memory_size}: give 0 or more"),
+                        (args.d_m >= 1 and args.latent_dim >= 1, "--d-m, --latent-dim: give at least 1")]:
+        if not ok:
+            raise SystemExit(f"error: {problem}")
     cfg = EditorConfig(d_m=args.d_m, latent_dim=args.latent_dim)
     ckpt = None
     if args.ckpt:
@@ -190,8 +195,11 @@ def main() -> None:
     if args.meta:
         names = [args.model] + [m for m in ("gpt2-xl", "EleutherAI/gpt-j-6B", "Qwen/Qwen3-8B") if m != args.model]
         paper = EditorConfig(**PAPER_SIZE)
-        rows = [meta_estimate(m, c, tokens_cached=10000 * 4 * 16, step_tokens=8 * 4 * 16)
-                for m in names for c in (paper, cfg)]
+        try:
+            rows = [meta_estimate(m, c, tokens_cached=10000 * 4 * 16, step_tokens=8 * 4 * 16)
+                    for m in names for c in (paper, cfg)]
+        except ModelError as err:
+            raise SystemExit(f"error: {err}") from None
         print("| model | d_m | base | hypernet | edited | est. GPU training memory (GB, bf16 base) "
               "| cache, host (GB) |")
         print("|---|---|---|---|---|---|---|")

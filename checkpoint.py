@@ -33,6 +33,7 @@ KEYS = ("hypernet", "optimizer", "step", "config", "editor", "model", "shapes")
 # (--resume CKPT of another run) may change how edits combine and which modules are edited
 FIXED = ("model", "data", "seed", "val_size", "d_m", "latent_len", "latent_dim", "heads", "no_ib", "no_scale", "tokens")
 PHASE = ("aggregate", "edit_modules", "edit_layers")
+FLOAT32_MAX = torch.finfo(torch.float32).max   # a rate or weight above it overflows in float32 (inf)
 BEFORE = {"train_size": 0, "ramp_end": 1.0, "lr_schedule": "constant", "c_loc_end": None, "c_gen_end": None,
           "aggregate": "sum", "sample_n": "uniform", "val_n": 1}   # what a checkpoint from before these flags ran with
 
@@ -109,6 +110,9 @@ def resume_args(parser: argparse.ArgumentParser,
     if args.resume is not None:
         latest = os.path.join(args.out, "latest.pt")
         source = args.resume or latest
+        if source == latest and not os.path.exists(latest) and os.path.exists(os.path.join(args.out, "log.jsonl")):
+            raise SystemExit(f"error: --resume: the run in --out {args.out} stopped before its first checkpoint "
+                             f"(log.jsonl, no latest.pt); start it again without --resume")
         try:
             ckpt = read_checkpoint(source)
         except CheckpointError as err:
@@ -134,15 +138,16 @@ def check_flags(args: argparse.Namespace) -> None:
                                                 "save_every", "d_m", "chunk", "val_n", "latent_len", "latent_dim",
                                                 "heads")}
     rules = [(v >= 1, f"--{k.replace('_', '-')} {v}: give at least 1") for k, v in at_least_1.items()]
-    rules += [(math.isfinite(v) and v > 0,
-               f"--{k.replace('_', '-')} {v}: give a positive finite number") for k, v in finite_positive.items()]
-    rules += [(math.isfinite(v) and v >= 0, f"--{k.replace('_', '-')} {v}: give 0 or a positive finite weight")
+    rules += [(0 < v < FLOAT32_MAX, f"--{k.replace('_', '-')} {v}: give a positive number below 3.4e38 (float32)")
+              for k, v in finite_positive.items()]
+    rules += [(0 <= v < FLOAT32_MAX, f"--{k.replace('_', '-')} {v}: give 0 or a positive weight below 3.4e38 (float32)")
               for k, v in {"c_edit": args.c_edit, "c_gen": args.c_gen, "c_loc": args.c_loc, "beta": args.beta,
                            "c_loc_end": args.c_loc_end, "c_gen_end": args.c_gen_end}.items() if v is not None]
     rules += [(0 <= args.ramp_start < 1, f"--ramp-start {args.ramp_start}: give a fraction of --steps, 0 to below 1"),
               (args.ramp_start < args.ramp_end <= 1,
                f"--ramp-end {args.ramp_end}: give a fraction of --steps above --ramp-start ({args.ramp_start}), at "
                f"most 1")]
+    rules += [(0 <= args.seed < 2 ** 63, f"--seed {args.seed}: give 0 to 2^63 - 1 (torch's generators take 64 bits)")]
     rules += [(args.eta_scale == 1 or args.resume,
                f"--eta-scale {args.eta_scale}: it scales a checkpoint's η at the start of a second phase; "
                f"give --resume CKPT")]
@@ -161,7 +166,8 @@ def check_flags(args: argparse.Namespace) -> None:
     for ok, problem in rules:
         if not ok:
             raise SystemExit(f"error: {problem}")
-    held = [f for f in ("latest.pt", "best.pt", "log.jsonl") if os.path.exists(os.path.join(args.out, f))]
+    held = [f for f in ("latest.pt", "best.pt") if os.path.exists(os.path.join(args.out, f))]   # a log alone: a run
+    # killed before its first checkpoint, which a new run replaces
     continuing = args.resume is not None and os.path.abspath(args.resume or os.path.join(args.out, "latest.pt")) == \
         os.path.abspath(os.path.join(args.out, "latest.pt"))
     if held and not continuing and not args.overwrite:

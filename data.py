@@ -20,7 +20,6 @@ zsRE file is there; else a 1,000-record subset of the train file, 20% of it held
 seeded shuffle (random.Random(0), the first len // 5). Files and downloads: download.py.
 """
 import argparse
-import json
 import math
 import os
 import random
@@ -28,10 +27,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from download import FILES, DataError, ensure
+from datafiles import DataError, ensure, ensure_uniedit, need, records_of, strings, text
 
 MAX_ANSWER = 32  # tokens kept of an answer (see the docstring)
-UNIEDIT_REPO = "qizhou/UniEdit"  # a Hugging Face dataset: uniedit/{train,test}/<discipline>.json
 DATASETS = ["counterfact", "zsre", "mquake", "mquake-cf3k", "mquake-t", "uniedit"]
 
 
@@ -54,60 +52,6 @@ class EditRequest:
 
 
 # -----------------------------------------------------------------------------
-# files: read and check
-
-def read_json(path: str) -> list | dict:
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except json.JSONDecodeError as err:
-        rel = os.path.relpath(path, os.path.dirname(os.path.dirname(path))).replace(os.sep, "/")
-        fix = f"replace it with {FILES[rel][0]}" if rel in FILES else "replace it with the original file"
-        raise DataError(f"{path} is not valid JSON ({err}); {fix}.") from None
-    if not data:
-        raise DataError(f"{path} holds no records; replace it with the original file")
-    return data
-
-
-def need(record: dict, key: str, where: str):
-    """record[key], or a DataError naming the file, the record index and the missing field."""
-    if not isinstance(record, dict) or key not in record:
-        raise DataError(f"{where}: malformed record, missing field '{key}'")
-    return record[key]
-
-
-class EmptyText(DataError):
-    """A prompt or answer that is empty or null: the record is left out, with a note."""
-
-
-def text(record: dict, key: str, where: str) -> str:
-    """record[key] as a non-empty string, else EmptyText naming file, index and field (scored, an
-    empty prompt or answer would count as a failure and move the averages without a word)."""
-    value = need(record, key, where)
-    if not isinstance(value, str) or not value.strip():
-        raise EmptyText(f"{where}: field '{key}' is {'empty' if isinstance(value, str) else repr(value)}")
-    return value
-
-
-def records_of(path: str, build) -> list:
-    """[build(record, where)] over a file's records; one with an empty or null prompt or answer is
-    None (left out by `load`, after any split, so the splits stay the same) and named in a note."""
-    out, left_out = [], []
-    data = read_json(path)
-    for i, r in enumerate(data.items() if isinstance(data, dict) else data):
-        try:
-            out.append(build(r, f"{path} record {i}", i))
-        except EmptyText as err:
-            out.append(None)
-            left_out.append(str(err).replace(path + " ", ""))
-    if left_out:
-        print(f"note: left out {len(left_out)} record(s) of {path} with an empty prompt or answer: "
-              f"{'; '.join(left_out[:5])}"
-              + (" ..." if len(left_out) > 5 else ""))
-    return out
-
-
-# -----------------------------------------------------------------------------
 # one loader per benchmark: file -> list[EditRequest]
 
 def read_counterfact(path: str) -> list[EditRequest | None]:
@@ -115,34 +59,43 @@ def read_counterfact(path: str) -> list[EditRequest | None]:
         target = text(r, "target_new", w)
         return EditRequest(text(r, "prompt", w), target, [(text(r, "rephrase_prompt", w), target)],
                            [(text(r, "locality_prompt", w), text(r, "locality_ground_truth", w))],
-                           old_target=r.get("ground_truth"), case_id=str(r.get("case_id", i)),
-                           subject=r.get("subject", ""))
+                           old_target=text(r, "ground_truth", w, optional=True), case_id=str(r.get("case_id", i)),
+                           subject=text(r, "subject", w, optional=True) or "")
     return records_of(path, build)
 
 
 def read_zsre(path: str) -> list[EditRequest | None]:
     def build(r, w, i):
-        target, answers = text(r, "alt", w), need(r, "answers", w)
+        target, answers = text(r, "alt", w), strings(r, "answers", w)
         return EditRequest(text(r, "src", w), target, [(text(r, "rephrase", w), target)],
                            [(text(r, "loc", w), text(r, "loc_ans", w))],
-                           old_target=answers[0] if answers else None, case_id=str(i), subject=r.get("subject", ""))
+                           old_target=answers[0] if answers else None, case_id=str(i),
+                           subject=text(r, "subject", w, optional=True) or "")
     return records_of(path, build)
 
 
 def read_mquake(path: str) -> list[list[EditRequest] | None]:
     """Per case, its requests (one per requested rewrite); a case with an empty text is left out whole."""
     def build(case, w, i):
-        case_id = str(case.get("case_id", i))
-        questions = need(case, "questions", w)
-        answers = [text(case, "new_answer", w)] + list(case.get("new_answer_alias", []))
+        case_id = str(case["case_id"] if isinstance(case, dict) and "case_id" in case else i)
+        questions, answers = strings(case, "questions", w), [text(case, "new_answer", w)]
+        answers += strings(case, "new_answer_alias", w)
         out = []
-        for j, rw in enumerate(need(case, "requested_rewrite", w)):
+        for j, rw in enumerate(need(case, "requested_rewrite", w, list)):
             wj = f"{w} requested_rewrite[{j}]"
-            target = text(need(rw, "target_new", wj), "str", wj + ".target_new")
-            prompt = text(rw, "prompt", wj).format(text(rw, "subject", wj))
-            generality = [(rw["question"], target)] if rw.get("question") else []
-            out.append(EditRequest(prompt, target, generality, [], need(rw, "target_true", wj).get("str"),
-                                   case_id, questions, answers, rw["subject"]))
+            target = text(need(rw, "target_new", wj, dict), "str", wj + ".target_new")
+            subject, template = text(rw, "subject", wj), text(rw, "prompt", wj)
+            try:
+                prompt = template.format(subject) if "{}" in template else None
+            except (IndexError, KeyError, ValueError):
+                prompt = None
+            if prompt is None:
+                raise DataError(f"{wj}: field 'prompt' must be a template with one {{}} for the subject, "
+                                f"not {template!r}")
+            question = text(rw, "question", wj, optional=True)
+            out.append(EditRequest(prompt, target, [(question, target)] if question else [], [],
+                                   text(need(rw, "target_true", wj, dict), "str", wj + ".target_true"),
+                                   case_id, questions, answers, subject))
         return out
     return records_of(path, build)
 
@@ -163,16 +116,7 @@ def read_uniedit(folder: str) -> list[EditRequest | None]:
 
 
 def load_uniedit(data_dir: str) -> dict[str, list[EditRequest]]:
-    root = os.path.join(data_dir, "uniedit")
-    if not os.path.isdir(os.path.join(root, "test")):
-        print(f"{root} is missing; downloading {UNIEDIT_REPO} from the Hugging Face hub")
-        try:
-            from huggingface_hub import snapshot_download
-            snapshot_download(repo_id=UNIEDIT_REPO, repo_type="dataset", local_dir=root, allow_patterns=["*.json"])
-        except Exception as err:  # the hub client raises many kinds; all mean the same to a user
-            raise DataError(f"could not download UniEdit ({type(err).__name__}: {str(err).splitlines()[0]}).\n"
-                            f"Get https://huggingface.co/datasets/{UNIEDIT_REPO} and put its train/ and test/ "
-                            f"folders in {root}/.") from None
+    root = ensure_uniedit(data_dir)
     return {"train": read_uniedit(os.path.join(root, "train")), "eval": read_uniedit(os.path.join(root, "test"))}
 
 
@@ -204,6 +148,8 @@ def load(name: str, data_dir: str = "data", split: str | None = None) -> dict[st
     """{split: [EditRequest]} for one benchmark; splits are 'train' and 'eval' (MQuAKE: 'eval' only).
     split: read (and download) only that one where the benchmark keeps it in its own file.
     Records with an empty prompt or answer are left out (with a note), after the split."""
+    if os.path.exists(data_dir) and not os.path.isdir(data_dir):
+        raise DataError(f"--data-dir {data_dir} is a file; give the folder that holds (or receives) the benchmarks")
     splits = _load(name, data_dir, split)
     return {k: [r for r in v if r is not None] for k, v in splits.items()}
 
@@ -226,10 +172,18 @@ def _load(name: str, data_dir: str, split: str | None) -> dict[str, list]:
 
 
 def split_val(records: list[EditRequest], val_size: int, seed: int = 0) -> tuple[list[EditRequest], list[EditRequest]]:
-    """(train, val): `val_size` records held out of a train split by a seeded shuffle."""
+    """(train, val): `val_size` records held out of a train split by a seeded shuffle; a held-out record
+    whose edit (prompt and answer) the train part also holds is left out of val (with a note): the
+    validation would judge an editor on what it trained on."""
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    return [records[i] for i in order[val_size:]], [records[i] for i in order[:val_size]]
+    train, val = [records[i] for i in order[val_size:]], [records[i] for i in order[:val_size]]
+    trained = {(r.prompt, r.target) for r in train}
+    copies = [r for r in val if (r.prompt, r.target) in trained]
+    if copies:
+        print(f"note: {len(copies)} of the {len(val)} validation records are left out: the train split holds the "
+              f"same edit (e.g. {copies[0].prompt!r} -> {copies[0].target!r})")
+    return train, [r for r in val if (r.prompt, r.target) not in trained]
 
 
 # -----------------------------------------------------------------------------

@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import statistics
 import time
@@ -32,7 +31,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
-from checkpoint import CheckpointError
+from checkpoint import FLOAT32_MAX, CheckpointError
 from rundir import RunLock, check_folder, is_results, resumable, write_json
 from data import DataError, EditRequest, load, split_val
 from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
@@ -137,8 +136,8 @@ def check_args(args: argparse.Namespace) -> None:
              (args.sequential is None or args.method != "none",
               "--sequential with --method none: nothing to keep; give ibke or ft"),
              (args.ft_steps >= 1, f"--ft-steps {args.ft_steps}: give at least 1"),
-             (math.isfinite(args.ft_lr) and args.ft_lr > 0,
-              f"--ft-lr {args.ft_lr}: give a positive finite learning rate")]
+             (0 < args.ft_lr < FLOAT32_MAX, f"--ft-lr {args.ft_lr}: give a positive learning rate below 3.4e38 "
+                                            f"(float32)")]
     for ok, problem in rules:
         if not ok:
             raise SystemExit(f"error: {problem}")
@@ -242,6 +241,8 @@ def evaluate(args: argparse.Namespace) -> None:
     else:
         total, records = len(records), records[args.skip:][:args.limit]
         batches = [records[i:i + args.edits_per_batch] for i in range(0, len(records), args.edits_per_batch)]
+    if not total:
+        raise SystemExit(f"error: no records of {data_name} {args.split} are left (the note above says why)")
     if not batches:
         raise SystemExit(f"error: --skip {args.skip} leaves no records of {data_name} {args.split} ({total} in all)")
 

@@ -245,9 +245,14 @@ def edit_module_names(model: nn.Module, edit_modules: str | None = None, edit_la
             names = [n for n in linear if re.search(edit_modules, n) and n.startswith(blocks)]
         except re.error as err:
             raise ModelError(f"--edit-modules '{edit_modules}' is neither a module name nor a valid pattern ({err})")
-        if not names and any(re.search(edit_modules, n) for n in linear):
+        matched = [n for n in linear if re.search(edit_modules, n)]
+        if not names and any(n.startswith(path + ".") for n in matched):
             raise ModelError(f"--edit-modules '{edit_modules}' matches modules only outside the last {edit_layers} "
                              f"blocks; raise --edit-layers (0: all {n_blocks})")
+        if not names and matched:                                  # lm_head, a projection outside the blocks
+            raise ModelError(f"--edit-modules '{edit_modules}' matches {', '.join(matched[:3])}, outside the blocks "
+                             f"of {path}: IBKE edits matrices inside the blocks (e.g. "
+                             f"{', '.join(EDIT_TABLE.get(kind, (None, ['mlp.*']))[1])})")
     if not names:
         in_block = sorted({n[len(path) + 1:].split(".", 1)[1] for n in linear if n.startswith(path + ".")})
         raise ModelError(f"--edit-modules '{edit_modules}' matches no linear module of this {kind} model. "

@@ -163,8 +163,8 @@ def take_over(out: str, overwrite: bool, resumed_at: int | None) -> tuple[str, s
         for f in (latest, best, log):
             if os.path.exists(f):
                 os.remove(f)
-    elif resumed_at is not None:
-        trim_log(log, resumed_at)
+    else:                                                # resumed: as of its checkpoint; new: a checkpoint-less
+        trim_log(log, resumed_at or 0)                   # run's lines (check_flags let it be replaced) go
     return latest, best
 
 

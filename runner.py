@@ -248,7 +248,13 @@ class Runner:
         """Take the hidden states that save_states wrote to `path` into the cache -> texts taken."""
         if not os.path.exists(path):
             return 0
-        saved = torch.load(path, map_location=self.keep)
+        try:
+            saved = torch.load(path, map_location=self.keep)
+        except Exception as err:                         # cut short, not a states file: a cache, rebuilt
+            os.replace(path, path + ".damaged")
+            print(f"note: {path} could not be read ({type(err).__name__}); moved to {path}.damaged, the states "
+                  f"are computed afresh")
+            return 0
         offset = self.hidden.append(saved["data"].to(self.model.dtype))
         for key, start, n in zip(saved["keys"], itertools.accumulate(saved["lengths"], initial=0), saved["lengths"]):
             if tuple(key) not in self.hidden_at:

@@ -226,6 +226,23 @@ def validate(runner: Runner, hypernet: IBKE, records: list[EditRequest], tokens:
 # -----------------------------------------------------------------------------
 # the run
 
+def build(args: argparse.Namespace, shapes: dict) -> tuple[IBKE, torch.optim.Optimizer, list[float]]:
+    """The hypernetwork for these modules and its Adam (λ, where learned, in a group of its own, its rate
+    a fixed multiple of --lr's schedule) -> (hypernet, optimizer, each group's multiple)."""
+    cfg = EditorConfig(d_m=args.d_m, latent_len=args.latent_len, latent_dim=args.latent_dim, heads=args.heads,
+                       ib=not args.no_ib, token_scale=not args.no_scale, eta_init=args.eta_init,
+                       aggregate=args.aggregate, ridge_init=args.ridge_init)
+    try:
+        hypernet = IBKE(shapes, cfg).to(args.device).train()
+    except (RuntimeError, MemoryError) as err:               # sizes this machine cannot allocate
+        raise SystemExit(f"error: a hypernetwork of --d-m {args.d_m}, --latent-dim {args.latent_dim}, --latent-len "
+                         f"{args.latent_len} does not fit ({str(err).splitlines()[0][:80]}); lower them") from None
+    params = [[p for k, p in hypernet.named_parameters() if k.endswith("log_lambda") == lam] for lam in (False, True)]
+    scales = [1.0, args.lr_lambda / args.lr][:1 + bool(params[1])]
+    optimizer = torch.optim.Adam([{"params": p} for p in params[:len(scales)]], lr=args.lr, fused=True)  # 8x on CPU
+    return hypernet, optimizer, scales
+
+
 def main() -> None:
     check_flags(parser.parse_args())                         # the flags as given, before a checkpoint is read
     args, ckpt, new_phase = resume_args(parser)
@@ -255,14 +272,7 @@ def train(args: argparse.Namespace, ckpt: dict | None, new_phase: bool) -> None:
         raise SystemExit(f"error: {len(train_records)} training records are too few for --batch-size "
                          f"{args.batch_size} with --extra-loc {args.extra_loc}; lower them or --val-size")
 
-    shapes = {n: weight_shape(model.get_submodule(n)) for n in names}
-    cfg = EditorConfig(d_m=args.d_m, latent_len=args.latent_len, latent_dim=args.latent_dim, heads=args.heads,
-                       ib=not args.no_ib, token_scale=not args.no_scale, eta_init=args.eta_init,
-                       aggregate=args.aggregate, ridge_init=args.ridge_init)
-    hypernet = IBKE(shapes, cfg).to(args.device).train()
-    params = [[p for k, p in hypernet.named_parameters() if k.endswith("log_lambda") == lam] for lam in (False, True)]
-    scales = [1.0, args.lr_lambda / args.lr][:1 + bool(params[1])]   # of --lr's schedule; λ: a group of its own
-    optimizer = torch.optim.Adam([{"params": p} for p in params[:len(scales)]], lr=args.lr, fused=True)  # 8x on CPU
+    hypernet, optimizer, scales = build(args, {n: weight_shape(model.get_submodule(n)) for n in names})
     runner = Runner(model, tokenizer, names, cache=True)
     val_runner = Runner(model, tokenizer, names, cache=True)  # its own cache: the very batches evaluate.py builds
     states_path = runner.use_states(args.cache_dir)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-import download
+import datafiles
 from data import DataError, encode, load
 
 
@@ -80,11 +80,11 @@ def test_download_from_file_url_with_checksum(data_dir, tmp_path, monkeypatch):
     src = os.path.join(data_dir, "mquake", "MQuAKE-hard.json")
     url = "file://" + os.path.abspath(src)
     sha = hashlib.sha256(open(src, "rb").read()).hexdigest()
-    monkeypatch.setitem(download.FILES, "mquake/MQuAKE-hard.json", (url, sha))
+    monkeypatch.setitem(datafiles.FILES, "mquake/MQuAKE-hard.json", (url, sha))
     records = load("mquake", str(tmp_path))["eval"]                      # downloads, then reads
     assert len({r.case_id for r in records}) == 429
     assert open(tmp_path / "mquake" / "MQuAKE-hard.json", "rb").read() == open(src, "rb").read()
-    monkeypatch.setitem(download.FILES, "mquake/MQuAKE-hard.json", (url, "0" * 64))
+    monkeypatch.setitem(datafiles.FILES, "mquake/MQuAKE-hard.json", (url, "0" * 64))
     os.remove(tmp_path / "mquake" / "MQuAKE-hard.json")
     with pytest.raises(DataError, match="checksum"):
         load("mquake", str(tmp_path))
@@ -94,7 +94,7 @@ def test_download_from_file_url_with_checksum(data_dir, tmp_path, monkeypatch):
 def test_git_blob_id_names_a_file_as_its_repository_does(data_dir):
     """MEND's zsRE files are checked by the id qizhou000/RECIPE's tree gives them at b8ff1fc2 (git
     ls-tree): this is that tree's id for counterfact-edit.json, the file data/ holds."""
-    assert download.git_blob_id(os.path.join(data_dir, "counterfact",
+    assert datafiles.git_blob_id(os.path.join(data_dir, "counterfact",
                                          "counterfact-edit.json")) == "a24e5bb3b963d4d683ae032344ddce7566ba1ee7"
 
 
@@ -104,12 +104,12 @@ def test_zsre_takes_the_full_split_where_it_downloads_else_the_subset(data_dir, 
     full = tmp_path / "full.json"                                            # a stand-in for MEND's splits
     json.dump(records[:30], open(full, "w"))
     for rel in ("zsre/zsre_mend_train.json", "zsre/zsre_mend_eval.json"):
-        monkeypatch.setitem(download.FILES, rel, ("file://" + str(full), download.git_blob_id(full)))
-    monkeypatch.setitem(download.FILES, "zsre/zsre_mend_train-1k.json", ("file://" + subset, None))
+        monkeypatch.setitem(datafiles.FILES, rel, ("file://" + str(full), datafiles.git_blob_id(full)))
+    monkeypatch.setitem(datafiles.FILES, "zsre/zsre_mend_train-1k.json", ("file://" + subset, None))
     splits = load("zsre", str(tmp_path / "online"))
     assert {k: len(v) for k, v in splits.items()} == {"train": 30, "eval": 30}
     assert "1,000-record" not in capsys.readouterr().out
-    monkeypatch.setitem(download.FILES, "zsre/zsre_mend_train.json", ("http://127.0.0.1:9/zsre_mend_train.json", None))
+    monkeypatch.setitem(datafiles.FILES, "zsre/zsre_mend_train.json", ("http://127.0.0.1:9/zsre_mend_train.json", None))
     splits = load("zsre", str(tmp_path / "offline"))                         # nothing listens on port 9
     assert {k: len(v) for k, v in splits.items()} == {k: len(v) for k, v in load("zsre", data_dir).items()}   # 800/200
     assert "zsRE: MEND's train split is not downloadable" in capsys.readouterr().out
@@ -118,7 +118,7 @@ def test_zsre_takes_the_full_split_where_it_downloads_else_the_subset(data_dir, 
 
 def test_offline_error_names_file_url_and_place(tmp_path, monkeypatch):
     url = "http://127.0.0.1:9/counterfact-train.json"                   # nothing listens on port 9
-    monkeypatch.setitem(download.FILES, "counterfact/counterfact-train.json", (url, None))
+    monkeypatch.setitem(datafiles.FILES, "counterfact/counterfact-train.json", (url, None))
     with pytest.raises(DataError) as err:
         load("counterfact", str(tmp_path))
     message = str(err.value)

@@ -4,6 +4,7 @@ this process; a signal needs a real process."""
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -54,18 +55,23 @@ TRAIN_ARGS = [  # (flags, message)
     (["--latent-len", "0"], "--latent-len 0: give at least 1"),
     (["--heads", "3"], "--heads 3 must divide --d-m 32"),
     (["--extra-loc", "-1"], "--extra-loc -1: give 0 or more"),
-    (["--lr", "nan"], "--lr nan: give a positive finite number"),
+    (["--lr", "nan"], "--lr nan: give a positive number below 3.4e38"),
     (["--edit-layers", "-1"], "--edit-layers -1"),
     (["--edit-layers", "999"], "has 4 blocks; give 1..4"),
     (["--chunk", "0"], "--chunk 0: give at least 1"),
     (["--dtype", "float16"], "no loss scaling"),
-    (["--ridge-init", "0"], "--ridge-init 0.0: give a positive finite number"),
-    (["--lr-lambda", "-1"], "--lr-lambda -1.0: give a positive finite number"),
+    (["--ridge-init", "0"], "--ridge-init 0.0: give a positive number below 3.4e38"),
+    (["--lr-lambda", "-1"], "--lr-lambda -1.0: give a positive number below 3.4e38"),
     (["--p-single", "1.5"], "--p-single 1.5: give a probability from 0 to 1"),
-    (["--c-loc-end", "-1"], "--c-loc-end -1.0: give 0 or a positive finite weight"),
+    (["--c-loc-end", "-1"], "--c-loc-end -1.0: give 0 or a positive weight below 3.4e38"),
     (["--ramp-start", "1"], "--ramp-start 1.0: give a fraction of --steps, 0 to below 1"),
     (["--ramp-start", "0.6", "--ramp-end", "0.5"],
      "--ramp-end 0.5: give a fraction of --steps above --ramp-start (0.6), at most 1"),
+    (["--lr", "1e300"], "--lr 1e+300: give a positive number below 3.4e38"),             # inf in float32
+    (["--seed", str(10 ** 30)], "give 0 to 2^63 - 1"),
+    (["--d-m", str(10 ** 12), "--heads", "1"], "does not fit"),                          # cannot be allocated
+    (["--edit-modules", "lm_head", "--edit-layers", "0"], "outside the blocks of transformer.h"),
+    (["--eta-scale", "0.5"], "at the start of a second phase; give --resume CKPT"),
 ]
 
 
@@ -80,8 +86,7 @@ def test_train_argument_probes(setting, tmp_path, monkeypatch, flags, message):
 def test_train_never_clobbers_a_run(setting, tmp_path, monkeypatch):
     out, data_dir, common = setting
     before = snapshot(out / "b")
-    fails(train.main, [*common, "--steps", "2", "--out", out / "b"], "holds a run (latest.pt, best.pt, log.jsonl)",
-          monkeypatch)
+    fails(train.main, [*common, "--steps", "2", "--out", out / "b"], "holds a run (latest.pt, best.pt)", monkeypatch)
     # a second phase too
     fails(train.main, ["--resume", out / "a" / "latest.pt", "--out", out / "b"], "holds a run", monkeypatch)
     (tmp_path / "file").write_text("x")
@@ -154,8 +159,31 @@ def test_data_probes(data_dir, tmp_path, capsys, gpt2_tokenizer):
     json.dump(records, open(tmp_path / "bad" / "counterfact" / "counterfact-edit.json", "w"))
     assert len(load("counterfact", str(tmp_path / "bad"), split="eval")["eval"]) == 2     # no train file needed
     note = capsys.readouterr().out
-    assert "left out 2 record(s)" in note and "record 1: field 'target_new' is None" in note
+    assert "left out 2 record(s)" in note and "record 1: field 'target_new' is null" in note
     assert "record 2: field 'prompt' is empty" in note
+    wrong = {"a number": (b"42", "holds a JSON int, not a list of records"),          # the file's shape
+             "not UTF-8": (b"\xff\xfe[1", "is not UTF-8 text"),
+             "a record": (json.dumps(records[:1] + ["text"]).encode(), "record 1: a record must be a JSON object"),
+             "a field": (json.dumps([dict(records[0], ground_truth=7)]).encode(),   # a field's type
+                         "record 0: field 'ground_truth' is 7, not a string"),
+             "a list": (json.dumps([dict(records[0], rephrase_prompt=["a"])]).encode(),
+                        "record 0: field 'rephrase_prompt' is [\"a\"], not a string")}
+    for name, (content, message) in wrong.items():
+        (tmp_path / "bad" / "counterfact" / "counterfact-edit.json").write_bytes(content)
+        with pytest.raises(DataError, match=re.escape(message)):
+            load("counterfact", str(tmp_path / "bad"), split="eval")
+    cases = json.load(open(os.path.join(data_dir, "mquake", "MQuAKE-hard.json")))[:2]
+    os.makedirs(tmp_path / "mq" / "mquake")
+    for field, value, message in [("prompt", "{} is {x} in", "must be a template with one {} for the subject"),
+                                  ("target_true", "Paris", "field 'target_true' is \"Paris\", not an object")]:
+        case = json.loads(json.dumps(cases[0]))
+        case["requested_rewrite"][0][field] = value
+        json.dump([case], open(tmp_path / "mq" / "mquake" / "MQuAKE-hard.json", "w"))
+        with pytest.raises(DataError, match=re.escape(message)):
+            load("mquake", str(tmp_path / "mq"))
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(DataError, match="--data-dir .*a_file is a file"):
+        load("counterfact", str(tmp_path / "a_file"))
     os.makedirs(tmp_path / "dangling")
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling" / "counterfact")
     with pytest.raises(DataError, match="is a link to .*nowhere, which does not exist"):
@@ -309,3 +337,57 @@ def test_resume_after_a_torn_log_line(setting, tmp_path):
     assert "Traceback" not in resumed.stderr
     steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "log.jsonl") if '"val"' not in line]
     assert steps == [1, 2, 3, 4]
+
+
+def test_a_run_killed_before_its_first_checkpoint(setting, tmp_path, monkeypatch):
+    """It left only log.jsonl: --resume says so (nothing to resume), and a plain run replaces its lines."""
+    out, _, common = setting
+    os.makedirs(tmp_path / "k")
+    (tmp_path / "k" / "log.jsonl").write_text('{"step": 1, "n": 2, "loss": 3.0}\n{"step": 2, "n"')   # torn too
+    fails(train.main, [*common, "--out", tmp_path / "k", "--resume"], "stopped before its first checkpoint",
+          monkeypatch)
+    run("train.py", *common, "--steps", "2", "--val-every", "2", "--out", tmp_path / "k")
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "k" / "log.jsonl")]
+    assert steps == [1, 2, 2] and torch.load(tmp_path / "k" / "latest.pt", weights_only=False)["step"] == 2
+
+
+def test_validation_leaves_out_copies_of_training_records(capsys):
+    from data import EditRequest, split_val
+    records = [EditRequest(f"q{i % 5}", "a") for i in range(20)]                   # five edits, four copies each
+    train_part, val = split_val(records, 4, seed=0)
+    assert len(train_part) == 16 and val == []
+    assert "4 of the 4 validation records are left out" in capsys.readouterr().out
+    unique = [EditRequest(f"q{i}", "a") for i in range(20)]
+    assert split_val(unique, 4, seed=0)[1] == [unique[i] for i in split_order(20, 0)[:4]]
+
+
+def split_order(n, seed):
+    import random
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return order
+
+
+def test_a_damaged_states_file_is_set_aside(tiny_folders, tmp_path, capsys):
+    from model import edit_module_names, load_model
+    from runner import Runner
+    model, tokenizer = load_model(tiny_folders["gpt2"], "float32", "cpu")
+    runner = Runner(model, tokenizer, edit_module_names(model), cache=True)
+    path = runner.states_file(str(tmp_path))
+    open(path, "wb").write(b"PK\x03\x04 cut short")
+    assert runner.use_states(str(tmp_path)) == path and not os.path.exists(path)
+    assert open(path + ".damaged", "rb").read() == b"PK\x03\x04 cut short"              # kept, not deleted
+    assert "could not be read" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script,argv,message", [
+    ("analysis", ["run", "beta", "--jobs", "0"], "--jobs 0: give at least 1"),
+    ("analysis", ["latent", "--out", "{tmp}"], "no best.pt in"),
+    ("bench", ["--repeats", "0"], "--repeats 0: give at least 1"),
+    ("bench", ["--meta", "--model", "{tmp}/no-such-model"], "could not load model"),
+])
+def test_analysis_and_bench_flags(script, argv, message, tmp_path, monkeypatch):
+    import importlib
+    main = importlib.import_module(script).main
+    fails(main, [a.replace("{tmp}", str(tmp_path)) for a in argv], message, monkeypatch)
+    assert not os.listdir(tmp_path)

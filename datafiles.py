@@ -1,12 +1,15 @@
 """
 The benchmark files: where each comes from (a public URL at a fixed commit) and the checksum of the
-copy we tested with; fetched where missing, with a progress bar, checked, and saved atomically. When
-a file cannot be had, the error names every missing file with its URL, so that a user without a
-network can put them in place by hand.
+copy we tested with; fetched where missing, with a progress bar, checked, and saved atomically (when a
+file cannot be had, the error names every missing file with its URL, so that a user without a network
+can put them in place by hand); read as JSON records, every field checked as it is read (data.py's
+readers): a file or a field that is not what it should be is one DataError naming the file, the
+record and the field.
 
     python data.py --data counterfact     # fetches data/counterfact/*.json if missing, then shows a record
 """
 import hashlib
+import json
 import os
 import urllib.error
 import urllib.request
@@ -20,6 +23,7 @@ class DataError(ValueError):
 
 # path under --data-dir -> (public URL, checksum of the file we tested with or named: 64 hex digits a
 # sha256, 40 the git blob id its repository gives it at that commit; None: the size is checked)
+UNIEDIT_REPO = "qizhou/UniEdit"  # a Hugging Face dataset: uniedit/{train,test}/<discipline>.json
 RECIPE = "https://raw.githubusercontent.com/qizhou000/RECIPE/b8ff1fc2c649d44dc88d2d4fccfa14343066a835/data"
 FILES = {
     "counterfact/counterfact-train.json": (
@@ -113,3 +117,98 @@ def ensure(data_dir: str, *relpaths: str) -> list[str]:
     return paths
 
 
+def ensure_uniedit(data_dir: str) -> str:
+    """UniEdit's folder (train/ and test/ of {discipline}.json), downloaded from the hub if missing."""
+    root = os.path.join(data_dir, "uniedit")
+    if not os.path.isdir(os.path.join(root, "test")):
+        print(f"{root} is missing; downloading {UNIEDIT_REPO} from the Hugging Face hub")
+        try:
+            from huggingface_hub import snapshot_download
+            snapshot_download(repo_id=UNIEDIT_REPO, repo_type="dataset", local_dir=root, allow_patterns=["*.json"])
+        except Exception as err:  # the hub client raises many kinds; all mean the same to a user
+            raise DataError(f"could not download UniEdit ({type(err).__name__}: {str(err).splitlines()[0]}).\n"
+                            f"Get https://huggingface.co/datasets/{UNIEDIT_REPO} and put its train/ and test/ "
+                            f"folders in {root}/.") from None
+    return root
+
+
+# -----------------------------------------------------------------------------
+# reading and checking
+
+def read_json(path: str) -> list | dict:
+    """A benchmark file's records (a JSON list, or an object of records), or one DataError naming the file."""
+    rel = os.path.relpath(path, os.path.dirname(os.path.dirname(path))).replace(os.sep, "/")
+    fix = f"replace it with {FILES[rel][0]}" if rel in FILES else "replace it with the original file"
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path} is not valid JSON ({err}); {fix}.") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); {fix}.") from None
+    except OSError as err:
+        raise DataError(f"cannot read {path} ({err.strerror or err}); check the file and its permissions") from None
+    if not isinstance(data, (list, dict)) or not data:
+        what = f"a JSON {type(data).__name__}" if not isinstance(data, (list, dict)) else "no records"
+        raise DataError(f"{path} holds {what}, not a list of records; {fix}")
+    return data
+
+
+KINDS = {str: "a string", list: "a list", dict: "an object"}
+
+
+def need(record: dict, key: str, where: str, kind: type | None = None):
+    """record[key], or a DataError naming the file, the record index and the field: missing, or not of
+    `kind` (str, list or dict)."""
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: a record must be a JSON object, not {json.dumps(record)[:60]}")
+    if key not in record:
+        raise DataError(f"{where}: malformed record, missing field '{key}'")
+    if kind is not None and not isinstance(record[key], kind):
+        raise DataError(f"{where}: field '{key}' is {json.dumps(record[key])[:60]}, not {KINDS[kind]}")
+    return record[key]
+
+
+class EmptyText(DataError):
+    """A prompt or answer that is empty or null: the record is left out, with a note."""
+
+
+def text(record: dict, key: str, where: str, optional: bool = False) -> str | None:
+    """record[key] as a non-empty string, else EmptyText naming file, index and field (scored, an empty
+    prompt or answer would count as a failure and move the averages without a word); a value of
+    another type is a DataError. optional: a missing or null field is None."""
+    if optional and (not isinstance(record, dict) or record.get(key) is None):
+        return None
+    value = need(record, key, where)
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' is {json.dumps(value)[:60]}, not a string")
+    if not value or not value.strip():
+        raise EmptyText(f"{where}: field '{key}' is {'empty' if isinstance(value, str) else 'null'}")
+    return value
+
+
+def strings(record: dict, key: str, where: str) -> list[str]:
+    """record[key] as a list of strings (a null or missing field: none), else a DataError."""
+    values = record.get(key) if isinstance(record, dict) else need(record, key, where)
+    values = [] if values is None else need(record, key, where, list)
+    bad = [v for v in values if not isinstance(v, str)]
+    if bad:
+        raise DataError(f"{where}: field '{key}' holds {json.dumps(bad[0])[:60]}, not a string")
+    return values
+
+
+def records_of(path: str, build) -> list:
+    """[build(record, where)] over a file's records; one with an empty or null prompt or answer is
+    None (left out by `load`, after any split, so the splits stay the same) and named in a note."""
+    out, left_out = [], []
+    data = read_json(path)
+    for i, r in enumerate(data.items() if isinstance(data, dict) else data):
+        try:
+            out.append(build(r, f"{path} record {i}", i))
+        except EmptyText as err:
+            out.append(None)
+            left_out.append(str(err).replace(path + " ", ""))
+    if left_out:
+        print(f"note: left out {len(left_out)} record(s) of {path} with an empty prompt or answer: "
+              f"{'; '.join(left_out[:5])}" + (" ..." if len(left_out) > 5 else ""))
+    return out
