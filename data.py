@@ -17,7 +17,7 @@ its first MAX_ANSWER = 32 (CounterFact's are 1-5, zsRE's up to ~15).
 
 zsRE: MEND's splits (train ~163k records, the paper's training data; eval 19,086), downloaded if no
 zsRE file is there; else a 1,000-record subset of the train file, 20% of it held out as eval by a
-seeded shuffle (random.Random(0), the first len // 5). Files and downloads: download.py.
+seeded shuffle (random.Random(0), the first len // 5). Files, downloads, field checks: datafiles.py.
 """
 import argparse
 import math

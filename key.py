@@ -133,6 +133,7 @@ class Subjects:
 
     def __init__(self, subjects: list[str] = ()):
         self.index, self.has, self.longest = {}, [], 0                     # words -> [edit]; edit has a subject
+        self._has = torch.zeros(0, dtype=torch.bool)                        # self.has as a tensor, made once
         for s in subjects:
             self.add(s)
 
@@ -142,6 +143,12 @@ class Subjects:
             self.index.setdefault(w, []).append(len(self.has))
             self.longest = max(self.longest, len(w))
         self.has.append(bool(w))
+
+    def has_subject(self) -> torch.Tensor:
+        """(n,) bool: the edits stored with a subject."""
+        if len(self._has) != len(self.has):
+            self._has = torch.tensor(self.has, dtype=torch.bool)
+        return self._has
 
     def named(self, text: str) -> list[int]:
         """The edits whose subject is among the text's words."""
@@ -153,7 +160,7 @@ class Subjects:
 
     def mask(self, texts: list[str]) -> torch.Tensor:
         """(B, n) bool: edit e may serve text b (its subject is among b's words, or it has none)."""
-        m = ~torch.tensor(self.has, dtype=torch.bool).expand(len(texts), len(self.has)).clone()
+        m = ~self.has_subject().expand(len(texts), len(self.has)).clone()
         for b, t in enumerate(texts):
             m[b, self.named(t)] = True
         return m

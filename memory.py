@@ -150,7 +150,7 @@ class EditMemory:
         if self.n == 0:
             return torch.full((len(f),), -1)
         sims = self.key(f) @ self.keys[:self.n].T                                 # (B, n)
-        has = torch.tensor(self.subjects.has, dtype=torch.bool)                   # (n,)
+        has = self.subjects.has_subject()[:self.n]                                # (n,)
         if texts is None or self.key.gated is None:
             passed = sims >= self.key.threshold
         else:

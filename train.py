@@ -4,10 +4,10 @@ Train the IBKE hypernetwork (METHOD.md §3): a plain PyTorch loop.
     python train.py                                    # SmolLM2-135M on CounterFact, ~20 min on 2 CPU cores
     python train.py --steps 6000 --train-size 0 --out out/long   # longer, on every record (the schedules stretch)
     python train.py --out out/ibke --resume            # continue exactly where it stopped
-    python train.py --resume out/ibke/best.pt --c-loc 10 --c-loc-end 10 --steps 1000 --out out/p2
-                                                       # a second phase from another run, with other loss weights
+    python train.py --resume out/ibke/best.pt --c-loc 10 --c-loc-end 10 --steps 3600 --out out/p2
+                                    # a second phase from another run (its step 2600 on), other loss weights
     python train.py --resume out/ibke/best.pt --aggregate cancel --batch-size 64 --sample-n log --val-n 64 \
-        --eta-scale 0.5 --edit-layers 6 --out out/many # many edits at once: 6 blocks, each η halved to start
+        --eta-scale 0.5 --edit-layers 6 --steps 4000 --out out/many   # many edits: 6 blocks, each η halved
     python train.py --model gpt2-xl --data zsre --device cuda --dtype bfloat16   # the paper's setting
     python train.py --steps 20 --val-every 10 --val-size 8 --d-m 64 --latent-dim 64 --out out/smoke  # tiny
 
