@@ -90,3 +90,14 @@ def test_report_names_settings_in_which_runs_differ_beyond_their_own_flags(tmp_p
     text = open(os.path.join(out, "README.md")).read()
     assert "the runs differ in c_loc_end" in text
     assert "| beta=1 | 1 | 10 | 0.500 | 0.900 | 0.800 | 0.500 | 0.300 |" in text   # one seed: no ± (no spread measured)
+
+
+def test_latent_map_of_fewer_edits_than_t_snes_perplexity(tmp_path):
+    """t-SNE needs perplexity < samples: a map of 12 edits (perplexity 30 by default) is drawn, and the
+    report of that folder works (it once failed on every later report)."""
+    out, rng = str(tmp_path), np.random.default_rng(0)
+    domain, relation = np.array(["counterfact"] * 8 + ["zsre"] * 4), np.array(["{} is in"] * 8 + [""] * 4)
+    np.savez(os.path.join(out, "latent.npz"), domain=domain, relation=relation,
+             **{"mu_default@seed0": rng.normal(size=(12, 8))})
+    assert analysis.latent_figures(out) == ["latent.png"]
+    assert os.path.getsize(os.path.join(out, "latent.png")) > 1000
