@@ -149,8 +149,9 @@ def main() -> None:
         facts.insert(0, Fact(args.prompt, args.target, args.subject))
     if not facts:
         raise SystemExit('error: nothing to edit: give a prompt and its target, or --facts FILE')
-    if args.max_new_tokens < 1:
-        raise SystemExit(f"error: --max-new-tokens {args.max_new_tokens}: give at least 1")
+    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--rank", args.rank)):
+        if value < 1:
+            raise SystemExit(f"error: {flag} {value}: give at least 1")
     if args.save and os.path.isdir(args.save) and os.listdir(args.save) and not args.overwrite:
         raise SystemExit(f"error: --save {args.save} is not empty; give an empty or new folder, or --overwrite")
     try:

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from checkpoint import atomic_save
 from data import pad, tokenize
+from model import blocks_path
 from runner import hidden_before, to_device
 
 
@@ -242,6 +243,10 @@ def learn_key(args: argparse.Namespace) -> None:
     from data import load
     from editor import Editor
     editor = Editor.load(args.ckpt, args.device, dtype=args.dtype)
+    blocks = len(editor.model.get_submodule(blocks_path(editor.model)))
+    if not 0 <= args.layer < blocks:
+        raise SystemExit(f"error: --layer {args.layer}: the key reads the states entering a block; "
+                         f"give 0..{blocks - 1}")
     splits = load(args.data or editor.ckpt["config"]["data"], args.data_dir)
     features = lambda texts: prompt_features(editor.model, editor.tokenizer, texts, args.layer, progress=True)
     train, val = triples(splits["train"]), triples(splits["eval"][:args.val_records])
@@ -328,6 +333,13 @@ if __name__ == "__main__":
                    help="M: the first M records' rephrases and neighbours are routed")
     add_device_args(r, dtype_default=None)
     args = parser.parse_args()
+    sizes = ["stored", "queries"] if args.command == "routing" else ["dim", "train_records", "val_records", "steps"]
+    for name in sizes:
+        if getattr(args, name) < 1:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: give at least 1")
+    if args.command == "learn" and args.stored < args.val_records:
+        raise SystemExit(f"error: --stored {args.stored}: give at least --val-records ({args.val_records}), whose "
+                         f"edits are among those stored")
     from checkpoint import CheckpointError
     from data import DataError
     from model import ModelError

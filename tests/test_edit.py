@@ -106,6 +106,7 @@ def test_edit_py_shows_before_and_after_and_saves(trained, tmp_path):
      "--subject must be a string that the prompt names"),
     (["--memory", "m.mem", "a", "b"], None, "no key at"),
     (["--memory", "m.mem", "--save", "d", "a", "b"], None, "give one of them"),
+    (["--memory", "m.mem", "--rank", "0", "a", "b"], None, "--rank 0: give at least 1"),
 ])
 def test_edit_py_bad_input_gets_one_line(trained, tmp_path, args, content, message):
     if content is not None:

@@ -251,3 +251,16 @@ def test_asks_another_finds_the_neighbours_that_are_other_edits_questions():
                            locality=[("The mother tongue of danielle darrieux is", "French")], old_target="politics")]
     assert asks_another(records) == [True, False, False, True]                 # the last: record 2's true answer
     assert asks_another(records[:1]) == [False]                                # record 1 not kept: nothing asked
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["learn", "--dim", "0"], "--dim 0: give at least 1"),
+    (["learn", "--stored", "10"], "--stored 10: give at least --val-records"),
+    (["routing", "--queries", "0"], "--queries 0: give at least 1"),
+])
+def test_key_flags_in_one_line(argv, message, tmp_path):
+    """key.py's sizes are checked before any work: one line, nothing written."""
+    result = run("key.py", *argv, "--ckpt", tmp_path / "none.pt", check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+    assert not os.listdir(tmp_path)
