@@ -38,7 +38,7 @@ from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit, merge, restore
 from key import MemoryFileError, asks_another, load_key
 from memory import EditMemory
-from metrics import measure, multihop, peak_mib, references, score, summarise, table
+from metrics import generation, measure, multihop, peak_mib, references, score, summarise, table
 from model import ModelError, add_device_args
 from runner import Runner
 
@@ -136,6 +136,7 @@ def check_args(args: argparse.Namespace) -> None:
              (args.sequential is None or args.method != "none",
               "--sequential with --method none: nothing to keep; give ibke or ft"),
              (args.ft_steps >= 1, f"--ft-steps {args.ft_steps}: give at least 1"),
+             (not (args.generate and args.sequential), "--generate with --sequential: not measured yet; leave one out"),
              (0 < args.ft_lr < FLOAT32_MAX, f"--ft-lr {args.ft_lr}: give a positive learning rate below 3.4e38 "
                                             f"(float32)")]
     for ok, problem in rules:
@@ -198,6 +199,8 @@ def main() -> None:
                         help="--sequential memory: rank r at which each edit's update is stored (a new memory), "
                         "or to which a complete memory's updates are truncated for this run (a rank curve; README: 3 "
                         "is within 0.005 F1 of full rank)")
+    parser.add_argument("--generate", action="store_true",
+                        help="also free generation: gen_ES, gen_GS, gen_LS, gen_F1 and fluency (metrics.py)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an --out that holds the results of another checkpoint (else refused)")
     args = parser.parse_args()
@@ -311,6 +314,9 @@ def run_batches(args, batches, runner, editor, data_name, partial, signature) ->
         for batch in tqdm(batches[len(done):], desc=f"{args.method} n={args.edits_per_batch}", initial=len(done),
                           total=len(batches)):
             results, seconds, deltas = measure(runner, editor, batch)
+            if args.generate:                                    # free generation, the same edit applied
+                free = generation(runner, functional_edit(runner.model, deltas), batch)
+                results = [r | g for r, g in zip(results, free)]
             line = {"results": results, "seconds": seconds, "edits": len(batch)}
             if data_name.startswith("mquake"):
                 mh = multihop(runner, functional_edit(runner.model, deltas), batch)

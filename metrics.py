@@ -11,6 +11,15 @@ Token-level and teacher-forced (the EasyEdit / MALMEN convention), per record, t
        1[P(true) > P(new)] on q_l (P = mean log-probability per answer token); S_p their harmonic mean
   MH   MQuAKE: all edits of a case applied, greedy answers to its 3 questions; solved if one of
        them contains the new answer or an alias as whole words
+Free generation (evaluate.py --generate), greedy, per record, then averaged:
+  gen_ES, gen_GS   the continuation of q_e (of each q_g), cut at the new answer's length in tokens
+       plus 3, contains the new answer as whole words (case-insensitive; `contains`)
+  gen_LS   the continuation of each q_l, as long, equals the unedited model's token for token (both
+       generated in the same batches, so that no edit gives exactly 1)
+  gen_F1   harmonic mean of gen_ES, gen_GS and gen_LS
+  fluency  ROME's generation entropy of 50 greedy tokens from q_e and each q_g after the edit: the
+       mean of (2/3)·H_2 and (4/3)·H_3, H_n the entropy (bits) of the text's n-gram frequencies over
+       its words (`ngram_entropy`); fluency_drop: the unedited model's on the same prompts minus it
 
 Prompts keep their last 128 tokens, answers their first 32 (data.MAX_ANSWER). METHOD.md §4.
 
@@ -29,7 +38,9 @@ from hooks import functional_edit
 from losses import answer_nll
 from runner import Runner, index, take
 
-METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p"]
+METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p",
+           "gen_ES", "gen_GS", "gen_LS", "gen_F1", "fluency", "fluency_drop"]
+AVERAGED = [m for m in METRICS if m not in ("F1", "S_p", "gen_F1")]      # per record; the rest: harmonic means
 
 
 # -----------------------------------------------------------------------------
@@ -60,11 +71,12 @@ def score_rows(pre, post, n_rows: int) -> dict[str, torch.Tensor]:
 
 
 def summarise(results: list[dict]) -> dict[str, float]:
-    """Average per-record metrics; F1 and S_p are harmonic means of the averages."""
-    out = {k: statistics.fmean(r[k] for r in results if k in r) for k in METRICS[:3] + METRICS[4:9]
-           if any(k in r for r in results)}
+    """Average per-record metrics; F1, S_p and gen_F1 are harmonic means of the averages."""
+    out = {k: statistics.fmean(r[k] for r in results if k in r) for k in AVERAGED if any(k in r for r in results)}
     if {"ES", "GS", "LS"} <= out.keys():
         out["F1"] = harmonic(out["ES"], out["GS"], out["LS"])
+    if {"gen_ES", "gen_GS", "gen_LS"} <= out.keys():
+        out["gen_F1"] = harmonic(out["gen_ES"], out["gen_GS"], out["gen_LS"])
     if {"ES_p", "PS_p", "NS_p"} <= out.keys():
         out["S_p"] = harmonic(out["ES_p"], out["PS_p"], out["NS_p"])
     out["n"] = len(results)
@@ -206,6 +218,73 @@ def multihop(runner: Runner, edited: contextlib.AbstractContextManager, records:
     texts = [t.split("\n")[0].lower() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     solved = any(re.search(rf"\b{re.escape(a)}\b", t) for t in texts for a in answers)  # whole words: "ar" ≠ "are"
     return {"MH": float(solved), "answers": texts}
+
+
+# -----------------------------------------------------------------------------
+# free generation
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    """Each prompt's greedy continuation, as token ids (left-padded together; generation stops at
+    max_new_tokens, or at the end-of-text token, which is dropped with what follows)."""
+    tokenizer.padding_side = "left"                     # generation continues from the right end
+    ids = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    tokenizer.padding_side = "right"
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    rows = out[:, ids["input_ids"].shape[1]:].tolist()
+    eos = tokenizer.eos_token_id
+    return [row[:row.index(eos)] if eos in row else row for row in rows]
+
+
+def contains(text: str, answer: str) -> bool:
+    """Whether the answer appears in the text as whole words, case-insensitive ("ar" is not in "are")."""
+    return re.search(rf"(?<!\w){re.escape(answer.strip().lower())}(?!\w)", text.lower()) is not None
+
+
+def ngram_entropy(text: str) -> float:
+    """ROME's fluency of one text: the mean of (2/3)·H_2 and (4/3)·H_3, H_n the entropy in bits of the
+    frequencies of its word n-grams (words: runs of letters and digits, or one punctuation mark)."""
+    words = re.findall(r"\w+|[^\w\s]", text)
+    entropies = []
+    for n, weight in ((2, 2 / 3), (3, 4 / 3)):
+        grams = [tuple(words[i:i + n]) for i in range(len(words) - n + 1)]
+        counts = torch.tensor([grams.count(g) for g in dict.fromkeys(grams)], dtype=torch.float64)
+        p = counts / counts.sum() if len(counts) else counts
+        entropies.append(weight * float(-(p * p.log2()).sum()))
+    return sum(entropies) / 2
+
+
+def generation(runner: Runner, edited: contextlib.AbstractContextManager, records: list[EditRequest],
+               extra: int = 3, fluent: int = 50) -> list[dict]:
+    """Per record, the free-generation scores (the docstring's gen_ES, gen_GS, gen_LS, fluency): the
+    unedited model's continuations first, then the same prompts in the same batches inside `edited`."""
+    model, tok = runner.model, runner.tokenizer
+    asked = [(i, kind, q, r.target) for i, r in enumerate(records)
+             for kind, q in [("gen_ES", r.prompt)] + [("gen_GS", g) for g, _ in r.generality]]
+    kept = [(i, "gen_LS", q, a) for i, r in enumerate(records) for q, a in r.locality]
+    cap = [len(tok(" " + a, add_special_tokens=False)["input_ids"]) + extra for *_, a in asked + kept]
+    n_new = max(cap, default=1)
+
+    def run(pairs):
+        return greedy(model, tok, [q for _, _, q, _ in pairs], n_new) if pairs else []
+    pre_kept, pre_fluent = run(kept), greedy(model, tok, [q for _, _, q, _ in asked], fluent)
+    with edited:
+        post_asked, post_kept = run(asked), run(kept)
+        post_fluent = greedy(model, tok, [q for _, _, q, _ in asked], fluent)
+    results = [{"gen_ES": [], "gen_GS": [], "gen_LS": [], "fluency": [], "fluency_pre": []} for _ in records]
+    for j, ((i, kind, _, a), ids) in enumerate(zip(asked, post_asked)):
+        results[i][kind].append(float(contains(tok.decode(ids[:cap[j]]), a)))
+        results[i]["fluency"].append(ngram_entropy(tok.decode(post_fluent[j])))
+        results[i]["fluency_pre"].append(ngram_entropy(tok.decode(pre_fluent[j])))
+    for j, ((i, *_), pre, post) in enumerate(zip(kept, pre_kept, post_kept)):
+        c = cap[len(asked) + j]
+        results[i]["gen_LS"].append(float(pre[:c] == post[:c]))
+    out = []
+    for r in results:
+        scores = {k: statistics.fmean(v) for k, v in r.items() if v}
+        scores["fluency_drop"] = scores.pop("fluency_pre") - scores["fluency"]
+        out.append(scores)
+    return out
 
 
 # -----------------------------------------------------------------------------

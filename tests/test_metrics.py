@@ -1,11 +1,13 @@
 """evaluate.py's metrics on hand-made logits."""
+import contextlib
 import math
 
 import pytest
 import torch
 
-from metrics import harmonic, per_record, per_row, rows_of, score_rows, summarise
+from conftest import tiny
 from data import EditRequest
+from metrics import contains, generation, harmonic, ngram_entropy, per_record, per_row, rows_of, score_rows, summarise
 
 
 def one_hot_logits(ids, vocab=5, high=10.0):
@@ -70,3 +72,39 @@ def test_probability_scores_compare_each_prompts_two_answers():
     nll[("l0", "new")] = 0.25                                           # the edit spilled onto the neighbour
     r0, _ = per_record(ones, ones, [nll[p, t] for p, t in zip(prompts, targets)], kinds, 2)
     assert r0["NS_p"] == 0.0 and summarise([r0])["S_p"] == 0.0
+
+
+def test_contains_takes_whole_words_in_any_case():
+    assert contains(" Rome, Italy.", "Rome") and contains("it is in ROME", "rome")
+    assert contains("the New York Times", "new york") and contains("C++ code", "C++")
+    assert not contains(" Romesburg", "Rome") and not contains("are", "ar") and not contains("Paris", "Rome")
+
+
+def test_ngram_entropy_by_hand():
+    # "a b a b": bigrams ab, ba, ab (2/3, 1/3): H_2 = 0.9183 bits; trigrams aba, bab (1/2 each): H_3 = 1
+    h2 = -(2 / 3 * math.log2(2 / 3) + 1 / 3 * math.log2(1 / 3))
+    assert ngram_entropy("a b a b") == pytest.approx((2 / 3 * h2 + 4 / 3 * 1.0) / 2)
+    assert ngram_entropy("the the the the the") == 0.0                  # repetition: no entropy
+    assert ngram_entropy("Rome, Italy.") == pytest.approx((2 / 3 * math.log2(3) + 4 / 3 * 1.0) / 2)  # 4 words
+
+
+def test_summary_takes_the_harmonic_mean_of_the_generation_scores():
+    s = summarise([{"gen_ES": 1.0, "gen_GS": 0.5, "gen_LS": 1.0, "fluency": 5.0, "fluency_drop": 0.5},
+                   {"gen_ES": 0.0, "gen_GS": 0.5, "gen_LS": 0.5, "fluency": 4.0, "fluency_drop": -0.1}])
+    assert s["gen_F1"] == pytest.approx(harmonic(0.5, 0.5, 0.75)) and s["fluency_drop"] == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_no_edit_keeps_every_generation(gpt2_tokenizer, dtype):
+    """Without an edit, the continuations are those of the unedited model, token for token: gen_LS is
+    exactly 1 and the fluency does not move, in bfloat16 too (the same prompts in the same batches)."""
+    from runner import Runner
+    model = tiny("gpt2", dtype)
+    model.resize_token_embeddings(len(gpt2_tokenizer), mean_resizing=False)
+    records = [EditRequest("The capital of France is", "Rome", [("France's capital city is", "Rome")],
+                           [("The Eiffel Tower is in", "Paris"), ("Berlin is in", "Germany")]),
+               EditRequest("Danielle Darrieux speaks", "English", [], [("Michel Rocard speaks", "French")])]
+    runner = Runner(model, gpt2_tokenizer, ["transformer.h.3.mlp.c_proj"], cache=False)
+    scores = generation(runner, contextlib.nullcontext(), records, fluent=12)
+    assert [s["gen_LS"] for s in scores] == [1.0, 1.0] and [s["fluency_drop"] for s in scores] == [0.0, 0.0]
+    assert "gen_GS" in scores[0] and "gen_GS" not in scores[1]
