@@ -166,14 +166,13 @@ def check_flags(args: argparse.Namespace) -> None:
     for ok, problem in rules:
         if not ok:
             raise SystemExit(f"error: {problem}")
-    held = [f for f in ("latest.pt", "best.pt") if os.path.exists(os.path.join(args.out, f))]   # a log alone: a run
-    # killed before its first checkpoint, which a new run replaces
+    # a run is its checkpoints: a log.jsonl alone is a run killed before its first one, which a new run replaces
+    held = [f for f in ("latest.pt", "best.pt") if os.path.exists(os.path.join(args.out, f))]
     continuing = args.resume is not None and os.path.abspath(args.resume or os.path.join(args.out, "latest.pt")) == \
         os.path.abspath(os.path.join(args.out, "latest.pt"))
     if held and not continuing and not args.overwrite:
         raise SystemExit(f"error: --out {args.out} holds a run ({', '.join(held)}); continue it with --resume, "
                          f"replace it with --overwrite, or give another --out")
-
 
 
 def restore(ckpt: dict, hypernet: IBKE, optimizer: torch.optim.Optimizer, args: argparse.Namespace,

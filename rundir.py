@@ -48,9 +48,9 @@ def trim_log(path: str, step: int) -> None:
 class RunLock:
     """`with RunLock(path, what):` this process owns `path` (train.py: its --out folder; evaluate.py: its
     --out file; a --memory file), `what` its flag and value: a second run into it stops at once with one
-    line naming the first. The lock is
-    `<path>.lock` holding the owner's pid, made atomically (O_EXCL); one left by a process that is gone
-    is taken over. A folder made for the lock and left empty by the run is removed with it."""
+    line naming the first. The lock is `<path>.lock` holding the owner's pid, made atomically (O_EXCL);
+    one left by a process that is gone is taken over. A folder made for the lock and left empty by the
+    run is removed with it."""
 
     def __init__(self, path: str, what: str):
         self.file, self.what = path.rstrip("/") + ".lock", what
