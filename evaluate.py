@@ -80,6 +80,10 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
             if done in (100, 1000, 10000) and done < T:
                 retention[done] = summarise(score(runner, records[:100], edited, reference))
         results = score(runner, records, edited, reference)
+        if args.generate:                                    # free generation, every edit kept and routed
+            free = [g for i in tqdm(range(0, T, 16), desc="generation", leave=False)
+                    for g in generation(runner, memory.serving(), records[i:i + 16])]
+            results = [r | g for r, g in zip(results, free)]
         if records[0].questions:                             # MQuAKE: each case's questions, every case's edits kept
             cases = list({r.case_id: r for r in records}.values())
             serving = memory.serving if args.sequential == "memory" else contextlib.nullcontext
@@ -136,7 +140,8 @@ def check_args(args: argparse.Namespace) -> None:
              (args.sequential is None or args.method != "none",
               "--sequential with --method none: nothing to keep; give ibke or ft"),
              (args.ft_steps >= 1, f"--ft-steps {args.ft_steps}: give at least 1"),
-             (not (args.generate and args.sequential), "--generate with --sequential: not measured yet; leave one out"),
+             (not args.generate or args.sequential != "merge",
+              "--generate with --sequential merge: the unedited model is gone from the weights; use memory"),
              (0 < args.ft_lr < FLOAT32_MAX, f"--ft-lr {args.ft_lr}: give a positive learning rate below 3.4e38 "
                                             f"(float32)")]
     for ok, problem in rules:

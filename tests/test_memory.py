@@ -159,14 +159,14 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
                 "The Eiffel Tower is in")
     assert "(1 in all)" in first.stdout and "(2 in all)" in again.stdout
     assert "[ask] The Eiffel Tower is in" in again.stdout
-    # a memory that routes nothing leaves every answer as it was: LS exactly 1 against the original model
+    # a memory that routes nothing leaves every answer as it was: LS and gen_LS exactly 1 against the original model
     key = torch.load(tmp_path / "key.pt", weights_only=False)
     key["threshold"] = key["gated"] = 2.0
     torch.save(key, tmp_path / "never.pt")
     run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "n.mem", "--key",
-        tmp_path / "never.pt",
-        "--out", tmp_path / "never.json")
-    assert json.load(open(tmp_path / "never.json"))["summary"]["LS"] == 1.0
+        tmp_path / "never.pt", "--generate", "--out", tmp_path / "never.json")
+    never = json.load(open(tmp_path / "never.json"))["summary"]
+    assert never["LS"] == 1.0 and never["gen_LS"] == 1.0 and never["fluency_drop"] == 0.0   # free generation too
     # resumed: a memory holding these records' edits is not edited again; another's is refused in one line
     again = run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "m.mem", "--out",
                 tmp_path / "mem2.json")

@@ -123,6 +123,8 @@ EVALUATE_ARGS = [
     (["--edits-per-batch", "0"], "--edits-per-batch 0: give at least 1"),
     (["--skip", "20000"], "--skip 20000 leaves no records of counterfact eval (10000 in all)"),
     (["--data", "mquake", "--split", "train"], "mquake has no train split (it has: eval)"),
+    (["--sequential", "merge", "--generate"], "--generate with --sequential merge"),
+    (["--method", "ft", "--ft-lr", "1e300"], "--ft-lr 1e+300: give a positive learning rate below 3.4e38"),
 ]
 
 
