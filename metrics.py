@@ -226,10 +226,14 @@ def multihop(runner: Runner, edited: contextlib.AbstractContextManager, records:
 @torch.no_grad()
 def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
     """Each prompt's greedy continuation, as token ids (left-padded together; generation stops at
-    max_new_tokens, or at the end-of-text token, which is dropped with what follows)."""
+    max_new_tokens, at the model's last position, or at the end-of-text token, which is dropped with
+    what follows)."""
     tokenizer.padding_side = "left"                     # generation continues from the right end
     ids = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     tokenizer.padding_side = "right"
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions:
+        max_new_tokens = max(1, min(max_new_tokens, positions - ids["input_ids"].shape[1]))
     out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     rows = out[:, ids["input_ids"].shape[1]:].tolist()
     eos = tokenizer.eos_token_id
