@@ -148,9 +148,10 @@ def read_json(path: str) -> list | dict:
         raise DataError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}); {fix}.") from None
     except OSError as err:
         raise DataError(f"cannot read {path} ({err.strerror or err}); check the file and its permissions") from None
-    if not isinstance(data, (list, dict)) or not data:
-        what = f"a JSON {type(data).__name__}" if not isinstance(data, (list, dict)) else "no records"
-        raise DataError(f"{path} holds {what}, not a list of records; {fix}")
+    if not isinstance(data, (list, dict)):
+        raise DataError(f"{path} holds a JSON {type(data).__name__}, not a list of records; {fix}")
+    if not data:
+        raise DataError(f"{path} holds no records; {fix}")
     return data
 
 
