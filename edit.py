@@ -96,7 +96,7 @@ def show(editor: Editor, facts: list[Fact], asks: list[str], deltas: dict | None
     p_before = editor.probability(*zip(*scored)) if scored else []
     with memory.serving() if memory else editor.applied(deltas):
         after = editor.generate(prompts, max_new_tokens)
-    edited = (lambda q: memory.applied(memory.route(q))) if memory else (lambda q: editor.applied(deltas))
+    edited = memory.routed if memory else (lambda q: editor.applied(deltas))
     p_after = editor.probability(*zip(*scored), edited=edited) if scored else []
     probs = iter(zip(p_before, p_after))
     for (kind, prompt, target), b, a in zip(rows, before, after):

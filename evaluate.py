@@ -58,7 +58,7 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
     if args.sequential == "memory":
         memory = open_memory(args, loaded, records)
         start = saved = len(memory)
-        edited = lambda prompts: memory.applied(memory.route(prompts))
+        edited = memory.routed
     else:
         master = {}                                          # float32 weights of the edited modules
         originals = {m: loaded.model.get_submodule(m).weight.detach().clone() for m in loaded.names}

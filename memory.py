@@ -158,6 +158,10 @@ class EditMemory:
         best = sims.masked_fill(~passed, -torch.inf).max(1)
         return torch.where(passed.any(1), best.indices, -1)
 
+    def routed(self, prompts: list[str]):
+        """`with memory.routed(prompts):` a pass over these prompts' rows runs each with its routed edit."""
+        return self.applied(self.route(prompts))
+
     @contextmanager
     def applied(self, routes: torch.Tensor):
         """`with memory.applied(routes) as rows:` row i of a pass runs with stored edit routes[i] (or
