@@ -31,6 +31,7 @@ from data import EditRequest
 from hooks import apply_delta, dense, functional_edit, grad_decomposition, restore
 from hypernet import IBKE
 from losses import answer_nll
+from metrics import greedy
 from model import check_device, load_model, model_path, weight_shape
 from runner import Runner
 
@@ -138,12 +139,8 @@ class Editor:
     @torch.no_grad()
     def generate(self, prompts: list[str], max_new_tokens: int = 12) -> list[str]:
         """Greedy continuations of the prompts (as the model stands: inside `applied`, edited)."""
-        tok = self.tokenizer
-        tok.padding_side = "left"                      # generation continues from the right end
-        ids = tok(prompts, return_tensors="pt", padding=True).to(self.model.device)
-        tok.padding_side = "right"
-        out = self.model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        return tok.batch_decode(out[:, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+        ids = greedy(self.model, self.tokenizer, prompts, max_new_tokens)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
     @torch.no_grad()
     def probability(self, prompts: list[str], targets: list[str], edited: Callable | None = None) -> list[float]:

@@ -209,12 +209,8 @@ def multihop(runner: Runner, edited: contextlib.AbstractContextManager, records:
     model, tokenizer = runner.model, runner.tokenizer
     answers = [a.lower() for a in records[0].answers]
     prompts = [f"Q: {q} A:" for q in records[0].questions]
-    tokenizer.padding_side = "left"                     # generation continues from the right end
-    ids = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    tokenizer.padding_side = "right"
-    with edited, torch.no_grad():
-        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    new_tokens = out[:, ids["input_ids"].shape[1]:]
+    with edited:
+        new_tokens = greedy(model, tokenizer, prompts, max_new_tokens)
     texts = [t.split("\n")[0].lower() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     solved = any(re.search(rf"\b{re.escape(a)}\b", t) for t in texts for a in answers)  # whole words: "ar" ≠ "are"
     return {"MH": float(solved), "answers": texts}
