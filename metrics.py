@@ -87,7 +87,8 @@ def summarise(results: list[dict]) -> dict[str, float]:
 # one batch of edits: edit, measure, restore
 
 def rows_of(records: list[EditRequest]) -> tuple[list[str], list[str], list[tuple[str, int]]]:
-    """All sequences a batch needs, as (prompt, answer) with (kind, record index)."""
+    """All sequences a batch needs, as (prompt, answer) with (kind, record index): the edit rows
+    first, the locality rows last (passes() scores them apart)."""
     prompts, targets, kinds = [], [], []
 
     def add(kind, i, prompt, target):
@@ -97,15 +98,27 @@ def rows_of(records: list[EditRequest]) -> tuple[list[str], list[str], list[tupl
     for i, r in enumerate(records):
         for q, a in r.generality:
             add("gen", i, q, a)
-        for q, a in r.locality:
-            add("loc", i, q, a)
         if r.old_target:                               # CounterFact probability scores
             add("edit_old", i, r.prompt, r.old_target)
             for q, _ in r.generality:
                 add("gen_old", i, q, r.old_target)
             for q, a in r.locality:
                 add("loc_new", i, q, r.target)
+    for i, r in enumerate(records):
+        for q, a in r.locality:
+            add("loc", i, q, a)
     return prompts, targets, kinds
+
+
+def passes(kinds: list[tuple[str, int]], n: int, rows_per_pass: int) -> list[tuple[int, int]]:
+    """rows_of's rows as passes [a, b) of at most rows_per_pass (the first: the n edit rows and
+    more). The locality rows run in passes of their own, so that the unedited model scores exactly
+    the batch the edited one does: in bfloat16 another batch shape can flip an argmax near a tie,
+    and no edit must give LS = 1 exactly."""
+    loc = next((b for b, (kind, _) in enumerate(kinds) if kind == "loc"), len(kinds))
+    first = min(max(n, rows_per_pass), loc)            # n ≥ 1 edit rows come before any locality row
+    bounds = [(0, first)] + [(a, min(a + rows_per_pass, loc)) for a in range(first, loc, rows_per_pass)]
+    return bounds + [(a, min(a + rows_per_pass, len(kinds))) for a in range(loc, len(kinds), rows_per_pass)]
 
 
 def measure(runner: Runner, editor: Callable, records: list[EditRequest],
@@ -115,7 +128,7 @@ def measure(runner: Runner, editor: Callable, records: list[EditRequest],
     grow with the number of edits."""
     prompts, targets, kinds = rows_of(records)
     n = len(records)
-    end = min(max(n, rows_per_pass), len(prompts))   # the first pass: the edit rows and more
+    end = passes(kinds, n, rows_per_pass)[0][1]        # the first pass: the edit rows and more
     first = runner.batch(prompts[:end], targets[:end])
     cuda = runner.device.type == "cuda"
     if cuda:
@@ -134,23 +147,22 @@ def score(runner: Runner, records: list[EditRequest], edited: Callable, referenc
           rows_per_pass: int = 512, first: dict | None = None) -> list[dict]:
     """Per-record metrics of `records`' rows, each pass run inside `edited(its prompts)` (a context).
     LS compares with the pre-edit argmax at the locality rows: `reference` ({(prompt, answer): argmax
-    list}, the original model's, from references()) or, without it, the model outside `edited` now.
-    first: the first pass's batch, already built."""
+    list}, the original model's, from references()) or, without it, the model outside `edited` now,
+    on the same pass. first: the first pass's batch, already built."""
     prompts, targets, kinds = rows_of(records)
     n = len(records)
-    bounds = [0] + list(range(max(n, rows_per_pass), len(prompts), rows_per_pass)) + [len(prompts)]
     s = {"acc": [], "agree": [], "nll": []}            # per row; nll: mean NLL per answer token
-    for a, b in zip(bounds, bounds[1:]):
+    for a, b in passes(kinds, n, rows_per_pass):
         batch = first if a == 0 and first is not None else runner.batch(prompts[a:b], targets[a:b])
-        loc = [r for r in range(b - a) if kinds[a + r][0] == "loc"]
+        loc = kinds[a][0] == "loc"                      # a pass of locality rows only (passes())
         pre = None
         if loc and reference is not None:               # the original model's argmax, read before any edit
-            pre = (torch.tensor([t for r in loc for t in reference[batch["keys"][r]]], device=runner.device),
-                   index([r for r in loc for _ in reference[batch["keys"][r]]], runner.device))
+            pre = (torch.tensor([t for key in batch["keys"] for t in reference[key]], device=runner.device),
+                   index([r for r, key in enumerate(batch["keys"]) for _ in reference[key]], runner.device))
         elif loc:
-            with torch.no_grad():                      # pre-edit logits: needed at the locality rows only
-                pre_logits, _, pre_rows = runner.scored_logits(take(batch, loc))
-            pre = (pre_logits.argmax(-1), index(loc, runner.device)[pre_rows])   # rows numbered as in batch
+            with torch.no_grad():                      # pre-edit logits of this very batch
+                pre_logits, _, pre_rows = runner.scored_logits(batch)
+            pre = (pre_logits.argmax(-1), pre_rows)
         with edited(prompts[a:b]) as routing, torch.no_grad():
             runner.on_part = getattr(routing, "select", None)      # a memory routes per row
             try:
@@ -192,11 +204,14 @@ def per_record(acc: list[float], agree: list[float], nll: list[float], kinds: li
 
 @torch.no_grad()
 def references(runner: Runner, records: list[EditRequest], rows_per_pass: int = 512) -> dict:
-    """The unedited model's argmax at the scored positions of every locality row: {(prompt, answer): list}."""
-    pairs = list(dict.fromkeys((q, a) for r in records for q, a in r.locality))
+    """The unedited model's argmax at the scored positions of every locality row: {(prompt, answer): list},
+    computed in the passes score() will run on `records` (a locality prompt in two of them: the last)."""
+    prompts, targets, kinds = rows_of(records)
     out = {}
-    for i in range(0, len(pairs), rows_per_pass):
-        batch = runner.batch(*map(list, zip(*pairs[i:i + rows_per_pass])))
+    for a, b in passes(kinds, len(records), rows_per_pass):
+        if kinds[a][0] != "loc":
+            continue
+        batch = runner.batch(prompts[a:b], targets[a:b])
         logits, _, rows = runner.scored_logits(batch)
         top, rows = logits.argmax(-1).tolist(), rows.tolist()
         for r, key in enumerate(batch["keys"]):

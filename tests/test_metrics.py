@@ -7,7 +7,12 @@ import torch
 
 from conftest import tiny
 from data import EditRequest
-from metrics import contains, generation, harmonic, ngram_entropy, per_record, per_row, rows_of, score_rows, summarise
+from data import load
+from editor import no_editor
+from metrics import (contains, generation, harmonic, measure, ngram_entropy, passes, per_record, per_row, references,
+                     rows_of, score, score_rows, summarise)
+from model import edit_module_names, load_model
+from runner import Runner
 
 
 def one_hot_logits(ids, vocab=5, high=10.0):
@@ -48,6 +53,29 @@ def test_rows_of_puts_edit_rows_first_and_pairs_probability_rows():
     assert ("l0", "new0", ("loc_new", 0)) in zip(prompts, targets, kinds)    # NS_p: P(true) vs P(new)
     assert ("g0", "old0", ("gen_old", 0)) in zip(prompts, targets, kinds)
     assert not [k for k in kinds if k[1] == 1 and k[0] != "edit"]          # nothing else for record 1
+
+
+def test_passes_keep_locality_rows_apart():
+    kinds = [("edit", 0), ("edit", 1), ("gen", 0), ("gen", 1), ("loc_new", 1)] + [("loc", 0)] * 3 + [("loc", 1)] * 2
+    assert passes(kinds, 2, 512) == [(0, 5), (5, 10)]
+    assert passes(kinds, 2, 2) == [(0, 2), (2, 4), (4, 5), (5, 7), (7, 9), (9, 10)]
+    assert passes(kinds, 2, 4) == [(0, 4), (4, 5), (5, 9), (9, 10)]
+    assert passes(kinds[:5], 2, 4) == [(0, 4), (4, 5)]                  # no locality rows
+
+
+def test_no_edit_gives_ls_exactly_one_in_bfloat16(data_dir):
+    """The unedited model's locality must score 1 against itself, in bfloat16 too. Scored in another
+    batch than the post-edit pass (the locality rows alone, or references() in a batch of their own),
+    the real model flipped argmaxes near ties: record 90 scored LS 0 at n = 1, and three of the first
+    20 records below 1 in the sequential protocol."""
+    model, tokenizer = load_model("smollm2-135m", "bfloat16")
+    runner = Runner(model, tokenizer, edit_module_names(model), cache=False)
+    records = load("counterfact", data_dir)["eval"][:100]
+    for batch in ([records[90]], records[85:95]):
+        assert {r["LS"] for r in measure(runner, no_editor, batch)[0]} == {1.0}
+    assert {r["LS"] for r in measure(runner, no_editor, records[85:95], rows_per_pass=40)[0]} == {1.0}
+    reference = references(runner, records[:20])
+    assert {r["LS"] for r in score(runner, records[:20], lambda prompts: contextlib.nullcontext(), reference)} == {1.0}
 
 
 def test_probability_scores_compare_each_prompts_two_answers():
