@@ -135,9 +135,11 @@ def check_flags(args: argparse.Namespace) -> None:
     before any work; one line naming the problem."""
     finite_positive = {k: getattr(args, k) for k in ("lr", "lr_lambda", "clip", "eta_init", "ridge_init", "eta_scale")}
     at_least_1 = {k: getattr(args, k) for k in ("steps", "batch_size", "val_every", "val_size", "patience", "log_every",
-                                                "save_every", "d_m", "chunk", "val_n", "latent_len", "latent_dim",
-                                                "heads")}
+                                                "save_every", "d_m", "chunk", "val_n", "latent_dim", "heads")}
     rules = [(v >= 1, f"--{k.replace('_', '-')} {v}: give at least 1") for k, v in at_least_1.items()]
+    rules += [(args.latent_len >= 0, f"--latent-len {args.latent_len}: give 0 (no latent: MEND) or more"),
+              (args.latent_len or args.no_ib, "--latent-len 0 has no latent to bottleneck: add --no-ib (MEND: also "
+                                              "--no-scale)")]
     rules += [(0 < v < FLOAT32_MAX, f"--{k.replace('_', '-')} {v}: give a positive number below 3.4e38 (float32)")
               for k, v in finite_positive.items()]
     rules += [(0 <= v < FLOAT32_MAX, f"--{k.replace('_', '-')} {v}: give 0 or a positive weight below 3.4e38 (float32)")

@@ -12,6 +12,9 @@ Per edited module m, with weights shared by all modules of the same shape (d_in,
   5. update      ΔW_m = −η_m Σ_e (1/|e|) Σ_{i∈e} s_i h̃_iᵀ ũ_i         (--aggregate sum; METHOD.md §3)
                  or the ridge solve over all edits' tokens                  (--aggregate ridge; MALMEN)
                  or the sum with the edits' cross-talk solved away          (--aggregate cancel; = sum at n = 1)
+MEND is the configuration with no latent (latent_len 0: step 3 and the decoder's attention left out,
+r_i = t_i + MLP(t_i), each token on its own), no IB and no token scale (`--latent-len 0 --no-ib
+--no-scale`); MALMEN is MEND with `--aggregate ridge` (METHOD.md §3).
 Dimension letters: M modules of one shape, E edits, T tokens, N = E·T, D = d_in + d_out, C = d_m,
 L = l_m (latent length), Z = latent dim.
 """
@@ -31,7 +34,7 @@ from losses import gaussian_kl
 @dataclass
 class EditorConfig:
     d_m: int = 512            # width of the hypernetwork (the paper's: 1920, PAPER_SIZE)
-    latent_len: int = 10      # l_m, number of learnable queries / latent vectors per edit
+    latent_len: int = 10      # l_m, number of learnable queries / latent vectors per edit (0: none, MEND)
     latent_dim: int = 512     # Z, width of each latent vector (the paper's: = d_m)
     heads: int = 8            # attention heads in encoder and decoder
     ib: bool = True           # False: deterministic latent z = μ and no KL (--no-ib)
@@ -85,20 +88,23 @@ class ShapeEditor(nn.Module):
         self.norm = RunningNorm(n_modules, D)
         self.proj = nn.Linear(D, C)
         self.module_emb = nn.Parameter(torch.zeros(n_modules, C))
-        self.queries = nn.Parameter(torch.randn(cfg.latent_len, C) * C ** -0.5)
-        self.enc_norm = nn.LayerNorm(C)
-        self.enc_attn = nn.MultiheadAttention(C, cfg.heads, batch_first=True)
-        self.to_mu = nn.Linear(C, Z)
-        self.to_logvar = nn.Linear(C, Z)
-        self.dec_norm = nn.LayerNorm(C)
-        self.dec_attn = nn.MultiheadAttention(C, cfg.heads, kdim=Z, vdim=Z, batch_first=True)
+        if cfg.latent_len:                                   # steps 3 and 4's attention (none: MEND)
+            self.queries = nn.Parameter(torch.randn(cfg.latent_len, C) * C ** -0.5)
+            self.enc_norm = nn.LayerNorm(C)
+            self.enc_attn = nn.MultiheadAttention(C, cfg.heads, batch_first=True)
+            self.to_mu = nn.Linear(C, Z)
+            self.to_logvar = nn.Linear(C, Z)
+            self.dec_norm = nn.LayerNorm(C)
+            self.dec_attn = nn.MultiheadAttention(C, cfg.heads, kdim=Z, vdim=Z, batch_first=True)
+            nn.init.zeros_(self.to_logvar.weight)            # σ = 1 at the start
+            nn.init.zeros_(self.to_logvar.bias)
         self.mlp = nn.Sequential(nn.LayerNorm(C), nn.Linear(C, C), nn.GELU(), nn.Linear(C, C))
         self.out = nn.Linear(C, D)
         self.scale = nn.Linear(C, 1)
         self.log_eta = nn.Parameter(torch.full((n_modules,), math.log(cfg.eta_init)))
         if cfg.aggregate in ("ridge", "cancel"):
             self.log_lambda = nn.Parameter(torch.full((n_modules,), math.log(cfg.ridge_init)))
-        for layer in (self.out, self.scale, self.to_logvar):  # identity start: h̃ = ĥ, ũ = û, equal s, σ = 1
+        for layer in (self.out, self.scale):                  # identity start: h̃ = ĥ, ũ = û, equal s
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
@@ -110,17 +116,20 @@ class ShapeEditor(nn.Module):
         x = self.norm(torch.cat([h, u], -1))                                   # IBKE §3 step 1 (M, E, T, D)
         t = self.proj(x) + self.module_emb[:, None, None]                      # step 2 (M, E, T, C)
         t = t.flatten(0, 1)                                                    # (M·E, T, C)
-        padding = ~mask.repeat(M, 1)                                           # (M·E, T)
-        kv = self.enc_norm(t)
-        queries = self.queries.expand(M * E, -1, -1)                           # (M·E, L, C)
-        A = self.enc_attn(queries, kv, kv, key_padding_mask=padding, need_weights=False)[0]  # step 3, φ1
-        mu, logvar = self.to_mu(A), self.to_logvar(A)                          # (M·E, L, Z)
-        if self.cfg.ib and self.training:
-            z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)               # reparameterisation
-        else:
-            z = mu                                                             # evaluation (or --no-ib)
-        kl = gaussian_kl(mu, logvar).view(M, E).mean(0) if self.cfg.ib else mu.new_zeros(E)  # ITM (E,)
-        r = t + self.dec_attn(self.dec_norm(t), z, z, need_weights=False)[0]   # step 4, φ2 (M·E, T, C)
+        r, kl = t, t.new_zeros(E)                                              # no latent (MEND): no ITM
+        if self.cfg.latent_len:
+            padding = ~mask.repeat(M, 1)                                       # (M·E, T)
+            kv = self.enc_norm(t)
+            queries = self.queries.expand(M * E, -1, -1)                       # (M·E, L, C)
+            A = self.enc_attn(queries, kv, kv, key_padding_mask=padding, need_weights=False)[0]  # step 3, φ1
+            mu, logvar = self.to_mu(A), self.to_logvar(A)                      # (M·E, L, Z)
+            if self.cfg.ib and self.training:
+                z = mu + (0.5 * logvar).exp() * torch.randn_like(mu)           # reparameterisation
+            else:
+                z = mu                                                         # evaluation (or --no-ib)
+            if self.cfg.ib:
+                kl = gaussian_kl(mu, logvar).view(M, E).mean(0)                # ITM (E,)
+            r = t + self.dec_attn(self.dec_norm(t), z, z, need_weights=False)[0]   # step 4, φ2 (M·E, T, C)
         r = r + self.mlp(r)
         x_tilde = x + self.out(r).view(M, E, T, -1)                            # gated residual
         h_tilde, u_tilde = x_tilde.split([self.d_in, self.d_out], -1)

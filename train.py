@@ -82,7 +82,9 @@ parser.add_argument("--loc-from", default="relation", choices=["relation", "answ
                     help="those records: the same prompt with another subject; another subject with the edit's old "
                          "answer (CounterFact's neighbours); any record")
 parser.add_argument("--d-m", type=int, default=EditorConfig.d_m, help="hypernetwork width d_m (the paper's: 1920)")
-parser.add_argument("--latent-len", type=int, default=EditorConfig.latent_len, help="l_m, latent vectors per edit")
+parser.add_argument("--latent-len", type=int, default=EditorConfig.latent_len,
+                    help="l_m, latent vectors per edit (0: no latent, each token on its own; with --no-ib --no-scale: "
+                         "MEND, and with --aggregate ridge: MALMEN)")
 parser.add_argument("--latent-dim", type=int, default=EditorConfig.latent_dim, help="width of each latent vector")
 parser.add_argument("--heads", type=int, default=EditorConfig.heads, help="attention heads in the hypernetwork")
 parser.add_argument("--eta-init", type=float, default=EditorConfig.eta_init, help="initial step size η of each module")

@@ -14,13 +14,19 @@ from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl, scored
 from model import edit_module_names, native_dtype, weight_shape
 
-@pytest.mark.parametrize("aggregate", ["sum", "ridge", "cancel"])
-def test_training_steps_lower_the_loss(aggregate):
+MEND = {"latent_len": 0, "ib": False, "token_scale": False}       # the peers as configurations (hypernet.py)
+
+
+@pytest.mark.parametrize("config", [{"aggregate": "sum"}, {"aggregate": "ridge"}, {"aggregate": "cancel"}, MEND,
+                                    MEND | {"aggregate": "ridge"}], ids=["sum", "ridge", "cancel", "mend", "malmen"])
+def test_training_steps_lower_the_loss(config):
     """The loop of train.py, on a fixed batch of a tiny model: Adam on the hypernetwork lowers L."""
     model = tiny("llama", init=0.2)
     names = edit_module_names(model)
     editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names},
-                  EditorConfig(d_m=32, latent_dim=16, heads=2, eta_init=0.1, aggregate=aggregate)).train()
+                  EditorConfig(d_m=32, latent_dim=16, heads=2, eta_init=0.1, **config)).train()
+    if not config.get("latent_len", 1):                            # MEND: no latent, nothing to bottleneck
+        assert not any("attn" in k or "queries" in k or "to_mu" in k for k in editor.state_dict())
     optimizer = torch.optim.Adam(editor.parameters(), lr=1e-2)
     edit, loc = random_batch(seed=5), random_batch(seed=7)
     gen = edit                                     # random tokens have no rephrase; reuse the edit rows
