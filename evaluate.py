@@ -9,6 +9,8 @@ case's edits together, then its multi-hop questions.
     python evaluate.py --ckpt out/ibke/best.pt --limit 1000 --edits-per-batch 8
     python evaluate.py --ckpt out/ibke/best.pt --method ft            # FT-L baseline, same modules
     python evaluate.py --ckpt out/ibke/best.pt --method none          # the unedited model
+    python evaluate.py --ckpt out/ibke/best.pt --method memit         # ROME, MEMIT, AlphaEdit: baselines.py
+    python evaluate.py --ckpt out/mend/best.pt                        # MEND, MALMEN: train.py configurations
     python evaluate.py --ckpt out/ibke/best.pt --data mquake          # multi-hop accuracy
     python evaluate.py --ckpt out/ibke/best.pt --sequential memory --limit 10000 --memory out/ibke/cf.mem
                                   # lifelong: 10,000 edits kept in an edit memory (memory.py), then all measured
@@ -31,6 +33,7 @@ from typing import Callable
 
 from tqdm import tqdm
 
+from baselines import PEERS, add_peer_args, peer_covariances, peer_editor, peer_problems
 from checkpoint import FLOAT32_MAX, CheckpointError
 from rundir import RunLock, check_folder, is_results, resumable, write_json
 from data import DataError, EditRequest, load, split_val
@@ -61,7 +64,7 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
         edited = memory.routed
     else:
         master = {}                                          # float32 weights of the edited modules
-        originals = {m: loaded.model.get_submodule(m).weight.detach().clone() for m in loaded.names}
+        originals = {m: loaded.model.get_submodule(m).weight.detach().clone() for m in runner.names}
         edited = lambda prompts: contextlib.nullcontext()
     try:
         for i in tqdm(range(start, T, n), desc=f"{args.sequential} n={n}", initial=start // n, total=-(-T // n)):
@@ -139,11 +142,13 @@ def check_args(args: argparse.Namespace) -> None:
               "--sequential memory needs --memory FILE (where the memory is kept)"),
              (args.sequential is None or args.method != "none",
               "--sequential with --method none: nothing to keep; give ibke or ft"),
+             (args.sequential != "memory" or args.method == "ibke",
+              f"--sequential memory with --method {args.method}: the memory keeps IBKE's edits; use merge"),
              (args.ft_steps >= 1, f"--ft-steps {args.ft_steps}: give at least 1"),
              (not args.generate or args.sequential != "merge",
               "--generate with --sequential merge: the unedited model is gone from the weights; use memory"),
              (0 < args.ft_lr < FLOAT32_MAX, f"--ft-lr {args.ft_lr}: give a positive learning rate below 3.4e38 "
-                                            f"(float32)")]
+                                            f"(float32)")] + peer_problems(args)
     for ok, problem in rules:
         if not ok:
             raise SystemExit(f"error: {problem}")
@@ -177,10 +182,13 @@ def main() -> None:
     parser.add_argument("--skip", type=int, default=0,
                         help="leave out the first N records (MQuAKE: cases) before --limit: a fresh slice")
     parser.add_argument("--edits-per-batch", type=int, default=1, help="n edits applied together (1 = single edits)")
-    parser.add_argument("--method", default="ibke", choices=["ibke", "ft", "none"],
-                        help="editor: IBKE, FT-L baseline, or no edit")
+    parser.add_argument("--method", default="ibke", choices=["ibke", "ft", "none", *PEERS],
+                        help="editor: the checkpoint's hypernetwork (IBKE, or MEND/MALMEN trained as train.py's "
+                             "--latent-len 0), FT-L on the same modules, no edit, or a locate-then-edit peer "
+                             "(baselines.py)")
     parser.add_argument("--ft-steps", type=int, default=25, help="FT-L: Adam steps on the edit prompts")
     parser.add_argument("--ft-lr", type=float, default=5e-4, help="FT-L: learning rate")
+    add_peer_args(parser)
     parser.add_argument("--model", default=None,
                         help="override the checkpoint's model (must have the same edited modules)")
     add_device_args(parser, dtype_default=None)
@@ -237,8 +245,16 @@ def evaluate(args: argparse.Namespace) -> None:
     except (DataError, ModelError, CheckpointError) as err:
         raise SystemExit(f"error: {err}")
     names = list(hypernet.shapes)
-    editor = {"ibke": lambda: ibke_editor(hypernet, ckpt["config"].get("tokens", "all")),
-              "ft": lambda: ft_editor(names, args.ft_steps, args.ft_lr), "none": lambda: no_editor}[args.method]()
+    if args.method in PEERS:
+        try:
+            train = load(data_name, args.data_dir, split="train").get("train", [])
+            names, covs = peer_covariances(args, model, tokenizer, args.model or ckpt["model"], data_name, train)
+            editor = peer_editor(args, names, covs, records)
+        except (DataError, ValueError) as err:
+            raise SystemExit(f"error: {err}")
+    else:
+        editor = {"ibke": lambda: ibke_editor(hypernet, ckpt["config"].get("tokens", "all")),
+                  "ft": lambda: ft_editor(names, args.ft_steps, args.ft_lr), "none": lambda: no_editor}[args.method]()
     runner = Runner(model, tokenizer, names, cache=args.cache_dir is not None)
     states_path = runner.use_states(args.cache_dir)
 
@@ -295,9 +311,12 @@ def evaluate(args: argparse.Namespace) -> None:
                           "signature": signature, "batches": done})
     if os.path.exists(partial):
         os.remove(partial)                                    # finished: the batches are in --out
-    name = f"{args.method} {data_name}" if data_name.startswith("mquake") else f"{args.method} n={args.edits_per_batch}"
+    method = args.method
+    if method == "ibke" and not ckpt["config"].get("latent_len", 1):        # train.py's peer configurations
+        method = "malmen" if ckpt["config"].get("aggregate") == "ridge" else "mend"
+    name = f"{method} {data_name}" if data_name.startswith("mquake") else f"{method} n={args.edits_per_batch}"
     if args.sequential:
-        name = f"{args.method} {args.sequential} T={len(results)} n={args.edits_per_batch}"
+        name = f"{method} {args.sequential} T={len(results)} n={args.edits_per_batch}"
         for t, r in done[0]["retention"].items():
             print(f"first 100 edits after {t}: F1 {r.get('F1', 0):.3f} (ES {r['ES']:.3f} GS {r.get('GS', 0):.3f} LS "
                   f"{r.get('LS', 0):.3f})")

@@ -152,7 +152,7 @@ class Runner:
     """
 
     def __init__(self, model: nn.Module, tokenizer, names: list[str], cache: bool = True, max_len: int = 128):
-        self.model, self.tokenizer, self.max_len, self.cache = model, tokenizer, max_len, cache
+        self.model, self.tokenizer, self.max_len, self.cache, self.names = model, tokenizer, max_len, cache, names
         self.block = first_edited_block(model, names)
         self.device = model.device
         width = model.config.hidden_size

@@ -260,6 +260,15 @@ def test_evaluate_baselines_run(trained):
         assert summary["n"] == 2 and 0 <= summary["ES"] <= 1
         if method == "none":
             assert summary["LS"] == 1.0                                     # nothing edited: nothing moves
+    for method, layers in (("rome", "2"), ("memit", "1,2"), ("alphaedit", "1,2")):   # the tiny model's blocks
+        run("evaluate.py", "--ckpt", out / "b" / "best.pt", "--method", method, "--peer-layers", layers,
+            "--cov-tokens", "300", "--data-dir", data_dir, "--limit", "2", "--out", out / f"{method}.json")
+        summary = json.load(open(out / f"{method}.json"))["summary"]
+        assert summary["n"] == 2 and 0 <= summary["ES"] <= 1 and 0 <= summary["LS"] <= 1
+    assert list((out / "b").glob("cov-*-1-2-300.pt"))                      # C kept beside the checkpoint
+    bad = run("evaluate.py", "--ckpt", out / "b" / "best.pt", "--method", "rome", "--peer-layers", "9",
+              "--data-dir", data_dir, "--out", out / "bad.json", check=False)
+    assert bad.returncode != 0 and "0 to 3" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow
