@@ -271,7 +271,7 @@ def add_peer_args(parser: argparse.ArgumentParser) -> None:
 def peer_problems(args: argparse.Namespace) -> list[tuple[bool, str]]:
     """evaluate.py's flag rules for the peers: (ok, problem)."""
     layers = (args.peer_layers or "0").replace(",", "").replace(" ", "")
-    return [(layers.isdigit(), f"--peer-layers {args.peer_layers}: give block numbers separated by commas (e.g. 4,5,6)"),
+    return [(layers.isdigit(), f"--peer-layers {args.peer_layers}: give block numbers separated by commas (4,5,6)"),
             (0 < args.peer_lambda < 3.4e38, f"--peer-lambda {args.peer_lambda}: give a positive number"),
             (0 < args.peer_mu < 3.4e38, f"--peer-mu {args.peer_mu}: give a positive number"),
             (0 < args.peer_tau < 1, f"--peer-tau {args.peer_tau}: give a fraction of the largest eigenvalue, 0 to 1"),
@@ -332,4 +332,5 @@ if __name__ == "__main__":
         values = torch.linalg.eigvalsh(covs[name])
         null = int((values < args.peer_tau * values.max()).sum())
         print(f"{name}: C over {covs['tokens']} tokens, eigenvalues {values.min():.3g} … {values.max():.3g} "
-              f"(median {values.median():.3g}); AlphaEdit's null space at τ = {args.peer_tau:g}: {null} of {len(values)}")
+              f"(median {values.median():.3g}); AlphaEdit's null space at τ = {args.peer_tau:g}: {null} of "
+              f"{len(values)}")
