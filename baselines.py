@@ -32,7 +32,7 @@ import torch
 from data import EditRequest
 from hooks import functional_edit
 from losses import answer_nll
-from model import blocks_path
+from model import EDIT_TABLE, block_index, blocks_path
 from runner import Runner, take
 
 PEERS = ("rome", "memit", "alphaedit")
@@ -55,10 +55,6 @@ def subject_positions(tokenizer, batch: dict, subjects: dict[str, str]) -> list[
         head = len(tokenizer(prompt[:end], add_special_tokens=False)["input_ids"])
         out.append(max(0, start - 1 - (whole - head)))                  # counted back from the prompt's end
     return out
-
-
-def block_of(name: str) -> int:
-    return int(name.split(".")[-3])                       # model.layers.<l>.mlp.down_proj
 
 
 def read_at(runner: Runner, batch: dict, pos: list[int], names: list[str], top: str,
@@ -84,7 +80,8 @@ def read_at(runner: Runner, batch: dict, pos: list[int], names: list[str], top: 
 
     model = runner.model
     handles = [model.get_submodule(n).register_forward_hook(key_hook(n)) for n in names]
-    handles.append(model.get_submodule(f"{blocks_path(model)}.{block_of(top)}").register_forward_hook(top_hook))
+    block = model.get_submodule(f"{blocks_path(model)}.{block_index(model, top)}")
+    handles.append(block.register_forward_hook(top_hook))
     try:
         logits, targets, scored_rows = runner.scored_logits(batch, split=False)
     finally:
@@ -132,8 +129,8 @@ def covariance(model, tokenizer, names: list[str], texts: list[str], tokens: int
                batch_size: int = 32) -> dict[str, torch.Tensor]:
     """C = E[kkᵀ] of each module's input over the tokens of `texts` (in order, until `tokens`):
     {name: (d_in, d_in) float64}. The blocks above the highest module are not run."""
-    sums, counts, mask = {}, {"n": 0}, {}
-    top = max(names, key=block_of)
+    sums, count, mask = {}, 0, {}
+    top = max(names, key=lambda n: block_index(model, n))
 
     def hook(name):
         def add(module, inputs, output):
@@ -152,13 +149,13 @@ def covariance(model, tokenizer, names: list[str], texts: list[str], tokens: int
                 model(**enc, use_cache=False)
             except _Done:
                 pass
-            counts["n"] += int(mask["m"].sum())
-            if counts["n"] >= tokens:
+            count += int(mask["m"].sum())
+            if count >= tokens:
                 break
     finally:
         for h in handles:
             h.remove()
-    return {n: s / counts["n"] for n, s in sums.items()} | {"tokens": counts["n"]}
+    return {n: s / count for n, s in sums.items()} | {"tokens": count}
 
 
 def cached_covariance(path: str | None, model, tokenizer, names: list[str], records: list[EditRequest],
@@ -224,8 +221,6 @@ def rome_editor(name: str, C: torch.Tensor, subjects: dict[str, str], **shift_ar
 def memit_editor(names: list[str], covs: dict[str, torch.Tensor], subjects: dict[str, str], lam: float = 15000.0,
                  projectors: dict[str, torch.Tensor] | None = None, mu: float = 10.0, **shift_args):
     """MEMIT over `names` (bottom to top); with `projectors` ({name: P}), AlphaEdit."""
-    names = sorted(names, key=block_of)
-
     def edit(runner: Runner, batch: dict) -> dict[str, torch.Tensor]:
         pos = subject_positions(runner.tokenizer, batch, subjects)
         delta, h = target_shift(runner, batch, pos, names[-1], **shift_args)
@@ -242,7 +237,6 @@ def memit_editor(names: list[str], covs: dict[str, torch.Tensor], subjects: dict
 
 def down_projections(model, layers: list[int]) -> list[str]:
     """The down-projection (the FFN's second matrix) of each block in `layers`."""
-    from model import EDIT_TABLE
     second = EDIT_TABLE[model.config.model_type][1][1]
     return [f"{blocks_path(model)}.{l}.{second}" for l in layers]
 
@@ -280,9 +274,9 @@ def peer_problems(args: argparse.Namespace) -> list[tuple[bool, str]]:
 
 def peer_covariances(args: argparse.Namespace, model, tokenizer, model_name: str, data_name: str,
                      train: list[EditRequest]) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """--method rome|memit|alphaedit, --peer-layers -> (the modules it writes, their C), C cached beside
+    """--method rome|memit|alphaedit, --peer-layers -> (the modules it writes, bottom to top; their C), C cached beside
     --ckpt. ValueError: a block the model does not have, or no train split."""
-    layers = [int(x) for x in args.peer_layers.split(",")] if args.peer_layers else LAYERS[args.method]
+    layers = sorted({int(x) for x in args.peer_layers.split(",")}) if args.peer_layers else LAYERS[args.method]
     blocks = len(model.get_submodule(blocks_path(model)))
     if max(layers) >= blocks or args.method == "rome" and len(layers) != 1:
         raise ValueError(f"--peer-layers {args.peer_layers}: give " + ("one block" if args.method == "rome" else

@@ -219,6 +219,11 @@ def blocks_path(model: nn.Module) -> str:
     return max(lists)[1]
 
 
+def block_index(model: nn.Module, name: str) -> int:
+    """The block a module belongs to: `model.layers.27.mlp.down_proj` -> 27."""
+    return int(name[len(blocks_path(model)) + 1:].split(".")[0])
+
+
 def edit_module_names(model: nn.Module, edit_modules: str | None = None, edit_layers: int = 3) -> list[str]:
     """Names of the edited FFN matrices, bottom to top.
 

@@ -17,15 +17,14 @@ import torch
 import torch.nn as nn
 
 from data import pad, tokenize
-from model import blocks_path
+from model import block_index, blocks_path
 
 class _Stop(Exception):
     pass
 
 
 def first_edited_block(model: nn.Module, names: list[str]) -> int:
-    prefix = blocks_path(model) + "."
-    return min(int(n[len(prefix):].split(".")[0]) for n in names)
+    return min(block_index(model, n) for n in names)
 
 
 def attention_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
