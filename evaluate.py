@@ -41,14 +41,14 @@ from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit, merge, restore
 from key import MemoryFileError, asks_another, load_key
 from memory import EditMemory
-from metrics import generation, measure, multihop, peak_mib, references, score, summarise, table
+from metrics import Continuations, generation, measure, multihop, peak_mib, references, score, summarise, table
 from model import ModelError, add_device_args
 from runner import Runner
 
 
 
 def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditRequest], runner: Runner,
-               editor: Callable) -> dict:
+               editor: Callable, unedited: Continuations) -> dict:
     """The lifelong protocol: the T records' edits in order, n at a time, each batch kept on top of all
     earlier ones (merge: its ΔW, computed on the model as it stands, written into the weights; memory:
     edited alone on the original model and stored, memory.py); after the last, every edit measured again,
@@ -85,7 +85,8 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
         results = score(runner, records, edited, reference)
         if args.generate:                                    # free generation, every edit kept and routed
             free = [g for i in tqdm(range(0, T, 16), desc="generation", leave=False)
-                    for g in generation(runner, memory.serving(), records[i:i + 16])]
+                    for g in generation(runner, memory.serving(), records[i:i + 16], unedited=unedited)]
+            unedited.save()
             results = [r | g for r, g in zip(results, free)]
         if records[0].questions:                             # MQuAKE: each case's questions, every case's edits kept
             cases = list({r.case_id: r for r in records}.values())
@@ -197,7 +198,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=None,
                         help="keep the frozen lower blocks' states of the texts evaluated in this folder (as "
                              "train.py's): evaluating the same records again (another checkpoint, another n) skips "
-                             "that work; peak memory then includes them")
+                             "that work; peak memory then includes them; with --generate, also the unedited "
+                             "model's continuations, the same for every editor")
     parser.add_argument("--sequential", default=None, choices=["merge", "memory"],
                         help="lifelong protocol: the records' edits in order, --edits-per-batch at a time, "
                         "all kept (merge: written into the weights one batch after another; memory: memory.py), then "
@@ -257,6 +259,8 @@ def evaluate(args: argparse.Namespace) -> None:
                   "ft": lambda: ft_editor(names, args.ft_steps, args.ft_lr), "none": lambda: no_editor}[args.method]()
     runner = Runner(model, tokenizer, names, cache=args.cache_dir is not None)
     states_path = runner.use_states(args.cache_dir)
+    unedited = Continuations(os.path.join(args.cache_dir, f"continuations-{runner.fingerprint([model])}.json")
+                             if args.cache_dir and args.generate else None)
 
     if data_name.startswith("mquake"):  # a batch is a case
         cases = list(dict.fromkeys(r.case_id for r in records))
@@ -282,12 +286,12 @@ def evaluate(args: argparse.Namespace) -> None:
                              f"or --overwrite to replace them")
     if args.sequential:
         try:
-            line = sequential(args, loaded, [r for b in batches for r in b], runner, editor)
+            line = sequential(args, loaded, [r for b in batches for r in b], runner, editor, unedited)
         except MemoryFileError as err:
             raise SystemExit(f"error: {err}")
         done = [line]
     else:
-        done = run_batches(args, batches, runner, editor, data_name, partial, signature)
+        done = run_batches(args, batches, runner, editor, data_name, partial, signature, unedited)
     if states_path:
         runner.save_states(states_path)
     results = [r for line in done for r in line["results"]]
@@ -329,7 +333,7 @@ def evaluate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
-def run_batches(args, batches, runner, editor, data_name, partial, signature) -> list[dict]:
+def run_batches(args, batches, runner, editor, data_name, partial, signature, unedited) -> list[dict]:
     """Each batch edited, measured and dropped; one line per batch in the partial file (resumable)."""
     done = resumable(partial, signature, len(batches))
     with open(partial, "w" if not done else "a") as f:
@@ -339,7 +343,8 @@ def run_batches(args, batches, runner, editor, data_name, partial, signature) ->
                           total=len(batches)):
             results, seconds, deltas = measure(runner, editor, batch)
             if args.generate:                                    # free generation, the same edit applied
-                free = generation(runner, functional_edit(runner.model, deltas), batch)
+                free = generation(runner, functional_edit(runner.model, deltas), batch, unedited=unedited)
+                unedited.save()
                 results = [r | g for r, g in zip(results, free)]
             line = {"results": results, "seconds": seconds, "edits": len(batch)}
             if data_name.startswith("mquake"):

@@ -26,6 +26,9 @@ Prompts keep their last 128 tokens, answers their first 32 (data.MAX_ANSWER). ME
     python -m pytest tests/test_metrics.py     # each metric on hand-made logits
 """
 import contextlib
+import hashlib
+import json
+import os
 import re
 import statistics
 import time
@@ -36,6 +39,7 @@ import torch
 from data import EditRequest
 from hooks import functional_edit
 from losses import answer_nll
+from rundir import write_json
 from runner import Runner, index, take
 
 METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p",
@@ -269,11 +273,41 @@ def ngram_entropy(text: str) -> float:
     return sum(entropies) / 2
 
 
+class Continuations:
+    """The unedited model's greedy continuations, by prompt batch: they are the same for every editor run
+    on the same records in the same batches, so a run takes those an earlier one kept in `path`
+    (evaluate.py --cache-dir; the file named by the whole model's fingerprint) and adds its own."""
+    def __init__(self, path: str | None = None):
+        self.path, self.kept = path, {}
+        if path and os.path.exists(path):
+            try:
+                with open(path) as f:
+                    self.kept = json.load(f)
+            except ValueError:                          # cut short: a cache, rebuilt
+                os.replace(path, path + ".damaged")
+                print(f"note: {path} could not be read; moved to {path}.damaged, the continuations are made afresh")
+        self.new = 0
+
+    def __call__(self, model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+        key = hashlib.sha1(json.dumps([prompts, max_new_tokens]).encode()).hexdigest()
+        if key not in self.kept:
+            self.kept[key], self.new = greedy(model, tokenizer, prompts, max_new_tokens), self.new + 1
+        return self.kept[key]
+
+    def save(self) -> None:
+        """Add what this run made to `path` (atomically; a run writing at once may lose the other's)."""
+        if self.path and self.new:
+            on_disk = Continuations(self.path).kept
+            write_json(self.path, on_disk | self.kept)
+            self.new = 0
+
+
 def generation(runner: Runner, edited: contextlib.AbstractContextManager, records: list[EditRequest],
-               extra: int = 3, fluent: int = 50) -> list[dict]:
+               extra: int = 3, fluent: int = 50, unedited: Continuations | None = None) -> list[dict]:
     """Per record, the free-generation scores (the docstring's gen_ES, gen_GS, gen_LS, fluency): the
-    unedited model's continuations first, then the same prompts in the same batches inside `edited`."""
-    model, tok = runner.model, runner.tokenizer
+    unedited model's continuations first (from `unedited` where it has them), then the same prompts in
+    the same batches inside `edited`."""
+    model, tok, unedited = runner.model, runner.tokenizer, unedited or Continuations()
     asked = [(i, kind, q, r.target) for i, r in enumerate(records)
              for kind, q in [("gen_ES", r.prompt)] + [("gen_GS", g) for g, _ in r.generality]]
     kept = [(i, "gen_LS", q, a) for i, r in enumerate(records) for q, a in r.locality]
@@ -282,7 +316,8 @@ def generation(runner: Runner, edited: contextlib.AbstractContextManager, record
 
     def run(pairs):
         return greedy(model, tok, [q for _, _, q, _ in pairs], n_new) if pairs else []
-    pre_kept, pre_fluent = run(kept), greedy(model, tok, [q for _, _, q, _ in asked], fluent)
+    pre_kept = unedited(model, tok, [q for _, _, q, _ in kept], n_new) if kept else []
+    pre_fluent = unedited(model, tok, [q for _, _, q, _ in asked], fluent)
     with edited:
         post_asked, post_kept = run(asked), run(kept)
         post_fluent = greedy(model, tok, [q for _, _, q, _ in asked], fluent)

@@ -225,14 +225,19 @@ class Runner:
             return states
         return states[index(sorted(range(len(order)), key=order.__getitem__), self.device)]   # (N, C)
 
+    def fingerprint(self, modules: list[nn.Module], *extra) -> str:
+        """A hash of what computes through `modules`: the config, dtype, device type, `extra`, max_len,
+        tokenizer, and the modules' weights (their sums)."""
+        checksum = [round(p.detach().double().sum().item(), 6) for m in modules for p in m.parameters()]
+        what = [self.model.config.to_json_string(), str(self.model.dtype), self.device.type, *extra, self.max_len,
+                self.tokenizer.name_or_path, len(self.tokenizer), checksum]
+        return hashlib.sha1(repr(what).encode()).hexdigest()[:16]
+
     def states_file(self, folder: str) -> str:
         """Where in `folder` this model's cached states go: named by a hash of what computes them (the
-        config, dtype, device type, first edited block, max_len, tokenizer, and the lower blocks' weights)."""
+        first edited block and the lower blocks' weights among them)."""
         below = [self.model.get_input_embeddings(), *self.model.get_submodule(blocks_path(self.model))[:self.block]]
-        checksum = [round(p.detach().double().sum().item(), 6) for m in below for p in m.parameters()]
-        what = [self.model.config.to_json_string(), str(self.model.dtype), self.device.type, self.block, self.max_len,
-                self.tokenizer.name_or_path, len(self.tokenizer), checksum]
-        return os.path.join(folder, f"states-{hashlib.sha1(repr(what).encode()).hexdigest()[:16]}.pt")
+        return os.path.join(folder, f"states-{self.fingerprint(below, self.block)}.pt")
 
     def use_states(self, folder: str | None) -> str | None:
         """--cache-dir (train.py, evaluate.py): take this model's states saved in `folder`, saying how

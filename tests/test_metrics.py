@@ -1,6 +1,7 @@
 """evaluate.py's metrics on hand-made logits."""
 import contextlib
 import math
+import os
 
 import pytest
 import torch
@@ -9,8 +10,8 @@ from conftest import tiny
 from data import EditRequest
 from data import load
 from editor import no_editor
-from metrics import (contains, generation, harmonic, measure, ngram_entropy, passes, per_record, per_row, references,
-                     rows_of, score, score_rows, summarise)
+from metrics import (Continuations, contains, generation, harmonic, measure, ngram_entropy, passes, per_record,
+                     per_row, references, rows_of, score, score_rows, summarise)
 from model import edit_module_names, load_model
 from runner import Runner
 
@@ -122,17 +123,40 @@ def test_summary_takes_the_harmonic_mean_of_the_generation_scores():
     assert s["gen_F1"] == pytest.approx(harmonic(0.5, 0.5, 0.75)) and s["fluency_drop"] == pytest.approx(0.2)
 
 
+def two_records(tokenizer, dtype=torch.float32):
+    """A random GPT-2 with the real tokenizer, and two records (one without a rephrase)."""
+    model = tiny("gpt2", dtype)
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    records = [EditRequest("The capital of France is", "Rome", [("France's capital city is", "Rome")],
+                           [("The Eiffel Tower is in", "Paris"), ("Berlin is in", "Germany")]),
+               EditRequest("Danielle Darrieux speaks", "English", [], [("Michel Rocard speaks", "French")])]
+    return Runner(model, tokenizer, ["transformer.h.3.mlp.c_proj"], cache=False), records
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_edit_keeps_every_generation(gpt2_tokenizer, dtype):
     """Without an edit, the continuations are those of the unedited model, token for token: gen_LS is
     exactly 1 and the fluency does not move, in bfloat16 too (the same prompts in the same batches)."""
-    from runner import Runner
-    model = tiny("gpt2", dtype)
-    model.resize_token_embeddings(len(gpt2_tokenizer), mean_resizing=False)
-    records = [EditRequest("The capital of France is", "Rome", [("France's capital city is", "Rome")],
-                           [("The Eiffel Tower is in", "Paris"), ("Berlin is in", "Germany")]),
-               EditRequest("Danielle Darrieux speaks", "English", [], [("Michel Rocard speaks", "French")])]
-    runner = Runner(model, gpt2_tokenizer, ["transformer.h.3.mlp.c_proj"], cache=False)
+    runner, records = two_records(gpt2_tokenizer, dtype)
     scores = generation(runner, contextlib.nullcontext(), records, fluent=12)
     assert [s["gen_LS"] for s in scores] == [1.0, 1.0] and [s["fluency_drop"] for s in scores] == [0.0, 0.0]
     assert "gen_GS" in scores[0] and "gen_GS" not in scores[1]
+
+
+def test_unedited_continuations_are_kept_for_the_next_run(gpt2_tokenizer, tmp_path):
+    """evaluate.py --cache-dir --generate: the unedited model's continuations of a batch's two prompt
+    lists are written to the file; the next run takes them back, makes none anew, and scores the same
+    as without the file. A file cut short is moved aside."""
+    runner, records = two_records(gpt2_tokenizer)
+    path = str(tmp_path / "continuations.json")
+    first = Continuations(path)
+    plain = generation(runner, contextlib.nullcontext(), records, fluent=12)
+    made = generation(runner, contextlib.nullcontext(), records, fluent=12, unedited=first)
+    assert first.new == 2
+    first.save()
+    again = Continuations(path)
+    taken = generation(runner, contextlib.nullcontext(), records, fluent=12, unedited=again)
+    assert again.new == 0 and len(again.kept) == 2 and plain == made == taken
+    with open(path, "w") as f:
+        f.write('{"a": [[1, 2')
+    assert Continuations(path).kept == {} and os.path.exists(path + ".damaged")

@@ -1,5 +1,6 @@
 """train.py and evaluate.py end to end on tiny local models: the loss goes down, the checkpoint
 rebuilds the editor, training and evaluation resume, another model's checkpoint is refused."""
+import glob
 import json
 import math
 import re
@@ -227,16 +228,19 @@ def test_evaluation_skip_takes_a_later_slice(trained):
 
 
 def test_evaluation_with_cache_dir_gives_the_same_numbers(trained, tmp_path):
-    """--cache-dir: a second evaluation of the same records takes every text's lower-block states from
-    disk, and scores as an evaluation without the cache does (the same states, computed in the same
-    batches: argmax and NLL comparisons, no tie within float32 rounding in a random model)."""
+    """--cache-dir: a second evaluation of the same records takes every text's lower-block states (and,
+    --generate, the unedited model's continuations) from disk, and scores as an evaluation without the
+    cache does (the same states, computed in the same batches: argmax and NLL comparisons, no tie within
+    float32 rounding in a random model)."""
     out, data_dir = trained
-    args = ["--ckpt", out / "b" / "latest.pt", "--data-dir", data_dir, "--limit", "6", "--edits-per-batch", "2"]
+    args = ["--ckpt", out / "b" / "latest.pt", "--data-dir", data_dir, "--limit", "6", "--edits-per-batch", "2",
+            "--generate"]
     run("evaluate.py", *args, "--out", tmp_path / "plain.json")
     first = run("evaluate.py", *args, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "first.json")
     again = run("evaluate.py", *args, "--cache-dir", tmp_path / "cache", "--out", tmp_path / "again.json")
     taken = [int(re.search(r"(\d+) texts' lower-block states", r.stdout).group(1)) for r in (first, again)]
     assert taken[0] == 0 and taken[1] > 6                               # the second: every text of the 6 records
+    assert len(glob.glob(str(tmp_path / "cache" / "continuations-*.json"))) == 1
     plain, first, again = ([b["results"] for b in json.load(open(tmp_path / f"{f}.json"))["batches"]]
                            for f in ("plain", "first", "again"))
     assert plain == first == again
