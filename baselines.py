@@ -18,7 +18,9 @@ For the down-projection y = x W of block l (W d_in × d_out) and edits e = 1..n:
   MEMIT    blocks l_1 < … < l_L, bottom up, each on the model with the lower updates applied:
            R = (z − h_now) / (blocks left), ΔW_l = (λC + KᵀK)⁻¹ KᵀR     (z = h + δ at the top)
   AlphaEdit  MEMIT's schedule with ΔW_l = (P KᵀK + μI)⁻¹ P KᵀR, P the projector onto C's
-           eigenvectors of eigenvalue below τ × the largest: preserved keys k₀ (C's span) get k₀ΔW ≈ 0
+           eigenvectors of eigenvalue below τ × the largest: preserved keys k₀ (C's span) get k₀ΔW ≈ 0;
+           in the sequential protocol (--sequential merge) ΔW_l = (P (KᵀK + K_pᵀK_p) + μI)⁻¹ P KᵀR,
+           K_p the keys of every earlier batch at that block, so that they keep their new values
 C = E[kkᵀ], the keys' second moment over the tokens of the train split's texts (the records' edit,
 rephrase and neighbourhood prompts with their answers; --cov-tokens of them), cached beside --ckpt.
 K (n, d_in), R (n, d_out), δ (n, d_model).
@@ -186,13 +188,15 @@ def rome_update(C: torch.Tensor, k: torch.Tensor, delta: torch.Tensor) -> torch.
 
 
 def memit_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float,
-                 P: torch.Tensor | None = None, mu: float = 10.0) -> torch.Tensor:
-    """MEMIT: (λC + KᵀK)⁻¹ KᵀR; AlphaEdit (P given): (P KᵀK + μI)⁻¹ P KᵀR. K (n, d_in), R (n, d_out)."""
+                 P: torch.Tensor | None = None, mu: float = 10.0, earlier: torch.Tensor | None = None) -> torch.Tensor:
+    """MEMIT: (λC + KᵀK)⁻¹ KᵀR; AlphaEdit (P given): (P (KᵀK + earlier) + μI)⁻¹ P KᵀR, earlier = K_pᵀK_p
+    of the edits kept before (sequential; else 0). K (n, d_in), R (n, d_out)."""
     K, R = K.double(), R.double()
     if P is None:
         return torch.linalg.solve(lam * C + K.T @ K, K.T @ R).float()
     eye = torch.eye(K.shape[1], dtype=K.dtype, device=K.device)
-    return torch.linalg.solve(P @ (K.T @ K) + mu * eye, P @ K.T @ R).float()
+    gram = K.T @ K if earlier is None else K.T @ K + earlier
+    return torch.linalg.solve(P @ gram + mu * eye, P @ K.T @ R).float()
 
 
 def null_projector(C: torch.Tensor, tau: float) -> torch.Tensor:
@@ -219,8 +223,11 @@ def rome_editor(name: str, C: torch.Tensor, subjects: dict[str, str], **shift_ar
 
 
 def memit_editor(names: list[str], covs: dict[str, torch.Tensor], subjects: dict[str, str], lam: float = 15000.0,
-                 projectors: dict[str, torch.Tensor] | None = None, mu: float = 10.0, **shift_args):
-    """MEMIT over `names` (bottom to top); with `projectors` ({name: P}), AlphaEdit."""
+                 projectors: dict[str, torch.Tensor] | None = None, mu: float = 10.0, kept: dict | None = None,
+                 **shift_args):
+    """MEMIT over `names` (bottom to top); with `projectors` ({name: P}), AlphaEdit; with `kept` (a dict,
+    the sequential protocol: every batch's edit stays), AlphaEdit adds there each batch's KᵀK per block
+    and keeps the earlier batches' keys where they are."""
     def edit(runner: Runner, batch: dict) -> dict[str, torch.Tensor]:
         pos = subject_positions(runner.tokenizer, batch, subjects)
         delta, h = target_shift(runner, batch, pos, names[-1], **shift_args)
@@ -230,7 +237,11 @@ def memit_editor(names: list[str], covs: dict[str, torch.Tensor], subjects: dict
                 keys, now, _ = read_at(runner, batch, pos, [name], names[-1])
             R = (z - now) / (len(names) - i)                                # this block's share of what is left
             P = projectors[name] if projectors else None
-            deltas[name] = memit_update(covs[name], keys[name], R, lam, P, mu)
+            earlier = kept.get(name) if kept is not None else None
+            deltas[name] = memit_update(covs[name], keys[name], R, lam, P, mu, earlier)
+            if kept is not None:
+                gram = keys[name].double().T @ keys[name].double()
+                kept[name] = gram if earlier is None else earlier + gram
         return deltas
     return edit
 
@@ -298,7 +309,8 @@ def peer_editor(args: argparse.Namespace, names: list[str], covs: dict[str, torc
     if args.method == "rome":
         return rome_editor(names[0], covs[names[0]], subjects)
     projectors = {n: null_projector(covs[n], args.peer_tau) for n in names} if args.method == "alphaedit" else None
-    return memit_editor(names, covs, subjects, args.peer_lambda, projectors, args.peer_mu)
+    kept = {} if args.method == "alphaedit" and args.sequential == "merge" else None
+    return memit_editor(names, covs, subjects, args.peer_lambda, projectors, args.peer_mu, kept)
 
 
 if __name__ == "__main__":
