@@ -270,6 +270,10 @@ def test_evaluate_baselines_run(trained):
         summary = json.load(open(out / f"{method}.json"))["summary"]
         assert summary["n"] == 2 and 0 <= summary["ES"] <= 1 and 0 <= summary["LS"] <= 1
     assert list((out / "b").glob("cov-*-1-2-300.pt"))                      # C kept beside the checkpoint
+    run("evaluate.py", "--ckpt", out / "b" / "best.pt", "--method", "alphaedit", "--peer-layers", "1,2",    # its cache
+        "--cov-tokens", "300", "--data-dir", data_dir, "--limit", "4", "--edits-per-batch", "2", "--sequential",
+        "merge", "--out", out / "alphaedit-seq.json")
+    assert json.load(open(out / "alphaedit-seq.json"))["summary"]["n"] == 4
     bad = run("evaluate.py", "--ckpt", out / "b" / "best.pt", "--method", "rome", "--peer-layers", "9",
               "--data-dir", data_dir, "--out", out / "bad.json", check=False)
     assert bad.returncode != 0 and "0 to 3" in bad.stderr and "Traceback" not in bad.stderr
