@@ -18,6 +18,7 @@ import torch.nn as nn
 from transformers.pytorch_utils import Conv1D
 
 from losses import answer_nll, scored
+from runner import to_device
 
 
 @contextmanager
@@ -96,6 +97,49 @@ def functional_edit(model: nn.Module, deltas: dict) -> Iterator[nn.Module]:
         return add
 
     handles = [model.get_submodule(name).register_forward_hook(hook(delta)) for name, delta in deltas.items()]
+    try:
+        yield model
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+class Routing:
+    """Which rows of the pass now running take which of E updates, stored as factors in `store`
+    (.a {module: (E, r, d_in)}, .b {module: (E, r, d_out)}, any dtype and device): routes (B,) long,
+    −1 for none. select() gathers a pass's rows (rows (R,)) and their factors, float32, on `device`."""
+
+    def __init__(self, store, routes: torch.Tensor, device: torch.device):
+        self.store, self.routes, self.device = store, routes.cpu(), device
+        self.select(None)
+
+    def select(self, rows: list[int] | None) -> None:
+        """The pass runs these rows of the routed batch (None: all of them, in order)."""
+        routes = self.routes if rows is None else self.routes[rows]
+        at = torch.nonzero(routes >= 0)[:, 0]
+        ids, s = routes[at], self.store
+        self.rows = to_device(at, self.device)
+        self.factors = {n: (s.a[n][ids].to(self.device, torch.float32), s.b[n][ids].to(self.device, torch.float32))
+                        for n in s.a}
+
+
+@contextmanager
+def routed_edit(model: nn.Module, names: list[str], routing: Callable[[], Routing]) -> Iterator[nn.Module]:
+    """`with routed_edit(model, names, routing):` each routed row of a pass runs with its own update,
+    y_i = x_i W + (x_i aᵀ) b at each named module, in float32, rounded once; the other rows untouched
+    (bit for bit). routing() -> the Routing of the pass now running."""
+    def hook(name):
+        def add(module, inputs, output):                                         # (B, T, d_out)
+            rows = routing().rows
+            if len(rows) == 0:
+                return output
+            a, b = routing().factors[name]                                       # (R, r, d_in), (R, r, d_out)
+            x = inputs[0][rows].float()                                          # (R, T, d_in)
+            change = (x @ a.transpose(1, 2)) @ b                                 # (R, T, d_out)
+            return output.index_copy(0, rows, (output[rows].float() + change).to(output.dtype))
+        return add
+
+    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
     try:
         yield model
     finally:

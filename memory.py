@@ -27,10 +27,9 @@ import torch
 
 from checkpoint import atomic_save
 from editor import as_fact, sha256
-from hooks import grad_decomposition
+from hooks import Routing, grad_decomposition, routed_edit
 from key import Key, MemoryFileError, Subjects, pooled, prompt_features
 from model import blocks_path
-from runner import to_device
 
 FORMAT = "ibke-memory-1"
 
@@ -58,24 +57,6 @@ def low_rank(delta, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 # -----------------------------------------------------------------------------
 # the memory
-
-class Routing:
-    """Which rows of the pass now running take which stored edit: rows (R,) and their factors
-    {module: (a (R, r, d_in), b (R, r, d_out))}, float32, on the model's device."""
-
-    def __init__(self, memory: "EditMemory", routes: torch.Tensor):
-        self.memory, self.routes, self.device = memory, routes.cpu(), memory.editor.model.device
-        self.select(None)
-
-    def select(self, rows: list[int] | None) -> None:
-        """The pass runs these rows of the routed batch (None: all of them, in order)."""
-        routes = self.routes if rows is None else self.routes[rows]
-        at = torch.nonzero(routes >= 0)[:, 0]
-        ids, m = routes[at], self.memory
-        self.rows = to_device(at, self.device)
-        self.factors = {n: (m.a[n][ids].to(self.device, torch.float32), m.b[n][ids].to(self.device, torch.float32))
-                        for n in m.a}
-
 
 class EditMemory:
     """Keys (N, k) and, per edited module, factors a (N, r, d_in), b (N, r, d_out), grown by doubling;
@@ -167,31 +148,9 @@ class EditMemory:
         """`with memory.applied(routes) as rows:` row i of a pass runs with stored edit routes[i] (or
         untouched at −1): y_i = x_i W + (x_i aᵀ) b at each edited module, in float32, rounded once. A pass
         over only some of the rows (runner.Runner's length groups) says which first: rows.select(list)."""
-        routing = Routing(self, routes)
-        with self._hooks(lambda: routing):
+        routing = Routing(self, routes, self.editor.model.device)
+        with routed_edit(self.editor.model, list(self.a), lambda: routing), torch.no_grad():
             yield routing
-
-    @contextmanager
-    def _hooks(self, routing):
-        """The edited modules add their routed rows' updates; routing() -> the Routing of the pass."""
-        def hook(name):
-            def add(module, inputs, output):                                     # (B, T, d_out)
-                rows = routing().rows
-                if len(rows) == 0:
-                    return output
-                a, b = routing().factors[name]                                   # (R, r, d_in), (R, r, d_out)
-                x = inputs[0][rows].float()                                      # (R, T, d_in)
-                change = (x @ a.transpose(1, 2)) @ b                             # (R, T, d_out)
-                return output.index_copy(0, rows, (output[rows].float() + change).to(output.dtype))
-            return add
-
-        handles = [self.editor.model.get_submodule(m).register_forward_hook(hook(m)) for m in self.a]
-        try:
-            with torch.no_grad():
-                yield
-        finally:
-            for h in handles:
-                h.remove()
 
     @contextmanager
     def serving(self):
@@ -218,12 +177,12 @@ class EditMemory:
             seen["routing"].routes = self.routes_of(pooled(x, mask).cpu(), texts)  # f(q) (B, C) -> (B,)
             seen["routing"].select(None)
 
-        seen["routing"] = Routing(self, torch.full((0,), -1))
+        seen["routing"] = Routing(self, torch.full((0,), -1), model.device)
         block = model.get_submodule(blocks_path(model))[self.key.layer]
         handles = [model.register_forward_pre_hook(read_mask, with_kwargs=True),
                    block.register_forward_pre_hook(route, with_kwargs=True)]
         try:
-            with self._hooks(lambda: seen["routing"]):
+            with routed_edit(model, list(self.a), lambda: seen["routing"]), torch.no_grad():
                 yield self
         finally:
             for h in handles:
