@@ -179,24 +179,27 @@ def cached_covariance(path: str | None, model, tokenizer, names: list[str], reco
 
 
 # -----------------------------------------------------------------------------
-# the editors: (runner, batch of the edit rows) -> {module: ΔW (d_in, d_out)}, as editor.py's
+# the editors: (runner, batch of the edit rows) -> {module: ΔW as factors (a (n, d_in), b (n, d_out))}
 
-def rome_update(C: torch.Tensor, k: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """ΔW = C⁻¹k δᵀ / (kᵀC⁻¹k): k (d_in,), δ (d_out,) -> (d_in, d_out), with k ΔW = δ."""
+def rome_update(C: torch.Tensor, k: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ΔW = C⁻¹k δᵀ / (kᵀC⁻¹k), with k ΔW = δ: k (d_in,), δ (d_out,) -> its factors a (1, d_in), b (1, d_out)."""
     u = torch.linalg.solve(C, k.double())
-    return (torch.outer(u, delta.double()) / (k.double() @ u)).float()
+    return (u / (k.double() @ u)).float()[None], delta.float()[None]
 
 
-def memit_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float,
-                 P: torch.Tensor | None = None, mu: float = 10.0, earlier: torch.Tensor | None = None) -> torch.Tensor:
-    """MEMIT: (λC + KᵀK)⁻¹ KᵀR; AlphaEdit (P given): (P (KᵀK + earlier) + μI)⁻¹ P KᵀR, earlier = K_pᵀK_p
-    of the edits kept before (sequential; else 0). K (n, d_in), R (n, d_out)."""
-    K, R = K.double(), R.double()
+def memit_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float, P: torch.Tensor | None = None,
+                 mu: float = 10.0, earlier: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """MEMIT: ΔW = (λC + KᵀK)⁻¹ KᵀR; AlphaEdit (P given): (P (KᵀK + earlier) + μI)⁻¹ P KᵀR, earlier =
+    K_pᵀK_p of the edits kept before (sequential; else 0). K (n, d_in), R (n, d_out) -> ΔW's factors
+    a (n, d_in), b = R (n, d_out), ΔW = aᵀb."""
+    K = K.double()
     if P is None:
-        return torch.linalg.solve(lam * C + K.T @ K, K.T @ R).float()
-    eye = torch.eye(K.shape[1], dtype=K.dtype, device=K.device)
-    gram = K.T @ K if earlier is None else K.T @ K + earlier
-    return torch.linalg.solve(P @ gram + mu * eye, P @ K.T @ R).float()
+        a = torch.linalg.solve(lam * C + K.T @ K, K.T)                               # (d_in, n)
+    else:
+        eye = torch.eye(K.shape[1], dtype=K.dtype, device=K.device)
+        gram = K.T @ K if earlier is None else K.T @ K + earlier
+        a = torch.linalg.solve(P @ gram + mu * eye, P @ K.T)
+    return a.T.float(), R.float()
 
 
 def null_projector(C: torch.Tensor, tau: float) -> torch.Tensor:
@@ -217,7 +220,7 @@ def rome_editor(name: str, C: torch.Tensor, subjects: dict[str, str], **shift_ar
                 with torch.no_grad():
                     k = read_at(runner, row, pos[e:e + 1], [name], name)[0][name][0]
             update = rome_update(C, k, delta[0])
-            total = update if total is None else total + update
+            total = update if total is None else tuple(torch.cat(f) for f in zip(total, update))
         return {name: total}
     return edit
 

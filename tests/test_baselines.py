@@ -6,6 +6,7 @@ import torch
 from baselines import down_projections, memit_update, null_projector, rome_update, subject_positions
 from conftest import DATA_DIR
 from data import load, tokenize
+from hooks import dense
 from runner import Runner
 
 
@@ -21,7 +22,7 @@ def test_rome_update_maps_the_key_to_the_target():
     K0 = random_keys(500, 64, seed=1)
     C = K0.T @ K0 / 500
     k, delta = random_keys(1, 64, seed=2)[0].float(), random_keys(1, 32, seed=3)[0].float()
-    update = rome_update(C, k, delta)
+    update = dense(rome_update(C, k, delta))
     assert update.shape == (64, 32)
     torch.testing.assert_close(k @ update, delta, rtol=1e-5, atol=1e-5)
     assert torch.linalg.matrix_rank(update) == 1
@@ -33,7 +34,7 @@ def test_memit_update_solves_its_normal_equation():
     C = K0.T @ K0 / 500
     K, R = random_keys(6, 48, seed=2).float(), random_keys(6, 16, seed=3).float()
     for lam in (10.0, 1e-9):
-        update = memit_update(C, K, R, lam).double()
+        update = dense(memit_update(C, K, R, lam)).double()
         torch.testing.assert_close((lam * C + K.double().T @ K.double()) @ update, K.double().T @ R.double(),
                                    rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(K @ update.float(), R, rtol=1e-4, atol=1e-4)
@@ -48,10 +49,10 @@ def test_alphaedit_update_leaves_preserved_keys_unchanged():
     P = null_projector(C, 1e-6)
     assert round(float(torch.trace(P))) == 24
     K, R = random_keys(4, 48, seed=2).float(), random_keys(4, 16, seed=3).float()
-    update = memit_update(C, K, R, 1.0, P, mu=1e-3)
+    update = dense(memit_update(C, K, R, 1.0, P, mu=1e-3))
     assert (K0[:50].float() @ update).abs().max() < 1e-5 * (K @ update).abs().max()
     assert (K @ update - R).norm() < 0.5 * R.norm()
-    plain = memit_update(C, K, R, 1.0, torch.eye(48, dtype=C.dtype), mu=1e-3)   # P = I: the preserved keys move
+    plain = dense(memit_update(C, K, R, 1.0, torch.eye(48, dtype=C.dtype), mu=1e-3))   # P = I: the preserved keys move
     assert (K0[:50].float() @ plain).abs().max() > 0.1
 
 
@@ -64,8 +65,8 @@ def test_alphaedit_sequential_keeps_earlier_batches_values():
     P = null_projector(C, 1e-6)
     Kp = (random_keys(4, 48, seed=4) @ P).float()
     K, R = random_keys(4, 48, seed=2).float(), random_keys(4, 16, seed=3).float()
-    alone = memit_update(C, K, R, 1.0, P, mu=1e-3)
-    kept = memit_update(C, K, R, 1.0, P, mu=1e-3, earlier=Kp.double().T @ Kp.double())
+    alone = dense(memit_update(C, K, R, 1.0, P, mu=1e-3))
+    kept = dense(memit_update(C, K, R, 1.0, P, mu=1e-3, earlier=Kp.double().T @ Kp.double()))
     assert (Kp @ kept).norm() < 0.1 * (Kp @ alone).norm()
     assert (K @ kept - R).norm() < 0.5 * R.norm()
 
