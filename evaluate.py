@@ -41,10 +41,12 @@ from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit, merge, restore
 from key import MemoryFileError, asks_another, load_key
 from memory import EditMemory
-from metrics import Continuations, generation, measure, multihop, peak_mib, references, score, summarise, table
+from metrics import (Continuations, generation, measure, measure_apart, multihop, peak_mib, references, score, summarise,
+                     table)
 from model import ModelError, add_device_args
 from runner import Runner
 
+APART = 16      # n = 1: records edited alone and scored together, this many at a time (metrics.measure_apart)
 
 
 def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditRequest], runner: Runner,
@@ -61,11 +63,11 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
     if args.sequential == "memory":
         memory = open_memory(args, loaded, records)
         start = saved = len(memory)
-        edited = memory.routed
+        edited = lambda prompts, owners: memory.routed(prompts)
     else:
         master = {}                                          # float32 weights of the edited modules
         originals = {m: loaded.model.get_submodule(m).weight.detach().clone() for m in runner.names}
-        edited = lambda prompts: contextlib.nullcontext()
+        edited = lambda *_: contextlib.nullcontext()
     try:
         for i in tqdm(range(start, T, n), desc=f"{args.sequential} n={n}", initial=start // n, total=-(-T // n)):
             batch = records[i:i + n]
@@ -85,7 +87,7 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
         results = score(runner, records, edited, reference)
         if args.generate:                                    # free generation, every edit kept and routed
             free = [g for i in tqdm(range(0, T, 16), desc="generation", leave=False)
-                    for g in generation(runner, memory.serving(), records[i:i + 16], unedited=unedited)]
+                    for g in generation(runner, lambda _: memory.serving(), records[i:i + 16], unedited=unedited)]
             unedited.save()
             results = [r | g for r, g in zip(results, free)]
         if records[0].questions:                             # MQuAKE: each case's questions, every case's edits kept
@@ -262,13 +264,16 @@ def evaluate(args: argparse.Namespace) -> None:
     unedited = Continuations(os.path.join(args.cache_dir, f"continuations-{runner.fingerprint([model])}.json")
                              if args.cache_dir and args.generate else None)
 
+    # n = 1: APART records at a time, each edited alone, its update routed to its own rows (metrics.measure_apart)
+    apart = args.edits_per_batch == 1 and args.method != "ft" and not data_name.startswith("mquake")
     if data_name.startswith("mquake"):  # a batch is a case
         cases = list(dict.fromkeys(r.case_id for r in records))
         total, cases = len(cases), cases[args.skip:][:args.limit]
         batches = [[r for r in records if r.case_id == c] for c in cases]
     else:
         total, records = len(records), records[args.skip:][:args.limit]
-        batches = [records[i:i + args.edits_per_batch] for i in range(0, len(records), args.edits_per_batch)]
+        size = APART if apart else args.edits_per_batch
+        batches = [records[i:i + size] for i in range(0, len(records), size)]
     if not total:
         raise SystemExit(f"error: no records of {data_name} {args.split} are left (the note above says why)")
     if not batches:
@@ -276,6 +281,7 @@ def evaluate(args: argparse.Namespace) -> None:
 
     # everything the numbers depend on: the checkpoint's content, the records, every flag but --out, --overwrite
     signature = {**{k: v for k, v in vars(args).items() if k not in ("out", "overwrite")}, "data": data_name,
+                 "apart": APART if apart else 0,
                  "ckpt_sha256": sha256(args.ckpt),
                  "records_sha256": hashlib.sha256(repr([dataclasses.astuple(r) for b in batches for r in b])
                                                   .encode()).hexdigest()}
@@ -291,7 +297,7 @@ def evaluate(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: {err}")
         done = [line]
     else:
-        done = run_batches(args, batches, runner, editor, data_name, partial, signature, unedited)
+        done = run_batches(args, batches, runner, editor, data_name, partial, signature, unedited, apart)
     if states_path:
         runner.save_states(states_path)
     results = [r for line in done for r in line["results"]]
@@ -333,22 +339,27 @@ def evaluate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
-def run_batches(args, batches, runner, editor, data_name, partial, signature, unedited) -> list[dict]:
-    """Each batch edited, measured and dropped; one line per batch in the partial file (resumable)."""
+def run_batches(args, batches, runner, editor, data_name, partial, signature, unedited, apart) -> list[dict]:
+    """Each batch edited, measured and dropped (apart: each of its records alone, n = 1); one line per
+    batch in the partial file (resumable)."""
     done = resumable(partial, signature, len(batches))
     with open(partial, "w" if not done else "a") as f:
         if not done:
             f.write(json.dumps(signature) + "\n")
         for batch in tqdm(batches[len(done):], desc=f"{args.method} n={args.edits_per_batch}", initial=len(done),
                           total=len(batches)):
-            results, seconds, deltas = measure(runner, editor, batch)
+            if apart:
+                results, seconds, edited = measure_apart(runner, editor, batch)
+            else:
+                results, seconds, deltas = measure(runner, editor, batch)
+                edited = lambda *_: functional_edit(runner.model, deltas)
             if args.generate:                                    # free generation, the same edit applied
-                free = generation(runner, functional_edit(runner.model, deltas), batch, unedited=unedited)
+                free = generation(runner, lambda owners: edited(None, owners), batch, unedited=unedited)
                 unedited.save()
                 results = [r | g for r, g in zip(results, free)]
             line = {"results": results, "seconds": seconds, "edits": len(batch)}
             if data_name.startswith("mquake"):
-                mh = multihop(runner, functional_edit(runner.model, deltas), batch)
+                mh = multihop(runner, edited(None, None), batch)
                 line["results"] = [dict(r, MH=mh["MH"]) for r in results]
                 line["answers"] = mh["answers"]                  # the greedy answers, for reading
             f.write(json.dumps(line) + "\n")

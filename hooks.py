@@ -147,6 +147,26 @@ def routed_edit(model: nn.Module, names: list[str], routing: Callable[[], Routin
             handle.remove()
 
 
+@contextmanager
+def routed(model: nn.Module, store, routes: torch.Tensor) -> Iterator[Routing]:
+    """`with routed(model, store, routes) as rows:` row i of a pass runs with update routes[i] of `store`
+    (Routing's), or untouched at −1. A pass over only some of the rows (runner.Runner's length groups)
+    says which first: rows.select(list)."""
+    routing = Routing(store, routes, model.device)
+    with routed_edit(model, list(store.a), lambda: routing):
+        yield routing
+
+
+def factors(delta) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ΔW as factors (a (r, d_in), b (r, d_out)), ΔW = aᵀb: factors as given; a (d_in, d_out) tensor
+    by its SVD, cut where the singular values fall below 1e-7 of the largest (its rank, to float32)."""
+    if isinstance(delta, tuple):
+        return delta
+    u, s, vh = torch.linalg.svd(delta.detach().double(), full_matrices=False)
+    r = max(1, int((s > s[0] * 1e-7).sum()))
+    return (u[:, :r] * s[:r]).T.float(), vh[:r].float()
+
+
 def dense(delta) -> torch.Tensor:
     """A ΔW given as a (d_in, d_out) tensor or as its factors (A, B), as the (d_in, d_out) tensor AᵀB."""
     return delta[0].T @ delta[1] if isinstance(delta, tuple) else delta

@@ -27,7 +27,7 @@ import torch
 
 from checkpoint import atomic_save
 from editor import as_fact, sha256
-from hooks import Routing, grad_decomposition, routed_edit
+from hooks import Routing, grad_decomposition, routed, routed_edit
 from key import Key, MemoryFileError, Subjects, pooled, prompt_features
 from model import blocks_path
 
@@ -148,8 +148,7 @@ class EditMemory:
         """`with memory.applied(routes) as rows:` row i of a pass runs with stored edit routes[i] (or
         untouched at −1): y_i = x_i W + (x_i aᵀ) b at each edited module, in float32, rounded once. A pass
         over only some of the rows (runner.Runner's length groups) says which first: rows.select(list)."""
-        routing = Routing(self, routes, self.editor.model.device)
-        with routed_edit(self.editor.model, list(self.a), lambda: routing), torch.no_grad():
+        with routed(self.editor.model, self, routes) as routing, torch.no_grad():
             yield routing
 
     @contextmanager

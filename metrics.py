@@ -35,9 +35,10 @@ import time
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from data import EditRequest
-from hooks import functional_edit
+from hooks import factors, functional_edit, routed
 from losses import answer_nll
 from rundir import write_json
 from runner import Runner, index, take
@@ -125,6 +126,18 @@ def passes(kinds: list[tuple[str, int]], n: int, rows_per_pass: int) -> list[tup
     return bounds + [(a, min(a + rows_per_pass, len(kinds))) for a in range(loc, len(kinds), rows_per_pass)]
 
 
+def timed(runner: Runner, work: Callable):
+    """work() -> (its result, the seconds it took on runner's device)."""
+    cuda = runner.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(runner.device)          # the batch's lower blocks are done before the clock starts
+    start = time.perf_counter()
+    out = work()
+    if cuda:
+        torch.cuda.synchronize(runner.device)          # the edit's time, not its launch
+    return out, time.perf_counter() - start
+
+
 def measure(runner: Runner, editor: Callable, records: list[EditRequest],
             rows_per_pass: int = 512) -> tuple[list[dict], float, dict]:
     """Apply the edits of `records` as one batch: per-record metrics, the seconds the edit took, the ΔW.
@@ -134,22 +147,47 @@ def measure(runner: Runner, editor: Callable, records: list[EditRequest],
     n = len(records)
     end = passes(kinds, n, rows_per_pass)[0][1]        # the first pass: the edit rows and more
     first = runner.batch(prompts[:end], targets[:end])
-    cuda = runner.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(runner.device)          # the batch's lower blocks are done before the clock starts
-    start = time.perf_counter()
-    deltas = editor(runner, take(first, slice(0, n)))
-    if cuda:
-        torch.cuda.synchronize(runner.device)          # the edit's time, not its launch
-    seconds = time.perf_counter() - start
-    results = score(runner, records, lambda prompts: functional_edit(runner.model, deltas), rows_per_pass=rows_per_pass,
+    deltas, seconds = timed(runner, lambda: editor(runner, take(first, slice(0, n))))
+    results = score(runner, records, lambda *_: functional_edit(runner.model, deltas), rows_per_pass=rows_per_pass,
                     first=first)
     return results, seconds, deltas
 
 
+class Apart:
+    """Single edits of several records at once: record e's update, as factors (hooks.factors, padded with
+    zero rows to one rank: they add exactly 0), applies to its own rows only (hooks.routed).
+    apart(prompts, owners): the context a pass over rows of these records runs in."""
+
+    def __init__(self, model, each: list[dict]):
+        self.model, self.a, self.b = model, {}, {}
+        for name in each[0]:
+            fs = [factors(deltas[name]) for deltas in each]
+            r = max(len(a) for a, _ in fs)
+            self.a[name] = torch.stack([F.pad(a, (0, 0, 0, r - len(a))) for a, _ in fs])   # (E, r, d_in)
+            self.b[name] = torch.stack([F.pad(b, (0, 0, 0, r - len(b))) for _, b in fs])   # (E, r, d_out)
+
+    def __call__(self, prompts: list[str] | None, owners: list[int]):
+        return routed(self.model, self, torch.tensor(owners))
+
+
+def measure_apart(runner: Runner, editor: Callable, records: list[EditRequest],
+                  rows_per_pass: int = 512) -> tuple[list[dict], float, Apart]:
+    """n = 1 for each of `records`, scored together: each record is edited alone on the unedited model
+    (the editor on its one edit row) and its update applies to its own rows only, so k records share
+    one set of passes instead of k. The per-record metrics of k measure() calls (equal up to rounding
+    in batches of another shape), the seconds the k edits took, and the routed updates."""
+    prompts, targets, kinds = rows_of(records)
+    n = len(records)
+    end = passes(kinds, n, rows_per_pass)[0][1]
+    first = runner.batch(prompts[:end], targets[:end])
+    each, seconds = timed(runner, lambda: [editor(runner, take(first, slice(e, e + 1))) for e in range(n)])
+    apart = Apart(runner.model, each)
+    return score(runner, records, apart, rows_per_pass=rows_per_pass, first=first), seconds, apart
+
+
 def score(runner: Runner, records: list[EditRequest], edited: Callable, reference: dict | None = None,
           rows_per_pass: int = 512, first: dict | None = None) -> list[dict]:
-    """Per-record metrics of `records`' rows, each pass run inside `edited(its prompts)` (a context).
+    """Per-record metrics of `records`' rows, each pass run inside `edited(its prompts, their records)`.
     LS compares with the pre-edit argmax at the locality rows: `reference` ({(prompt, answer): argmax
     list}, the original model's, from references()) or, without it, the model outside `edited` now,
     on the same pass. first: the first pass's batch, already built."""
@@ -167,7 +205,7 @@ def score(runner: Runner, records: list[EditRequest], edited: Callable, referenc
             with torch.no_grad():                      # pre-edit logits of this very batch
                 pre_logits, _, pre_rows = runner.scored_logits(batch)
             pre = (pre_logits.argmax(-1), pre_rows)
-        with edited(prompts[a:b]) as routing, torch.no_grad():
+        with edited(prompts[a:b], [i for _, i in kinds[a:b]]) as routing, torch.no_grad():
             runner.on_part = getattr(routing, "select", None)      # a memory routes per row
             try:
                 post = runner.scored_logits(batch)
@@ -302,11 +340,11 @@ class Continuations:
             self.new = 0
 
 
-def generation(runner: Runner, edited: contextlib.AbstractContextManager, records: list[EditRequest],
-               extra: int = 3, fluent: int = 50, unedited: Continuations | None = None) -> list[dict]:
+def generation(runner: Runner, edited: Callable, records: list[EditRequest], extra: int = 3, fluent: int = 50,
+               unedited: Continuations | None = None) -> list[dict]:
     """Per record, the free-generation scores (the docstring's gen_ES, gen_GS, gen_LS, fluency): the
     unedited model's continuations first (from `unedited` where it has them), then the same prompts in
-    the same batches inside `edited`."""
+    the same batches inside `edited(their records)` (a context)."""
     model, tok, unedited = runner.model, runner.tokenizer, unedited or Continuations()
     asked = [(i, kind, q, r.target) for i, r in enumerate(records)
              for kind, q in [("gen_ES", r.prompt)] + [("gen_GS", g) for g, _ in r.generality]]
@@ -318,9 +356,11 @@ def generation(runner: Runner, edited: contextlib.AbstractContextManager, record
         return greedy(model, tok, [q for _, _, q, _ in pairs], n_new) if pairs else []
     pre_kept = unedited(model, tok, [q for _, _, q, _ in kept], n_new) if kept else []
     pre_fluent = unedited(model, tok, [q for _, _, q, _ in asked], fluent)
-    with edited:
-        post_asked, post_kept = run(asked), run(kept)
+    with edited([i for i, *_ in asked]):
+        post_asked = run(asked)
         post_fluent = greedy(model, tok, [q for _, _, q, _ in asked], fluent)
+    with edited([i for i, *_ in kept]):
+        post_kept = run(kept)
     results = [{"gen_ES": [], "gen_GS": [], "gen_LS": [], "fluency": [], "fluency_pre": []} for _ in records]
     for j, ((i, kind, _, a), ids) in enumerate(zip(asked, post_asked)):
         results[i][kind].append(float(contains(tok.decode(ids[:cap[j]]), a)))

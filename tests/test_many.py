@@ -9,8 +9,8 @@ import torch
 from conftest import SMALL, decomposed, perturb_zero_init, reorder_rtol, tiny
 from data import load
 from editor import ibke_editor
-from metrics import measure
-from hooks import dense
+from metrics import generation, measure, measure_apart
+from hooks import dense, functional_edit
 from hypernet import IBKE, EditorConfig, ridge
 from model import edit_module_names, weight_shape
 from runner import Runner
@@ -121,6 +121,34 @@ def test_measure_in_passes_gives_the_same_numbers(gpt2_tokenizer, data_dir):
     whole = measure(runner, ibke_editor(editor), records)[0]
     in_passes = measure(runner, ibke_editor(editor), records, rows_per_pass=3)[0]   # passes of 4 (the edits), 3, 3, …
     assert in_passes == whole and len(whole) == 4 and all("LS" in r and "NS_p" in r for r in whole)
+
+
+def test_single_edits_apart_give_the_numbers_of_one_at_a_time(gpt2_tokenizer, data_dir):
+    """evaluate.py at n = 1: records edited alone but scored together, each update routed to its own
+    rows (metrics.measure_apart), score as one measure() per record, teacher-forced and generating; for
+    the hypernetwork's factored updates and for a dense ΔW (factored by its SVD). Discrete comparisons,
+    no tie within float32 rounding in a random model."""
+    model = tiny("gpt2", init=0.2)
+    model.resize_token_embeddings(len(gpt2_tokenizer))
+    model.requires_grad_(False)
+    names = edit_module_names(model)
+    editor = IBKE({n: weight_shape(model.get_submodule(n)) for n in names}, SMALL).eval()
+    perturb_zero_init(editor)
+
+    def dense_editor(runner, batch):                 # a rank-2 ΔW drawn from the edit's tokens
+        g = torch.Generator().manual_seed(int(batch["input_ids"].sum()))
+        shapes = {n: weight_shape(model.get_submodule(n)) for n in names}
+        return {n: torch.randn(d_in, 2, generator=g) @ torch.randn(2, d_out, generator=g) / 20
+                for n, (d_in, d_out) in shapes.items()}
+    records = load("counterfact", data_dir)["train"][:3]
+    runner = Runner(model, gpt2_tokenizer, names, cache=False)
+    for edit in (ibke_editor(editor), dense_editor):
+        one = [measure(runner, edit, [r]) for r in records]
+        results, _, apart = measure_apart(runner, edit, records)
+        assert results == [r for line in one for r in line[0]] and len(results) == 3
+        each = [g for r, line in zip(records, one)
+                for g in generation(runner, lambda _: functional_edit(model, line[2]), [r], fluent=8)]
+        assert generation(runner, lambda owners: apart(None, owners), records, fluent=8) == each
 
 
 def test_draw_n_shares_and_stream():

@@ -76,7 +76,7 @@ def test_no_edit_gives_ls_exactly_one_in_bfloat16(data_dir):
         assert {r["LS"] for r in measure(runner, no_editor, batch)[0]} == {1.0}
     assert {r["LS"] for r in measure(runner, no_editor, records[85:95], rows_per_pass=40)[0]} == {1.0}
     reference = references(runner, records[:20])
-    assert {r["LS"] for r in score(runner, records[:20], lambda prompts: contextlib.nullcontext(), reference)} == {1.0}
+    assert {r["LS"] for r in score(runner, records[:20], lambda *_: contextlib.nullcontext(), reference)} == {1.0}
 
 
 def test_probability_scores_compare_each_prompts_two_answers():
@@ -138,7 +138,7 @@ def test_no_edit_keeps_every_generation(gpt2_tokenizer, dtype):
     """Without an edit, the continuations are those of the unedited model, token for token: gen_LS is
     exactly 1 and the fluency does not move, in bfloat16 too (the same prompts in the same batches)."""
     runner, records = two_records(gpt2_tokenizer, dtype)
-    scores = generation(runner, contextlib.nullcontext(), records, fluent=12)
+    scores = generation(runner, lambda _: contextlib.nullcontext(), records, fluent=12)
     assert [s["gen_LS"] for s in scores] == [1.0, 1.0] and [s["fluency_drop"] for s in scores] == [0.0, 0.0]
     assert "gen_GS" in scores[0] and "gen_GS" not in scores[1]
 
@@ -150,12 +150,12 @@ def test_unedited_continuations_are_kept_for_the_next_run(gpt2_tokenizer, tmp_pa
     runner, records = two_records(gpt2_tokenizer)
     path = str(tmp_path / "continuations.json")
     first = Continuations(path)
-    plain = generation(runner, contextlib.nullcontext(), records, fluent=12)
-    made = generation(runner, contextlib.nullcontext(), records, fluent=12, unedited=first)
+    plain = generation(runner, lambda _: contextlib.nullcontext(), records, fluent=12)
+    made = generation(runner, lambda _: contextlib.nullcontext(), records, fluent=12, unedited=first)
     assert first.new == 2
     first.save()
     again = Continuations(path)
-    taken = generation(runner, contextlib.nullcontext(), records, fluent=12, unedited=again)
+    taken = generation(runner, lambda _: contextlib.nullcontext(), records, fluent=12, unedited=again)
     assert again.new == 0 and len(again.kept) == 2 and plain == made == taken
     with open(path, "w") as f:
         f.write('{"a": [[1, 2')
