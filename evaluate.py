@@ -1,7 +1,8 @@
 """
 Evaluate an editor (METHOD.md §4): the protocols. Batch: apply n edits at once (as training does:
 hooks.functional_edit, float32 updates in activation space, the weights never written), measure them
-with metrics.py, drop them. Sequential (lifelong): T edits in order, each batch kept on top of the
+with metrics.py, drop them (n = 1: 16 records at a time, each edited alone, its update routed to
+its own rows). Sequential (lifelong): T edits in order, each batch kept on top of the
 earlier ones (merged into the weights, or stored in an edit memory), then all measured. MQuAKE: a
 case's edits together, then its multi-hop questions.
 
@@ -15,6 +16,7 @@ case's edits together, then its multi-hop questions.
     python evaluate.py --ckpt out/ibke/best.pt --sequential memory --limit 10000 --memory out/ibke/cf.mem
                                   # lifelong: 10,000 edits kept in an edit memory (memory.py), then all measured
     python evaluate.py --ckpt out/ibke/best.pt --sequential merge --limit 100   # each ΔW written into the weights
+    python evaluate.py --ckpt out/ibke/best.pt --method alphaedit --sequential merge --limit 1000 --edits-per-batch 100
 
 The metrics (ES, GS, LS, F1, EM, ES_p, PS_p, NS_p, MH) are defined in metrics.py. Results are
 appended per batch to <out>.partial.jsonl, so an interrupted run resumes (if nothing the numbers
@@ -41,8 +43,8 @@ from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit, merge, restore
 from key import MemoryFileError, asks_another, load_key
 from memory import EditMemory
-from metrics import (Continuations, generation, measure, measure_apart, multihop, peak_mib, references, score, summarise,
-                     table)
+from metrics import (Continuations, generation, measure, measure_apart, multihop, peak_mib, references, score,
+                     summarise, table)
 from model import ModelError, add_device_args
 from runner import Runner
 
@@ -184,7 +186,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=None, help="only the first N records (MQuAKE: cases)")
     parser.add_argument("--skip", type=int, default=0,
                         help="leave out the first N records (MQuAKE: cases) before --limit: a fresh slice")
-    parser.add_argument("--edits-per-batch", type=int, default=1, help="n edits applied together (1 = single edits)")
+    parser.add_argument("--edits-per-batch", type=int, default=1,
+                        help="n edits applied together (1: single edits, measured 16 records at a time, each alone)")
     parser.add_argument("--method", default="ibke", choices=["ibke", "ft", "none", *PEERS],
                         help="editor: the checkpoint's hypernetwork (IBKE, or MEND/MALMEN trained as train.py's "
                              "--latent-len 0), FT-L on the same modules, no edit, or a locate-then-edit peer "
