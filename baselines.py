@@ -32,7 +32,7 @@ from typing import Callable
 import torch
 
 from data import EditRequest
-from hooks import functional_edit
+from hooks import forward_hooks, functional_edit
 from losses import answer_nll
 from model import EDIT_TABLE, block_index, blocks_path
 from runner import Runner, take
@@ -80,15 +80,9 @@ def read_at(runner: Runner, batch: dict, pos: list[int], names: list[str], top: 
         seen["h"] = hidden[rows, at].float()
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    model = runner.model
-    handles = [model.get_submodule(n).register_forward_hook(key_hook(n)) for n in names]
-    block = model.get_submodule(f"{blocks_path(model)}.{block_index(model, top)}")
-    handles.append(block.register_forward_hook(top_hook))
-    try:
+    block = f"{blocks_path(runner.model)}.{block_index(runner.model, top)}"
+    with forward_hooks(runner.model, {n: key_hook(n) for n in names} | {block: top_hook}):
         logits, targets, scored_rows = runner.scored_logits(batch, split=False)
-    finally:
-        for h in handles:
-            h.remove()
     return keys, seen["h"], answer_nll(logits, targets, scored_rows, len(pos))
 
 
@@ -142,8 +136,7 @@ def covariance(model, tokenizer, names: list[str], texts: list[str], tokens: int
                 raise _Done
         return add
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
+    with forward_hooks(model, {n: hook(n) for n in names}):
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
             mask["m"] = enc["attention_mask"].bool()
@@ -154,9 +147,6 @@ def covariance(model, tokenizer, names: list[str], texts: list[str], tokens: int
             count += int(mask["m"].sum())
             if count >= tokens:
                 break
-    finally:
-        for h in handles:
-            h.remove()
     return {n: s / count for n, s in sums.items()} | {"tokens": count}
 
 

@@ -22,6 +22,17 @@ from runner import to_device
 
 
 @contextmanager
+def forward_hooks(model: nn.Module, hooks: dict[str, Callable]) -> Iterator[None]:
+    """`with forward_hooks(model, {module name: hook}):` the hooks registered, and removed after."""
+    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in hooks.items()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
 def capture(model: nn.Module, names: list[str]) -> Iterator[dict[str, dict[str, torch.Tensor]]]:
     """Record h (input) and, after backward, u (output gradient) of each named module.
 
@@ -39,12 +50,8 @@ def capture(model: nn.Module, names: list[str]) -> Iterator[dict[str, dict[str, 
             return output
         return forward_hook
 
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
-    try:
+    with forward_hooks(model, {name: hook(name) for name in names}):
         yield store
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def grad_decomposition(model: nn.Module, names: list[str], batch: dict[str, torch.Tensor], tokens: str = "all",
@@ -96,12 +103,8 @@ def functional_edit(model: nn.Module, deltas: dict) -> Iterator[nn.Module]:
             return (output.to(dtype) + change).to(output.dtype)
         return add
 
-    handles = [model.get_submodule(name).register_forward_hook(hook(delta)) for name, delta in deltas.items()]
-    try:
+    with forward_hooks(model, {name: hook(delta) for name, delta in deltas.items()}):
         yield model
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class Routing:
@@ -139,12 +142,8 @@ def routed_edit(model: nn.Module, names: list[str], routing: Callable[[], Routin
             return output.index_copy(0, rows, (output[rows].float() + change).to(output.dtype))
         return add
 
-    handles = [model.get_submodule(name).register_forward_hook(hook(name)) for name in names]
-    try:
+    with forward_hooks(model, {name: hook(name) for name in names}):
         yield model
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @contextmanager
