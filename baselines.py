@@ -178,18 +178,31 @@ def rome_update(C: torch.Tensor, k: torch.Tensor, delta: torch.Tensor) -> tuple[
 
 
 def memit_update(C: torch.Tensor, K: torch.Tensor, R: torch.Tensor, lam: float, P: torch.Tensor | None = None,
-                 mu: float = 10.0, earlier: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 mu: float = 10.0, earlier: torch.Tensor | None = None,
+                 chol: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """MEMIT: ΔW = (λC + KᵀK)⁻¹ KᵀR; AlphaEdit (P given): (P (KᵀK + earlier) + μI)⁻¹ P KᵀR, earlier =
     K_pᵀK_p of the edits kept before (sequential; else 0). K (n, d_in), R (n, d_out) -> ΔW's factors
-    a (n, d_in), b = R (n, d_out), ΔW = aᵀb."""
+    a (n, d_in), b = R (n, d_out), ΔW = aᵀb. Solved n × n where that is exact: with chol, L of λC = LLᵀ
+    (made once per module), (λC + KᵀK)⁻¹Kᵀ = (λC)⁻¹Kᵀ (I + K(λC)⁻¹Kᵀ)⁻¹ (Woodbury); without earlier,
+    (P KᵀK + μI)⁻¹ P Kᵀ = P Kᵀ (μI + K P Kᵀ)⁻¹ (push-through). The n × n matrices are symmetric."""
     K = K.double()
+    eye = torch.eye(len(K), dtype=K.dtype, device=K.device)                          # (n, n)
+    if P is None and chol is not None:
+        AK = torch.cholesky_solve(K.T, chol)                                         # (d_in, n) = (λC)⁻¹Kᵀ
+        return torch.linalg.solve(eye + K @ AK, AK.T).float(), R.float()
     if P is None:
-        a = torch.linalg.solve(lam * C + K.T @ K, K.T)                               # (d_in, n)
-    else:
-        eye = torch.eye(K.shape[1], dtype=K.dtype, device=K.device)
-        gram = K.T @ K if earlier is None else K.T @ K + earlier
-        a = torch.linalg.solve(P @ gram + mu * eye, P @ K.T)
-    return a.T.float(), R.float()
+        return torch.linalg.solve(lam * C + K.T @ K, K.T).T.float(), R.float()
+    if earlier is None:
+        PK = P @ K.T                                                                 # (d_in, n)
+        return torch.linalg.solve(mu * eye + K @ PK, PK.T).float(), R.float()
+    big = torch.eye(K.shape[1], dtype=K.dtype, device=K.device)
+    return torch.linalg.solve(P @ (K.T @ K + earlier) + mu * big, P @ K.T).T.float(), R.float()
+
+
+def scaled_cholesky(C: torch.Tensor, lam: float) -> torch.Tensor | None:
+    """L with λC = LLᵀ, for memit_update's Woodbury form; None where λC is not positive definite."""
+    L, info = torch.linalg.cholesky_ex(lam * C)
+    return L if info == 0 else None
 
 
 def null_projector(C: torch.Tensor, tau: float) -> torch.Tensor:
@@ -221,6 +234,8 @@ def memit_editor(names: list[str], covs: dict[str, torch.Tensor], subjects: dict
     """MEMIT over `names` (bottom to top); with `projectors` ({name: P}), AlphaEdit; with `kept` (a dict,
     the sequential protocol: every batch's edit stays), AlphaEdit adds there each batch's KᵀK per block
     and keeps the earlier batches' keys where they are."""
+    chol = {n: scaled_cholesky(covs[n], lam) for n in names} if not projectors else {}
+
     def edit(runner: Runner, batch: dict) -> dict[str, torch.Tensor]:
         pos = subject_positions(runner.tokenizer, batch, subjects)
         delta, h = target_shift(runner, batch, pos, names[-1], **shift_args)
@@ -231,7 +246,7 @@ def memit_editor(names: list[str], covs: dict[str, torch.Tensor], subjects: dict
             R = (z - now) / (len(names) - i)                                # this block's share of what is left
             P = projectors[name] if projectors else None
             earlier = kept.get(name) if kept is not None else None
-            deltas[name] = memit_update(covs[name], keys[name], R, lam, P, mu, earlier)
+            deltas[name] = memit_update(covs[name], keys[name], R, lam, P, mu, earlier, chol.get(name))
             if kept is not None:
                 gram = keys[name].double().T @ keys[name].double()
                 kept[name] = gram if earlier is None else earlier + gram

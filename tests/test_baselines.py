@@ -3,7 +3,8 @@ subject's last token; the peers make the real model give the new answer."""
 import pytest
 import torch
 
-from baselines import down_projections, memit_update, null_projector, rome_update, subject_positions
+from baselines import (cached_covariance, down_projections, memit_editor, memit_update, null_projector, rome_editor,
+                       rome_update, scaled_cholesky, subject_positions)
 from conftest import DATA_DIR
 from data import load, tokenize
 from hooks import dense
@@ -38,6 +39,10 @@ def test_memit_update_solves_its_normal_equation():
         torch.testing.assert_close((lam * C + K.double().T @ K.double()) @ update, K.double().T @ R.double(),
                                    rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(K @ update.float(), R, rtol=1e-4, atol=1e-4)
+    lam = 10.0                                           # the n × n (Woodbury) form: the same ΔW, to float32
+    woodbury = dense(memit_update(C, K, R, lam, chol=scaled_cholesky(C, lam)))
+    torch.testing.assert_close(woodbury, dense(memit_update(C, K, R, lam)), rtol=1e-5, atol=1e-6)
+    assert scaled_cholesky(C[:, :1] @ C[:1], 1.0) is None                              # rank 1: not positive definite
 
 
 def test_alphaedit_update_leaves_preserved_keys_unchanged():
@@ -54,6 +59,8 @@ def test_alphaedit_update_leaves_preserved_keys_unchanged():
     assert (K @ update - R).norm() < 0.5 * R.norm()
     plain = dense(memit_update(C, K, R, 1.0, torch.eye(48, dtype=C.dtype), mu=1e-3))   # P = I: the preserved keys move
     assert (K0[:50].float() @ plain).abs().max() > 0.1
+    full = dense(memit_update(C, K, R, 1.0, P, mu=1e-3, earlier=torch.zeros(48, 48, dtype=C.dtype)))
+    torch.testing.assert_close(update, full, rtol=1e-4, atol=1e-5)   # the n × n form (no earlier) is the same ΔW
 
 
 def test_alphaedit_sequential_keeps_earlier_batches_values():
@@ -88,7 +95,6 @@ def test_subject_positions_point_at_the_subjects_last_token(gpt2_tokenizer):
 def test_peers_edit_the_real_model(smollm, method):
     """On SmolLM2 at mid depth, each peer makes the model give the new answer (ES well above the
     unedited model's, below 0.3 on these records) and leaves most neighbours alone."""
-    from baselines import cached_covariance, memit_editor, rome_editor
     from editor import no_editor
     from metrics import measure, summarise
     model, tokenizer = smollm
