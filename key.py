@@ -96,10 +96,14 @@ class Key(nn.Module):
 
 
 def train_key(key: Key, prompts: torch.Tensor, rephrases: torch.Tensor, neighbours: torch.Tensor,
-              steps: int = 1500, batch: int = 256, lr: float = 1e-3, tau: float = 0.1, seed: int = 0) -> list[float]:
+              steps: int = 1500, batch: int = 256, lr: float = 1e-3, tau: float = 0.1, seed: int = 0,
+              hard: tuple[torch.Tensor, list[list[int]]] | None = None) -> list[float]:
     """Contrastive training of W on train-split features (N, C) each, row i of all three from one record:
     InfoNCE both ways between prompt and rephrase, the batch's other prompts (rephrases) and all its
-    neighbours as negatives, temperature tau. Sets μ, σ from the prompts. -> the losses."""
+    neighbours as negatives, temperature tau. hard: features (M, C) of texts that pass the gate of a
+    record but concern another subject (hard_negatives()) and, per record, the rows of its own; one of
+    each batch row's (its neighbour where it has none) is a negative too. Sets μ, σ from the prompts.
+    -> the losses."""
     key.mean.copy_(prompts.mean(0))
     key.std.copy_(prompts.std(0) + 1e-3)
     if key.proj is None:
@@ -112,6 +116,11 @@ def train_key(key: Key, prompts: torch.Tensor, rephrases: torch.Tensor, neighbou
     for _ in tqdm(range(steps), desc="key", leave=False):
         i = torch.randint(0, len(prompts), (batch,), generator=g)
         p, r, n = key(prompts[i]), key(rephrases[i]), key(neighbours[i])        # (b, k) each
+        if hard is not None:                                  # one hard negative per row (its neighbour if none)
+            texts, own = hard
+            extra = [texts[own[j][int(torch.randint(len(own[j]), (1,), generator=g))]] if own[j] else neighbours[j]
+                     for j in i.tolist()]
+            n = torch.cat([n, key(torch.stack(extra))])                        # (2b, k)
         loss = (F.cross_entropy(torch.cat([r @ p.T, r @ n.T], 1) / tau, target)
                 + F.cross_entropy(torch.cat([p @ r.T, p @ n.T], 1) / tau, target))
         opt.zero_grad()
@@ -165,6 +174,19 @@ class Subjects:
         for b, t in enumerate(texts):
             m[b, self.named(t)] = True
         return m
+
+
+def hard_negatives(records, texts_of) -> tuple[list[str], list[list[int]]]:
+    """Per record, the prompts and rephrases of `texts_of` (records) that pass its gate but are about another
+    subject ("Jill Ireland is native to" for an edit of Ireland, a rephrase of another fact with the subject
+    in its unrelated prefix): the texts, and per record the indices of its own among them."""
+    gate, texts, own = Subjects([r.subject for r in records]), {}, [[] for _ in records]
+    for other in texts_of:
+        for q in [other.prompt] + [g for g, _ in other.generality]:
+            for i in gate.named(q):
+                if other.subject != records[i].subject:
+                    own[i].append(texts.setdefault(q, len(texts)))
+    return list(texts), [sorted(set(rows)) for rows in own]
 
 
 def asks_another(records) -> list[bool]:
@@ -256,8 +278,14 @@ def learn_key(args: argparse.Namespace) -> None:
                          f"validation edits; the train split has {len(train[0])}")
     t = [features(x[:args.train_records]) for x in train[:3]]
     v = [features(x) for x in val[:3]]
+    hard = None
+    if args.hard and not args.untrained:
+        texts, own = hard_negatives([r for r in splits["train"] if r.generality and r.locality][:args.train_records],
+                                    splits["train"])
+        print(f"hard negatives: {sum(map(len, own))} of {len(texts)} texts for {sum(map(bool, own))} records")
+        hard = features(texts), own
     key = Key(editor.model.config.hidden_size, args.layer, args.dim, learned=not args.untrained)
-    losses = train_key(key, *t, steps=args.steps, seed=args.seed)
+    losses = train_key(key, *t, steps=args.steps, seed=args.seed, hard=hard)
     if losses:
         print(f"key: {args.steps} steps, loss {losses[0]:.3f} -> {sum(losses[-50:]) / len(losses[-50:]):.3f}")
     key.eval()
@@ -321,6 +349,9 @@ if __name__ == "__main__":
                    help="τ_gated is chosen among this many edits: the validation records' and train prompts'")
     k.add_argument("--steps", type=int, default=1500, help="Adam steps of the contrastive loss")
     k.add_argument("--seed", type=int, default=0, help="the key's initialisation and batches")
+    k.add_argument("--hard", action="store_true",
+                   help="add hard negatives: train texts that pass a record's gate but are about another subject "
+                        "(key.hard_negatives)")
     k.add_argument("--out", default=None, help="where the key goes (default: key.pt beside --ckpt)")
     add_device_args(k, dtype_default=None)
     r = sub.add_parser("routing", help="the key at scale: records 0..M-1 routed among N stored edits")

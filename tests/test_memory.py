@@ -14,7 +14,7 @@ import torch
 from conftest import DATA_DIR, ROOT, reorder_rtol, run, wait_for
 from editor import Editor, Fact
 from hooks import functional_edit
-from key import Key, MemoryFileError, Subjects, asks_another, prompt_features, train_key
+from key import Key, MemoryFileError, Subjects, asks_another, hard_negatives, prompt_features, train_key
 from memory import EditMemory, low_rank
 
 FACT = Fact("The Eiffel Tower is in", "Rome")
@@ -123,6 +123,18 @@ def test_learned_key_pulls_rephrases_to_their_prompt(editor):
     key = Key(editor.model.config.hidden_size, layer=1, dim=16)
     losses = train_key(key, *f, steps=60, batch=8, seed=0)
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10               # it learns
+    hard = ["The Eiffel Tower restaurant is in", "The Louvre Abu Dhabi is in", "Berlin Airport is in",
+            "Tokyo Disney is in"]
+    h = prompt_features(editor.model, editor.tokenizer, hard, 1)
+    cosines = []                                            # each prompt's hard negative: pushed further away
+    for seed in range(3):
+        for negatives in (None, (h, [[i % 4] for i in range(32)])):
+            k = Key(editor.model.config.hidden_size, layer=1, dim=16)
+            train_key(k, *f, steps=60, batch=8, seed=seed, hard=negatives)
+            with torch.no_grad():
+                cosines.append(float((k(f[0][:4]) * k(h)).sum(1).mean()))
+    # the same seed with and without: 0.60 -> 0.50, 0.50 -> 0.40, 0.59 -> 0.49 (seeds move the level by 0.1)
+    assert all(hard < plain - 0.05 for plain, hard in zip(cosines[::2], cosines[1::2])), cosines
 
 
 def test_sequential_protocols_end_to_end(trained, tmp_path):
@@ -251,6 +263,22 @@ def test_asks_another_finds_the_neighbours_that_are_other_edits_questions():
                            locality=[("The mother tongue of danielle darrieux is", "French")], old_target="politics")]
     assert asks_another(records) == [True, False, False, True]                 # the last: record 2's true answer
     assert asks_another(records[:1]) == [False]                                # record 1 not kept: nothing asked
+
+
+def test_hard_negatives_pass_the_gate_and_name_another_subject():
+    """key.hard_negatives: the prompts and rephrases of other records that name a record's subject as
+    whole words but are about another subject; the same subject asked again, or a word inside a longer
+    word, is none."""
+    from data import EditRequest
+    records = [EditRequest("The official language of Ireland is", "French", subject="Ireland",
+                           generality=[("Ireland's official language is", "French")]),
+               EditRequest("Jill Ireland is native to", "Paris", subject="Jill Ireland",
+                           generality=[("Born in Dublin. Jill Ireland was born in", "Paris")]),
+               EditRequest("Ireland is a member of", "NATO", subject="Ireland"),
+               EditRequest("Northern Irelands are", "x", subject="Northern Irelands")]
+    texts, own = hard_negatives(records[:2], records)
+    assert [[texts[i] for i in rows] for rows in own] == [
+        ["Jill Ireland is native to", "Born in Dublin. Jill Ireland was born in"], []]
 
 
 @pytest.mark.parametrize("argv,message", [
