@@ -282,7 +282,8 @@ def learn_key(args: argparse.Namespace) -> None:
     if args.hard and not args.untrained:
         texts, own = hard_negatives([r for r in splits["train"] if r.generality and r.locality][:args.train_records],
                                     splits["train"])
-        print(f"hard negatives: {sum(map(len, own))} of {len(texts)} texts for {sum(map(bool, own))} records")
+        print(f"hard negatives: {len(texts)} texts, {sum(map(len, own))} pairs with the {sum(map(bool, own))} "
+              f"records whose gate they pass")
         hard = features(texts), own
     key = Key(editor.model.config.hidden_size, args.layer, args.dim, learned=not args.untrained)
     losses = train_key(key, *t, steps=args.steps, seed=args.seed, hard=hard)
