@@ -12,10 +12,11 @@ on its words, the second on the model's states:
 A query goes to the candidate e of the largest k(q)·k_e when that cosine is ≥ τ_gated (e has a subject)
 or ≥ τ (it has none), else to no edit. W is trained on the train split only, contrastively: a prompt and
 its rephrase together, apart from the other prompts of the batch and from the neighbours (same relation
-and answer, another subject) that must not be edited. τ and τ_gated are chosen on validation records (the
-evaluation split's first --val-records) as those that maximise the balanced accuracy of routing
-(rephrases to their own edit, neighbours to none): τ among those records' edits, τ_gated among them and
-train-split prompts up to --stored edits, the size the memory is built for.
+and answer, another subject) that must not be edited (--hard: and from train texts that name its
+subject but are about another, "Jill Ireland is native to" for Ireland). τ and τ_gated are chosen on
+validation records (the evaluation split's first --val-records) as those that maximise the balanced
+accuracy of routing (rephrases to their own edit, neighbours to none): τ among those records' edits,
+τ_gated among them and train-split prompts up to --stored edits, the size the memory is built for.
 
     python key.py learn --ckpt out/ibke/best.pt       # the key -> out/ibke/key.pt (~1 min on 2 cores)
     python key.py learn --ckpt out/ibke/best.pt --untrained --out out/ibke/key-u4.pt   # no projection
