@@ -242,9 +242,14 @@ def load_key(ckpt: str, key: str | None = None) -> Key:
 
 # -----------------------------------------------------------------------------
 
+def usable(records) -> list:
+    """The records that have a rephrase and a locality prompt: those the key learns from and is measured on."""
+    return [r for r in records if r.generality and r.locality]
+
+
 def triples(records) -> tuple[list[str], list[str], list[str], list[str]]:
     """(prompts, rephrases, neighbours, subjects) of the records that have a rephrase and a locality prompt."""
-    kept = [r for r in records if r.generality and r.locality]
+    kept = usable(records)
     return ([r.prompt for r in kept], [r.generality[0][0] for r in kept], [r.locality[0][0] for r in kept],
             [r.subject for r in kept])
 
@@ -281,8 +286,7 @@ def learn_key(args: argparse.Namespace) -> None:
     v = [features(x) for x in val[:3]]
     hard = None
     if args.hard and not args.untrained:
-        texts, own = hard_negatives([r for r in splits["train"] if r.generality and r.locality][:args.train_records],
-                                    splits["train"])
+        texts, own = hard_negatives(usable(splits["train"])[:args.train_records], splits["train"])
         print(f"hard negatives: {len(texts)} texts, {sum(map(len, own))} pairs with the {sum(map(bool, own))} "
               f"records whose gate they pass")
         hard = features(texts), own
@@ -316,7 +320,7 @@ def routing(args: argparse.Namespace) -> None:
     key = load_key(args.ckpt, args.key)
     editor = Editor.load(args.ckpt, args.device, dtype=args.dtype)
     records = load(args.data or editor.ckpt["config"]["data"], args.data_dir)["eval"]
-    records = [r for r in records if r.generality and r.locality]
+    records = usable(records)
     prompts, rephrases, neighbours, subjects = triples(records[:args.stored])
     features = lambda texts: prompt_features(editor.model, editor.tokenizer, texts, key.layer, progress=True)
     p, r, n = features(prompts), features(rephrases[:args.queries]), features(neighbours[:args.queries])
