@@ -74,7 +74,8 @@ def check_fact(item) -> str | None:
             return f'"{key}" must be a non-empty string'
     subject = item.get("subject", "")
     if not isinstance(subject, str) or words(subject) and not set(Subjects([subject]).named(item["prompt"])):
-        return f'"subject" must be a string that the prompt names as written ({subject!r} is not in {item["prompt"]!r})'
+        return (f'"subject" must be a string that the prompt names as written, as a name of its own ({subject!r} '
+                f'is not one in {item["prompt"]!r}; "Paris" is not in "Paris Hilton")')
     for key in ("rephrase", "locality"):
         value = item.get(key)
         prompts = isinstance(value, str) or isinstance(value, list) and all(isinstance(v, str) for v in value)

@@ -3,7 +3,8 @@ Routing for the edit memory (memory.py): which stored edit, if any, a query conc
 text alone (the prompt: a question without its answer), never a record's fields, in two tests, the first
 on its words, the second on the model's states:
   - the gate: an edit stored with its subject (the fact's "subject", as ROME's requests give it) is a
-    candidate only for a query whose words contain that subject (case-insensitive, whole words). A
+    candidate only for a query whose words contain that subject (case-insensitive, whole words) as a name
+    of its own: not followed by a capitalised word that runs on ("Paris Hilton" does not name Paris). A
     neighbour asks the edit's question of another subject, so the gate rejects it however alike the
     states are; edits stored without a subject pass the gate for every query.
   - the key, computed from the hidden states entering block `layer` over the prompt's tokens:
@@ -139,6 +140,15 @@ def words(text: str) -> tuple[str, ...]:
     return tuple(re.findall(r"\w+", text.lower()))
 
 
+def runs_on(text: str, found: list[re.Match], j: int) -> bool:
+    """Does a capitalised word, joined by a space or hyphen, follow the text's word j - 1, so that a name
+    ending there is part of a longer one? ("Paris Hilton", "Sydney Morning Herald", "BBC Radio Cymru" for
+    Paris, Sydney, BBC Radio; not "Paris, France", "Paris's", "Paris is".) A word before it is not read:
+    a capital there may only start a sentence ("In Paris"), so "New Delhi" passes Delhi's gate."""
+    return (j < len(found) and found[j].group()[0].isupper()
+            and re.fullmatch(r"[ -]", text[found[j - 1].end():found[j].start()]) is not None)
+
+
 class Subjects:
     """The gate: which of the stored edits (with these subjects, "" for none) a text may concern."""
 
@@ -162,11 +172,13 @@ class Subjects:
         return self._has
 
     def named(self, text: str) -> list[int]:
-        """The edits whose subject is among the text's words."""
-        w, hits = words(text), []
+        """The edits whose subject is among the text's words as a name of its own (not runs_on)."""
+        found = list(re.finditer(r"\w+", text))
+        w, hits = tuple(m.group().lower() for m in found), []
         for i in range(len(w)):
             for j in range(i + 1, min(len(w), i + self.longest) + 1):
-                hits += self.index.get(w[i:j], [])
+                if w[i:j] in self.index and not runs_on(text, found, j):
+                    hits += self.index[w[i:j]]
         return hits
 
     def mask(self, texts: list[str]) -> torch.Tensor:
