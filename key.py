@@ -172,12 +172,14 @@ class Subjects:
         return self._has
 
     def named(self, text: str) -> list[int]:
-        """The edits whose subject is among the text's words as a name of its own (not runs_on)."""
+        """The edits whose subject is among the text's words as a name of its own (not runs_on), where the
+        text has lower-case words: in Title Case ("Where Is The Eiffel Tower Located?") capitals mark no name."""
         found = list(re.finditer(r"\w+", text))
         w, hits = tuple(m.group().lower() for m in found), []
+        cased = any(m.group()[0].islower() for m in found)
         for i in range(len(w)):
             for j in range(i + 1, min(len(w), i + self.longest) + 1):
-                if w[i:j] in self.index and not runs_on(text, found, j):
+                if w[i:j] in self.index and not (cased and runs_on(text, found, j)):
                     hits += self.index[w[i:j]]
         return hits
 

@@ -215,7 +215,8 @@ def test_the_gate_takes_an_edit_only_where_its_subject_is_named(editor):
         [True, True, False, False], [False, True, True, False], [False, True, False, False]]
     # a capitalised word joined on after the subject makes a longer name, another subject; one before may
     # only start a sentence, and commas, possessives and lower-case words end the name
-    named = ["In Paris, the", "Paris's mayor", "Paris is in", "Paris-based", "Visit Paris", "the Paris of"]
+    named = ["In Paris, the", "Paris's mayor", "Paris is in", "Paris-based", "Visit Paris", "the Paris of",
+             "Is Paris The Capital?"]                                           # Title Case: capitals mark no name
     others = ["Paris Hilton was born in", "Paris-Saint-Germain plays", "The Eiffel Tower Restaurant is in"]
     assert [bool(gate.named(t)) for t in named + others] == [True] * len(named) + [False] * len(others)
     memory = EditMemory(editor, untrained_key(editor, threshold=0.999))
