@@ -4,7 +4,8 @@ text alone (the prompt: a question without its answer), never a record's fields,
 on its words, the second on the model's states:
   - the gate: an edit stored with its subject (the fact's "subject", as ROME's requests give it) is a
     candidate only for a query whose words contain that subject (case-insensitive, whole words) as a name
-    of its own: not followed by a capitalised word that runs on ("Paris Hilton" does not name Paris). A
+    of its own: not followed by a capitalised word that runs on ("Paris Hilton" does not name Paris;
+    unless the query is in Title Case). A
     neighbour asks the edit's question of another subject, so the gate rejects it however alike the
     states are; edits stored without a subject pass the gate for every query.
   - the key, computed from the hidden states entering block `layer` over the prompt's tokens:
