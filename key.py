@@ -136,9 +136,12 @@ def train_key(key: Key, prompts: torch.Tensor, rephrases: torch.Tensor, neighbou
 # -----------------------------------------------------------------------------
 # the gate: the subject among the query's words
 
+WORD = re.compile(r"\w+")                         # the gate's word: subjects and queries read alike
+
+
 def words(text: str) -> tuple[str, ...]:
     """The gate's view of a text: its words, lower-cased ("Outlook.com's" -> outlook, com, s)."""
-    return tuple(re.findall(r"\w+", text.lower()))
+    return tuple(WORD.findall(text.lower()))
 
 
 def runs_on(text: str, found: list[re.Match], j: int) -> bool:
@@ -175,7 +178,7 @@ class Subjects:
     def named(self, text: str) -> list[int]:
         """The edits whose subject is among the text's words as a name of its own (not runs_on), where the
         text has lower-case words: in Title Case ("Where Is The Eiffel Tower Located?") capitals mark no name."""
-        found = list(re.finditer(r"\w+", text))
+        found = list(WORD.finditer(text))
         w, hits = tuple(m.group().lower() for m in found), []
         cased = any(m.group()[0].islower() for m in found)
         for i in range(len(w)):
