@@ -340,7 +340,8 @@ def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) ->
     subjects (the gate reads every query's words), the 8 prompts' own keys and subjects among them: the cost
     does not depend on what is stored."""
     from editor import Editor, Fact
-    from key import Key, Subjects
+    from gate import Subjects
+    from key import Key
     from memory import EditMemory
     editor = Editor(model, tokenizer, hypernet, {"config": {}, "model": args.model}, path="")
     # key.py learn's default block

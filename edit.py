@@ -29,7 +29,8 @@ import time
 from checkpoint import CheckpointError
 from rundir import RunLock
 from editor import Editor, Fact, as_fact
-from key import MemoryFileError, Subjects, load_key, words
+from gate import Subjects, words
+from key import MemoryFileError, load_key
 from memory import EditMemory
 from model import ModelError, add_device_args
 

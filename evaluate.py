@@ -41,7 +41,8 @@ from rundir import RunLock, check_folder, is_results, resumable, write_json
 from data import DataError, EditRequest, load, split_val
 from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit, merge, restore
-from key import MemoryFileError, asks_another, load_key
+from gate import asks_another
+from key import MemoryFileError, load_key
 from memory import EditMemory
 from metrics import (Continuations, generation, measure, measure_apart, multihop, peak_mib, references, score,
                      summarise, table)

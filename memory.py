@@ -12,7 +12,7 @@ untouched. Adding a fact never re-edits the others, and the weights are never wr
     python memory.py show out/ibke/cf.mem                         # what a memory holds
     python key.py routing --ckpt out/ibke/best.pt                 # the key among 1,000 and 10,000 edits (20 s)
 
-Routing (key.py): an edit stored with its subject serves only a query that names the subject (the gate),
+Routing (gate.py, key.py): an edit stored with its subject serves only a query that names the subject (the gate),
 and then the query's key, from the model's states entering block 4, must match the edit's (cosine ≥ τ).
 
 An edit's update is a sum of rank-one terms, one per token (METHOD.md §3 step 5); stored at rank r it is
@@ -28,7 +28,8 @@ import torch
 from checkpoint import atomic_save
 from editor import as_fact, sha256
 from hooks import Routing, grad_decomposition, routed, routed_edit
-from key import Key, MemoryFileError, Subjects, pooled, prompt_features
+from gate import Subjects
+from key import Key, MemoryFileError, pooled, prompt_features
 from model import blocks_path
 
 FORMAT = "ibke-memory-1"

@@ -14,7 +14,8 @@ import torch
 from conftest import DATA_DIR, ROOT, reorder_rtol, run, wait_for
 from editor import Editor, Fact
 from hooks import functional_edit
-from key import Key, MemoryFileError, Subjects, asks_another, hard_negatives, prompt_features, train_key
+from gate import Subjects, asks_another, hard_negatives
+from key import Key, MemoryFileError, prompt_features, train_key
 from memory import EditMemory, low_rank
 
 FACT = Fact("The Eiffel Tower is in", "Rome")
@@ -272,7 +273,7 @@ def test_asks_another_finds_the_neighbours_that_are_other_edits_questions():
 
 
 def test_hard_negatives_pass_the_gate_and_name_another_subject():
-    """key.hard_negatives: the prompts and rephrases of other records that name a record's subject as
+    """gate.hard_negatives: the prompts and rephrases of other records that name a record's subject as
     whole words but are about another subject; the same subject asked again, or a word inside a longer
     word, is none."""
     from data import EditRequest

@@ -1,0 +1,97 @@
+"""
+The gate of the edit memory's routing (memory.py, key.py): which stored edits a query may concern, read
+off its words alone (the prompt, a question without its answer), never a record's fields. An edit stored
+with its subject (the fact's "subject", as ROME's requests give it) is a candidate only for a query whose
+words contain that subject (case-insensitive, whole words) as a name of its own: not followed by a
+capitalised word that runs on ("Paris Hilton" does not name Paris; unless the query is in Title Case).
+A neighbour asks the edit's question of another subject, so the gate rejects it however alike the
+model's states are; edits stored without a subject pass the gate for every query. Among the candidates
+the key (key.py) decides.
+
+    python key.py routing --ckpt out/ibke/best.pt     # rephrases and neighbours routed, with and without the gate
+"""
+import re
+
+import torch
+
+
+WORD = re.compile(r"\w+")                         # the gate's word: subjects and queries read alike
+
+
+def words(text: str) -> tuple[str, ...]:
+    """The gate's view of a text: its words, lower-cased ("Outlook.com's" -> outlook, com, s)."""
+    return tuple(WORD.findall(text.lower()))
+
+
+def runs_on(text: str, found: list[re.Match], j: int) -> bool:
+    """Does a capitalised word, joined by a space or hyphen, follow the text's word j - 1, so that a name
+    ending there is part of a longer one? ("Paris Hilton", "Sydney Morning Herald", "BBC Radio Cymru" for
+    Paris, Sydney, BBC Radio; not "Paris, France", "Paris's", "Paris is".) A word before it is not read:
+    a capital there may only start a sentence ("In Paris"), so "New Delhi" passes Delhi's gate."""
+    return (j < len(found) and found[j].group()[0].isupper()
+            and re.fullmatch(r"[ -]", text[found[j - 1].end():found[j].start()]) is not None)
+
+
+class Subjects:
+    """The gate: which of the stored edits (with these subjects, "" for none) a text may concern."""
+
+    def __init__(self, subjects: list[str] = ()):
+        self.index, self.has, self.longest = {}, [], 0                     # words -> [edit]; edit has a subject
+        self._has = torch.zeros(0, dtype=torch.bool)                        # self.has as a tensor, made once
+        for s in subjects:
+            self.add(s)
+
+    def add(self, subject: str) -> None:
+        w = words(subject)
+        if w:
+            self.index.setdefault(w, []).append(len(self.has))
+            self.longest = max(self.longest, len(w))
+        self.has.append(bool(w))
+
+    def has_subject(self) -> torch.Tensor:
+        """(n,) bool: the edits stored with a subject."""
+        if len(self._has) != len(self.has):
+            self._has = torch.tensor(self.has, dtype=torch.bool)
+        return self._has
+
+    def named(self, text: str) -> list[int]:
+        """The edits whose subject is among the text's words as a name of its own (not runs_on), where the
+        text has lower-case words: in Title Case ("Where Is The Eiffel Tower Located?") capitals mark no name."""
+        found = list(WORD.finditer(text))
+        w, hits = tuple(m.group().lower() for m in found), []
+        cased = any(m.group()[0].islower() for m in found)
+        for i in range(len(w)):
+            for j in range(i + 1, min(len(w), i + self.longest) + 1):
+                if w[i:j] in self.index and not (cased and runs_on(text, found, j)):
+                    hits += self.index[w[i:j]]
+        return hits
+
+    def mask(self, texts: list[str]) -> torch.Tensor:
+        """(B, n) bool: edit e may serve text b (its subject is among b's words, or it has none)."""
+        m = ~self.has_subject().expand(len(texts), len(self.has)).clone()
+        for b, t in enumerate(texts):
+            m[b, self.named(t)] = True
+        return m
+
+
+def hard_negatives(records, texts_of) -> tuple[list[str], list[list[int]]]:
+    """Per record, the prompts and rephrases of `texts_of` (records) that pass its gate but are about another
+    subject ("Jill Ireland is native to" for an edit of Ireland, a rephrase of another fact with the subject
+    in its unrelated prefix): the texts, and per record the indices of its own among them."""
+    gate, texts, own = Subjects([r.subject for r in records]), {}, [[] for _ in records]
+    for other in texts_of:
+        for q in [other.prompt] + [g for g, _ in other.generality]:
+            for i in gate.named(q):
+                if other.subject != records[i].subject:
+                    own[i].append(texts.setdefault(q, len(texts)))
+    return list(texts), [sorted(set(rows)) for rows in own]
+
+
+def asks_another(records) -> list[bool]:
+    """Per record: does a locality prompt of it ask the question another of these records edits? It names
+    that record's subject and is its prompt or expects its true answer ("Taipei is a twin city of", a
+    CounterFact neighbour of one record, is the prompt of another). Holding both edits, the memory rightly
+    answers such a neighbour with the other edit, and LS against the original model counts that against it."""
+    gate = Subjects([r.subject for r in records])
+    return [any(j != i and (records[j].prompt == q or records[j].old_target == a)
+                for q, a in r.locality for j in gate.named(q)) for i, r in enumerate(records)]
