@@ -196,7 +196,9 @@ def ridge(K: torch.Tensor, V: torch.Tensor, lam: torch.Tensor, n_tokens: torch.T
     -> (K, B) with ΔW = KᵀB, or (None, ΔW (M, d_in, d_out))."""
     M, N, d_in = K.shape
     K64, V64 = K.double(), V.double()
-    c = (K64 ** 2).sum((1, 2)) / n_tokens.clamp_min(1)                        # mean |k_i|²  (M,)
+    # mean |k_i|² (M,); floored so that a module whose keys are all zero (a model broken by earlier merges,
+    # its gradients vanished) gets a defined solve, and ΔW = KᵀB = 0
+    c = ((K64 ** 2).sum((1, 2)) / n_tokens.clamp_min(1)).clamp_min(1e-30)
     lam = lam.double().clamp_min(1e-6)          # a learned λ near 0 must not make padding rows singular
     ridge_term = (lam * c)[:, None, None]
     if own is None:

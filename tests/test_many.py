@@ -49,6 +49,19 @@ def test_ridge_is_the_float64_least_squares_solution(N, d_in, own):
         assert ((delta[m].double() - reference).abs() <= bound.double() + 1e-12).all()
 
 
+@pytest.mark.parametrize("own", [False, True])
+@pytest.mark.parametrize("N, d_in", [(12, 16), (40, 16)])
+def test_ridge_of_all_zero_keys_is_no_update(N, d_in, own):
+    """A module whose keys are all zero (a model broken by earlier merges: its gradients vanished) gets
+    ΔW = 0, exactly, and the others their update; the Gram matrix was 0 and Cholesky raised."""
+    K, V, n_tokens = keys_and_values(N=N, d_in=d_in)
+    K[1] = 0
+    O = torch.zeros_like(V) if own else None                                   # own: K_e K_eᵀ V_e = 0 too
+    A, B = ridge(K, V, torch.tensor([0.1, 3.0]), n_tokens, O)
+    delta = B if A is None else A.transpose(1, 2) @ B
+    assert torch.isfinite(delta).all() and (delta[1] == 0).all() and (delta[0] != 0).any()
+
+
 def rounding(delta, N: int) -> torch.Tensor:
     """How far a ΔW may move when its float32 arithmetic is reordered: the factored AᵀB sums N terms
     (reorder_rtol of them, against the sum of their sizes); a dense one was solved in float64 and
