@@ -1,7 +1,7 @@
-"""memory.py, key.py, gate.py: a memory of one edit runs that edit on the rows it routes and the original model, bit for
-bit, on the others; the gate takes an edit only where its subject is named; stored at rank r an update is
-ΔW's best rank-r approximation; saved and loaded a memory gives the same outputs; a file of another model
-or editor is refused in one line. evaluate.py --sequential end to end."""
+"""memory.py, key.py, gate.py: a memory of one edit runs that edit on the rows it routes and the original
+model, bit for bit, on the others; the gate takes an edit only where its subject is named; stored at rank r
+an update is ΔW's best rank-r approximation; saved and loaded a memory gives the same outputs; a file of
+another model or editor is refused in one line. evaluate.py --sequential end to end."""
 import json
 import os
 import signal
