@@ -6,6 +6,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -119,6 +120,14 @@ def run(script, *args, check=True):
     return out
 
 
+def start(cmd: list[str]) -> subprocess.Popen:
+    """A script as a process the test will Ctrl-C (send_signal(SIGINT)): it takes SIGINT as a run in a
+    terminal does, also where pytest itself runs in the background (`nohup pytest &`: SIGINT ignored,
+    and inherited, so Python would install no KeyboardInterrupt)."""
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
 @pytest.fixture(scope="session")
 def trained(tiny_folders, tmp_path_factory):
     """6 steps, validated at 3 and 6, then resumed to 10; and 10 steps without interruption."""
@@ -177,7 +186,7 @@ def perturb_zero_init(editor):
             layer.weight.data = 0.1 * torch.randn(layer.weight.shape, generator=g)
 
 
-SUBPROCESS = re.compile(r'\brun\(\s*"|subprocess\.|Popen\(')
+SUBPROCESS = re.compile(r'\brun\(\s*"|subprocess\.|Popen\(|\bstart\(')
 
 
 def pytest_collection_modifyitems(items):

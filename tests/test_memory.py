@@ -6,13 +6,12 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import pytest
 import torch
 
-from conftest import DATA_DIR, ROOT, reorder_rtol, run, tiny, wait_for
+from conftest import DATA_DIR, ROOT, reorder_rtol, run, start, tiny, wait_for
 from data import load
 from editor import Editor, Fact, no_editor
 from evaluate import sequential
@@ -266,9 +265,8 @@ def test_a_memory_file_is_owned_by_one_run_and_kept_on_ctrl_c(trained, tmp_path)
     run("key.py", "learn", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--layer", "1", "--dim", "16",
         "--train-records", "32", "--val-records", "8", "--stored", "64", "--steps", "5", "--out", tmp_path / "key.pt")
     args = ["--ckpt", ckpt, "--data-dir", DATA_DIR, "--limit", "10000", "--sequential", "memory", "--memory", mem]
-    first = subprocess.Popen([sys.executable, os.path.join(ROOT, "evaluate.py"), *map(str, args), "--key",
-                              str(tmp_path / "key.pt"), "--out", str(tmp_path / "a.json")],
-                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = start([sys.executable, os.path.join(ROOT, "evaluate.py"), *map(str, args), "--key",
+                   str(tmp_path / "key.pt"), "--out", str(tmp_path / "a.json")])
     try:
         wait_for(str(mem) + ".lock")
         second = run("evaluate.py", *args, "--out", tmp_path / "b.json", check=False)

@@ -16,7 +16,7 @@ import torch
 
 import evaluate
 import train
-from conftest import ROOT, TINY_EDITOR, run, wait_for
+from conftest import ROOT, TINY_EDITOR, run, start, wait_for
 from data import DataError, load, tokenize
 
 
@@ -225,7 +225,7 @@ def test_sigint_saves_latest_and_resume_keeps_the_log_in_step(setting, tmp_path)
     cmd = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, common), "--steps", "100000", "--val-every",
            "100000",
            "--save-every", "100000", "--log-every", "1", "--out", str(tmp_path / "run")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start(cmd)
     log = tmp_path / "run" / "log.jsonl"
     deadline = time.time() + 120
     while (not log.exists() or len(log.read_text().splitlines()) < 3) and time.time() < deadline:
@@ -266,7 +266,7 @@ def test_a_second_run_into_the_same_out_stops_at_once(setting, tmp_path):
     script = [sys.executable, os.path.join(ROOT, "train.py"), *map(str, common), "--steps", "100000", "--val-every",
               "100000",
               "--save-every", "100000", "--out", str(tmp_path / "run")]
-    first = subprocess.Popen(script, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = start(script)
     try:
         wait_for(tmp_path / "run" / "run.lock")
         second = run("train.py", *common, "--seed", "1", "--steps", "5", "--out", tmp_path / "run", check=False)
@@ -280,7 +280,7 @@ def test_a_second_run_into_the_same_out_stops_at_once(setting, tmp_path):
     evaluation = [sys.executable, os.path.join(ROOT, "evaluate.py"), "--ckpt", str(out / "b" / "best.pt"), "--data-dir",
                   data_dir,
                   "--limit", "5000", "--out", results]
-    first = subprocess.Popen(evaluation, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = start(evaluation)
     try:
         wait_for(results + ".lock")
         second = run("evaluate.py", "--ckpt", out / "a" / "latest.pt", "--data-dir", data_dir, "--limit", "2", "--out",
