@@ -204,7 +204,7 @@ def test_retention_compares_the_first_100_with_their_own_passes(gpt2_tokenizer):
     runner = Runner(model, gpt2_tokenizer, edit_module_names(model), cache=False)
     scored = runner.scored_logits
 
-    def jittered(batch, split=True):
+    def jittered(batch, split=True):  # the tiny model's logits are below 1: +1e4 makes token (rows in the pass) the argmax
         logits, targets, rows = scored(batch, split)
         return logits.index_add(1, torch.tensor([len(batch["keys"])]), torch.full((len(rows), 1), 1e4)), targets, rows
     runner.scored_logits = jittered
