@@ -2,9 +2,10 @@
 which here is also the model's device, so nothing fails; on a GPU the same line fails (evaluate.py
 once indexed a device tensor with `torch.tensor(loc)` and every GPU run died at its first
 validation). HostTensors tags every tensor a factory makes without `device=` as host-made, and fails
-any op where a host-made tensor meets one of the model's tensors without having been moved (`.to`,
-runner.to_device); host-made tensors may meet each other (host-side bookkeeping) and 0-d ones anything
-(a CPU scalar may join a CUDA op). HostTensors(strict=True) also fails every blocking move of a
+any op where a host-made tensor meets one of the model's tensors without having been moved (`.to` a
+device, runner.to_device); `.cpu()` makes a host tensor, a `.to` of dtype alone keeps where it is;
+host-made tensors may meet each other (host-side bookkeeping) and 0-d ones anything (a CPU scalar may
+join a CUDA op). HostTensors(strict=True) also fails every blocking move of a
 host-made tensor, 0-d ones too: on a GPU, `.to("cuda")` of pageable memory waits for the device."""
 import pytest
 import torch
@@ -35,8 +36,9 @@ class HostTensors(TorchFunctionMode):
         kwargs = kwargs or {}
         tensors = [t for t in tree_flatten((args, kwargs))[0] if torch.is_tensor(t) and t.dim() > 0]
         host = [getattr(t, "_host_made", False) for t in tensors]
-        moving = func in (torch.Tensor.to, torch.Tensor.cuda, torch.Tensor.pin_memory)
-        copied = func in (torch.Tensor.to, torch.Tensor.cuda) and getattr(args[0], "_host_made", False)
+        moving = func in (torch.Tensor.cuda, torch.Tensor.pin_memory) or (func is torch.Tensor.to and any(
+            isinstance(a, (torch.device, str, torch.Tensor)) for a in (*args[1:], kwargs.get("device"))))
+        copied = moving and func is not torch.Tensor.pin_memory and getattr(args[0], "_host_made", False)
         if self.strict and copied and not kwargs.get("non_blocking", False):
             raise AssertionError(f"{func.__name__}: a blocking copy of a tensor made without a device "
                                  f"(shape {tuple(args[0].shape)}); on a GPU the host waits for it")
@@ -44,7 +46,7 @@ class HostTensors(TorchFunctionMode):
             raise AssertionError(f"{getattr(func, '__name__', func)}: a tensor made without a device meets the "
                                  f"model's tensors; on a GPU they would be on different devices")
         out = func(*args, **kwargs)
-        made_here = func in FACTORIES and "device" not in kwargs
+        made_here = func in FACTORIES and "device" not in kwargs or func is torch.Tensor.cpu
         if made_here or (tensors and all(host) and not moving):             # host in, host out
             for t in tree_flatten(out)[0]:
                 if torch.is_tensor(t):
@@ -121,6 +123,46 @@ def test_evaluation_makes_every_tensor_on_the_models_device(tiny_setup, data_dir
         runner = Runner(model, tokenizer, names, cache=False)
         deltas = measure(runner, ibke_editor(editor), case)[2]
         multihop(runner, functional_edit(model, deltas), case, max_new_tokens=2)
+
+
+def test_editor_memory_and_peers_make_every_tensor_on_the_models_device(tiny_setup, data_dir, tmp_path):
+    """The paths a GPU user runs besides training and evaluation: the editor object (edit, applied,
+    generate, P(target), save), the edit memory (add, route, a routed pass, serving a generation), the
+    peers (covariance, ROME, MEMIT, AlphaEdit). The memory's key, keys and factors live on the host by
+    design (routing is decided there), so the key is host-made here as learn_key makes it."""
+    from baselines import covariance, down_projections, memit_editor, null_projector, rome_editor, texts_of
+    from editor import Editor, Fact
+    from key import Key
+    from memory import EditMemory
+    model, tokenizer, names, hypernet = tiny_setup
+    hypernet.eval()
+    (tmp_path / "tiny.pt").write_bytes(b"")                                  # edits.json names its sha256
+    editor = Editor(model, tokenizer, hypernet, {"model": "tiny", "config": {}, "step": 0}, str(tmp_path / "tiny.pt"))
+    facts = [Fact("The Eiffel Tower is in", "Rome"), Fact("The Louvre is in", "Berlin", subject="Louvre")]
+    records = load("counterfact", data_dir)
+    with HostTensors():
+        deltas = editor.edit(facts)
+        with editor.applied(deltas):
+            editor.generate([f.prompt for f in facts], max_new_tokens=2)
+        editor.probability([facts[0].prompt], [facts[0].target], edited=lambda prompts: editor.applied(deltas))
+        editor.save(str(tmp_path / "edited"), deltas, facts)
+        key = Key(model.config.hidden_size, layer=1, learned=False)
+        key.threshold = -1.0                                                 # every query routed: the routed path runs
+        memory = EditMemory(editor, key)
+        memory.add(facts)
+        editor.probability([f.prompt for f in facts], [f.target for f in facts], edited=memory.routed)
+        with memory.serving():
+            editor.generate([facts[1].prompt, "Paris is"], max_new_tokens=2)
+        peers = down_projections(model, [2, 3])
+        covs = covariance(model, tokenizer, peers, texts_of(records["train"][:8]), tokens=200)
+        runner = Runner(model, tokenizer, peers, cache=False)
+        edits = records["eval"][:2]
+        subjects = {r.prompt: r.subject for r in edits}
+        projectors = {n: null_projector(covs[n], 0.5) for n in peers}
+        for method in (rome_editor(peers[-1], covs[peers[-1]], subjects, steps=2),
+                       memit_editor(peers, covs, subjects, steps=2),
+                       memit_editor(peers, covs, subjects, projectors=projectors, kept={}, steps=2)):
+            measure(runner, method, edits)
 
 
 def test_warm_training_step_reads_nothing_off_the_device(tiny_setup, data_dir):
