@@ -153,17 +153,23 @@ def covariance(model, tokenizer, names: list[str], texts: list[str], tokens: int
 def cached_covariance(path: str | None, model, tokenizer, names: list[str], records: list[EditRequest],
                       tokens: int) -> dict[str, torch.Tensor]:
     """covariance() of the train records' texts, from `path` if it holds these modules' at this many
-    tokens, else computed and written there (atomically; None: not kept)."""
+    tokens, else computed and written there (atomically, on the host: a file any device reads; None: not
+    kept). A file that cannot be read is moved aside to path.damaged and C computed afresh."""
     if path and os.path.exists(path):
-        saved = torch.load(path)
-        if saved.get("asked") == tokens and all(n in saved for n in names):
+        try:
+            saved = torch.load(path, map_location=model.device)
+        except Exception as err:                          # cut short, not a covariance file: a cache, rebuilt
+            os.replace(path, path + ".damaged")
+            print(f"note: {path} could not be read ({type(err).__name__}); moved to {path}.damaged")
+            saved = {}
+        if isinstance(saved, dict) and saved.get("asked") == tokens and all(n in saved for n in names):
             return saved
     print(f"key covariance of {len(names)} modules over {tokens} tokens of the train split -> {path}")
     cov = covariance(model, tokenizer, names, texts_of(records), tokens) | {"asked": tokens}
     if not path:
         return cov
     tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save(cov, tmp)
+    torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in cov.items()}, tmp)
     os.replace(tmp, path)
     return cov
 

@@ -164,9 +164,13 @@ def key_file(ckpt: str, key: str | None = None) -> str:
 def load_key(ckpt: str, key: str | None = None) -> Key:
     """The routing key of key_file(ckpt, key), or MemoryFileError in one line."""
     path = key_file(ckpt, key)
+    learn = f"learn one with `python key.py learn --ckpt {ckpt}`"
     if not os.path.isfile(path):
-        raise MemoryFileError(f"no key at {path}; learn one with `python key.py learn --ckpt {ckpt}` or give --key")
-    return Key.rebuild(torch.load(path, weights_only=False))
+        raise MemoryFileError(f"no key at {path}; {learn} or give --key")
+    try:
+        return Key.rebuild(torch.load(path, map_location="cpu", weights_only=False))
+    except Exception as err:                 # cut short, another file, another format: what it is not matters
+        raise MemoryFileError(f"not a key file of key.py: {path} ({type(err).__name__}); {learn}") from None
 
 
 # -----------------------------------------------------------------------------

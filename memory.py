@@ -64,6 +64,11 @@ class EditMemory:
     the facts as dicts. `editor` (editor.Editor) makes the edits and runs the model."""
 
     def __init__(self, editor, key: Key, rank: int = 3, dtype: torch.dtype = torch.float16):
+        blocks, width = len(editor.model.get_submodule(blocks_path(editor.model))), editor.model.config.hidden_size
+        if key.config()["width"] != width or key.layer >= blocks:
+            raise MemoryFileError(f"the key reads states of width {key.config()['width']} entering block {key.layer}; "
+                                  f"this model has width {width} and {blocks} blocks: learn a key for this editor "
+                                  f"(python key.py learn --ckpt {editor.path})")
         self.editor, self.key, self.rank, self.dtype = editor, key, rank, dtype
         self.n, self.facts, self.subjects = 0, [], Subjects()
         self.keys = torch.zeros(0, key.config()["dim"])

@@ -1,5 +1,7 @@
 """baselines.py: ROME's, MEMIT's and AlphaEdit's updates solve their equations; keys sit at the
-subject's last token; the peers make the real model give the new answer."""
+subject's last token; the peers make the real model give the new answer; C's cache reads on any device."""
+import os
+
 import pytest
 import torch
 
@@ -112,3 +114,31 @@ def test_peers_edit_the_real_model(smollm, method):
               for name, e in (("none", no_editor), (method, editor))}
     assert scores["none"]["ES"] < 0.3 and scores[method]["ES"] > scores["none"]["ES"] + 0.5, scores
     assert scores[method]["LS"] > 0.7, scores
+
+
+def test_the_covariance_cache_is_read_on_any_device_and_rebuilt_when_damaged(tmp_path, monkeypatch, capsys,
+                                                                            gpt2_tokenizer):
+    """C is cached beside --ckpt and read by later runs, on whatever device they use: written by a GPU run
+    it once held CUDA tensors (a CPU run raised at torch.load), and a GPU run got a CPU run's C on the
+    host (its solves met the keys on two devices). Now written on the host and read onto the model's
+    device; a file cut short is moved aside and C computed afresh."""
+    from conftest import tiny
+    model = tiny("gpt2")
+    model.resize_token_embeddings(len(gpt2_tokenizer))
+    names = down_projections(model, [1, 2])
+    train = load("counterfact", DATA_DIR, split="train")["train"][:20]
+    path = str(tmp_path / "cov.pt")
+    fresh = cached_covariance(path, model, gpt2_tokenizer, names, train, 300)
+    saved, _ = torch.load(path), capsys.readouterr()
+    with monkeypatch.context() as m:                            # the same file as a GPU run would write it
+        m.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+        torch.save(saved, path)
+    again = cached_covariance(path, model, gpt2_tokenizer, names, train, 300)
+    assert all(torch.equal(again[n], fresh[n]) and again[n].device == model.device for n in names)
+    assert "key covariance" not in capsys.readouterr().out     # read, not computed
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:len(data) // 2])               # cut short
+    rebuilt = cached_covariance(path, model, gpt2_tokenizer, names, train, 300)
+    assert all(torch.equal(rebuilt[n], fresh[n]) for n in names)
+    assert "could not be read" in capsys.readouterr().out and os.path.exists(path + ".damaged")
+    assert all(torch.equal(torch.load(path)[n], fresh[n]) for n in names)

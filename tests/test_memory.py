@@ -17,7 +17,7 @@ from editor import Editor, Fact, no_editor
 from evaluate import sequential
 from hooks import functional_edit
 from gate import Subjects, asks_another, hard_negatives
-from key import Key, MemoryFileError, prompt_features, train_key
+from key import Key, MemoryFileError, load_key, prompt_features, train_key
 from memory import EditMemory, low_rank
 from model import edit_module_names
 from runner import Runner
@@ -278,6 +278,28 @@ def test_a_memory_file_is_owned_by_one_run_and_kept_on_ctrl_c(trained, tmp_path)
     assert "Traceback" not in stderr and "of 10000 edits kept in" in stderr and not os.path.exists(str(mem) + ".lock")
     kept = int(stderr.split("interrupted: ")[1].split(" of")[0])
     assert kept >= 500 and f"{kept} edits" in run("memory.py", "show", mem).stdout
+
+
+def test_a_key_file_that_is_not_one_or_for_another_model_is_refused_in_one_line(editor, trained, tmp_path):
+    """--key is the user's input: a file cut short, of another kind or of another format was a traceback
+    (UnpicklingError, KeyError); a key of another model's width or depth failed at the first query."""
+    ckpt = str(trained[0] / "b" / "best.pt")
+    width = editor.model.config.hidden_size
+    torch.save(Key(width, layer=1, dim=8).saved(), tmp_path / "key.pt")
+    data = (tmp_path / "key.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[:len(data) // 2])
+    (tmp_path / "text.pt").write_text("# a key?\n")
+    torch.save({"config": {"width": width}}, tmp_path / "dict.pt")
+    for bad in ("cut.pt", "text.pt", "dict.pt"):
+        with pytest.raises(MemoryFileError, match="not a key file of key.py"):
+            load_key(ckpt, str(tmp_path / bad))
+    assert load_key(ckpt, str(tmp_path / "key.pt")).config()["dim"] == 8
+    for key in (Key(width + 1, layer=1), Key(width, layer=editor.model.config.n_layer)):
+        with pytest.raises(MemoryFileError, match="learn a key for this editor"):
+            EditMemory(editor, key)
+    out = run("key.py", "routing", "--ckpt", ckpt, "--key", ckpt, "--data-dir", DATA_DIR, check=False)
+    assert out.returncode != 0 and "Traceback" not in out.stderr                  # the checkpoint given as its key
+    assert out.stderr.strip().splitlines()[-1].startswith("error: not a key file of key.py")
 
 
 def test_asks_another_finds_the_neighbours_that_are_other_edits_questions():
