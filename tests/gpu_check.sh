@@ -15,7 +15,7 @@ python3 -c "from model import model_path; print(model_path('smollm2-135m'))" 2>&
 el "smollm2 exported"
 # CUDA tests in the background (xdist where it loads)
 ( N=""; python3 -c "import xdist" 2>/dev/null && N="-n 6"
-  timeout 300 python3 -m pytest tests/test_cuda.py -q $N --no-header -rfEs > $OUT/tests.log 2>&1; rc=$?
+  timeout 330 python3 -m pytest tests/test_cuda.py -q $N --no-header -rfEs > $OUT/tests.log 2>&1; rc=$?
   if [ $rc -gt 1 ] && [ -n "$N" ] && [ $rc -ne 124 ]; then echo "xdist failed (rc $rc), serial" >> $OUT/tests.log
     timeout 280 python3 -m pytest tests/test_cuda.py -q --no-header -rfEs >> $OUT/tests.log 2>&1; rc=$?; fi
   echo "TESTS rc $rc" >> $OUT/tests.log ) &

@@ -2,7 +2,7 @@
 Llama models and on the default model; the same ΔW and logits as on the CPU; a warm training step
 that never waits for the device (torch.cuda.set_sync_debug_mode("error")); --dtype auto; a resumed
 run against an uninterrupted one; cancel with --chunk; a non-finite step skipped on the device;
-the edit's clock; the evaluation's memory.
+the edit's clock; the evaluation's memory; the edit memory, edit.py and the peers end to end.
 
     python -m pytest tests/test_cuda.py -v
     bash tests/gpu_check.sh          # these, the paper's command on gpt2-xl, bench.py: the whole GPU check
@@ -224,3 +224,34 @@ def tiny_setup_cuda(gpt2_tokenizer):
     model.requires_grad_(False).to("cuda")
     names, editor = editor_for(model)
     return model, gpt2_tokenizer, names, editor.to("cuda")
+
+
+def test_lifelong_peers_and_edit_py_on_cuda(trained, tmp_path, device="cuda"):
+    """What came after the first GPU run, end to end on the GPU: key.py learn, evaluate.py --sequential
+    memory and merge, MQuAKE through a memory, edit.py with --memory and with --save, and the peers
+    (ROME; MEMIT with C cached by a CPU run, then read onto the GPU; AlphaEdit sequential)."""
+    ckpt, on = trained[0] / "b" / "best.pt", ["--device", device]
+    run("key.py", "learn", "--ckpt", ckpt, *on, "--data-dir", DATA_DIR, "--layer", "1", "--dim", "16",
+        "--train-records", "64", "--val-records", "16", "--steps", "20", "--out", tmp_path / "key.pt")
+    common = ["--ckpt", ckpt, *on, "--data-dir", DATA_DIR, "--limit", "6", "--edits-per-batch", "2"]
+    for protocol, flags in (("memory", ["--memory", tmp_path / "m.mem", "--key", tmp_path / "key.pt", "--generate"]),
+                            ("merge", [])):
+        run("evaluate.py", *common, "--sequential", protocol, *flags, "--out", tmp_path / f"{protocol}.json")
+        assert json.load(open(tmp_path / f"{protocol}.json"))["summary"]["n"] == 6
+    run("evaluate.py", "--ckpt", ckpt, *on, "--data-dir", DATA_DIR, "--data", "mquake", "--limit", "2",
+        "--sequential", "memory", "--memory", tmp_path / "q.mem", "--key", tmp_path / "key.pt", "--out",
+        tmp_path / "mq.json")
+    assert len(json.load(open(tmp_path / "mq.json"))["batches"][0]["MH"]) == 2
+    out = run("edit.py", "--ckpt", ckpt, *on, "The Eiffel Tower is in", "Rome", "--memory", tmp_path / "u.mem",
+              "--key", tmp_path / "key.pt", "--ask", "The Louvre is in")
+    assert "(1 in all)" in out.stdout and "[ask] The Louvre is in" in out.stdout
+    run("edit.py", "--ckpt", ckpt, *on, "The Eiffel Tower is in", "Rome", "--save", tmp_path / "edited")
+    assert (tmp_path / "edited" / "edits.json").exists()
+    peers = ["--ckpt", ckpt, "--data-dir", DATA_DIR, "--limit", "2", "--cov-tokens", "500"]
+    run("evaluate.py", *peers, "--method", "memit", "--peer-layers", "1,2", "--device", "cpu", "--out",
+        tmp_path / "memit_cpu.json")                                         # C cached beside the checkpoint
+    for method, flags in (("memit", ["--peer-layers", "1,2"]), ("rome", ["--peer-layers", "2"]),
+                          ("alphaedit", ["--peer-layers", "1,2", "--sequential", "merge"])):
+        out = run("evaluate.py", *peers, *on, "--method", method, *flags, "--out", tmp_path / f"{method}.json")
+        assert 0 <= json.load(open(tmp_path / f"{method}.json"))["summary"]["ES"] <= 1
+    assert "key covariance" not in out.stdout                                # C read, not computed again
