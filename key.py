@@ -169,7 +169,7 @@ def load_key(ckpt: str, key: str | None = None) -> Key:
         raise MemoryFileError(f"no key at {path}; {learn} or give --key")
     try:
         return Key.rebuild(torch.load(path, map_location="cpu", weights_only=False))
-    except Exception as err:                 # cut short, another file, another format: what it is not matters
+    except Exception as err:                 # cut short, another kind of file or format
         raise MemoryFileError(f"not a key file of key.py: {path} ({type(err).__name__}); {learn}") from None
 
 
