@@ -5,8 +5,8 @@ validation). HostTensors tags every tensor a factory makes without `device=` as 
 any op where a host-made tensor meets one of the model's tensors without having been moved (`.to` a
 device, runner.to_device); `.cpu()` makes a host tensor, a `.to` of dtype alone keeps where it is;
 host-made tensors may meet each other (host-side bookkeeping) and 0-d ones anything (a CPU scalar may
-join a CUDA op). HostTensors(strict=True) also fails every blocking move of a
-host-made tensor, 0-d ones too: on a GPU, `.to("cuda")` of pageable memory waits for the device."""
+join a CUDA op). HostTensors(strict=True) also fails every blocking move of a host-made tensor, 0-d
+ones too: on a GPU, `.to("cuda")` of pageable memory waits for the device."""
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
