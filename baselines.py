@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from checkpoint import atomic_save
 from data import EditRequest
 from hooks import forward_hooks, functional_edit
 from losses import answer_nll
@@ -168,9 +169,7 @@ def cached_covariance(path: str | None, model, tokenizer, names: list[str], reco
     cov = covariance(model, tokenizer, names, texts_of(records), tokens) | {"asked": tokens}
     if not path:
         return cov
-    tmp = f"{path}.{os.getpid()}.tmp"
-    torch.save({k: v.cpu() if torch.is_tensor(v) else v for k, v in cov.items()}, tmp)
-    os.replace(tmp, path)
+    atomic_save({k: v.cpu() if torch.is_tensor(v) else v for k, v in cov.items()}, path)
     return cov
 
 
