@@ -177,6 +177,14 @@ def check_device(device: str, dtype: str = "float32") -> torch.device:
     return dev
 
 
+def contiguous_input(head: nn.Module, args: tuple) -> tuple:
+    """The LM head's input made contiguous. generate() gives the head its last position only,
+    hidden[:, -1:] (B, 1, C): a strided view, which torch's CPU matmul runs as a batched GEMM against
+    the head copied for every row (pytorch/pytorch#151934): 64 rows of SmolLM2 take 18 s in bfloat16
+    instead of 0.04 s (torch 2.13; RESULTS.md, 2026-12-06, fourth). A copy of B·C numbers folds them."""
+    return (args[0].contiguous(), *args[1:])
+
+
 def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> tuple[nn.Module, object]:
     """(model, tokenizer): frozen, in eval mode, every parameter with requires_grad=False."""
     check_device(device, dtype)
@@ -187,6 +195,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "cpu") -> tuple[
     except (OSError, ValueError) as err:  # ValueError: a malformed hub name, an unknown architecture
         raise _hub_error(name, err) from None
     model.to(device).eval().requires_grad_(False)
+    model.get_output_embeddings().register_forward_pre_hook(contiguous_input)
     tokenizer = load_tokenizer(name)
     print(f"loaded {name} ({model.config.model_type}, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) in {time.time() - t0:.1f}s")

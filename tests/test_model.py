@@ -62,6 +62,21 @@ def test_default_model_completes_paris_and_reloads_from_the_cache(smollm):
     assert model_lib.model_path("smollm2-135m").startswith(model_lib.CACHE_DIR)
 
 
+@pytest.mark.slow
+def test_the_loaded_models_head_takes_generates_strided_input_contiguous(smollm):
+    """generate() hands the LM head hidden[:, -1:], a strided view that torch's CPU matmul runs as one
+    GEMM per row (18 s for 64 rows in bfloat16): load_model's pre-hook gives the head a contiguous copy."""
+    model, _ = smollm
+    head, seen = model.get_output_embeddings(), []
+    handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
+    hidden = torch.randn(4, 5, model.config.hidden_size, dtype=model.dtype)
+    try:
+        head(hidden[:, -1:])
+    finally:
+        handle.remove()
+    assert seen == [True]
+
+
 def test_run_from_block_gives_the_full_models_logits(tiny_model):
     from runner import hidden_before, run_from_block
     ids = torch.randint(1, 100, (3, 9))
