@@ -12,7 +12,7 @@ from data import encode, load
 from hooks import apply_delta, functional_edit, grad_decomposition, restore
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, gaussian_kl, ibke_loss, locality_kl, scored
-from model import edit_module_names, weight_shape
+from model import contiguous_input, edit_module_names, weight_shape
 
 def autograd_weight_grads(model, names, batch):
     """Reference: ∇_W L_E by autograd, in the (d_in, d_out) convention."""
@@ -26,7 +26,9 @@ def autograd_weight_grads(model, names, batch):
 
 
 def no_hooks_left(model):
-    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
+    """No hook but load_model's own, which makes the LM head's input contiguous."""
+    return all(not m._forward_hooks and not m._backward_hooks
+               and all(h is contiguous_input for h in m._forward_pre_hooks.values()) for m in model.modules())
 
 
 # Hooks and autograd reach Σ_i h_iᵀ u_i from the same u, summing the 27 tokens in another order
