@@ -135,7 +135,8 @@ def check_flags(args: argparse.Namespace) -> None:
     before any work; one line naming the problem."""
     finite_positive = {k: getattr(args, k) for k in ("lr", "lr_lambda", "clip", "eta_init", "ridge_init", "eta_scale")}
     at_least_1 = {k: getattr(args, k) for k in ("steps", "batch_size", "val_every", "val_size", "patience", "log_every",
-                                                "save_every", "d_m", "chunk", "val_n", "latent_dim", "heads")}
+                                                "save_every", "d_m", "chunk", "val_n", "latent_dim", "heads",
+                                                "after_len")}
     rules = [(v >= 1, f"--{k.replace('_', '-')} {v}: give at least 1") for k, v in at_least_1.items()]
     rules += [(args.latent_len >= 0, f"--latent-len {args.latent_len}: give 0 (no latent: MEND) or more"),
               (args.latent_len or args.no_ib, "--latent-len 0 has no latent to bottleneck: add --no-ib (MEND: also "
@@ -144,7 +145,8 @@ def check_flags(args: argparse.Namespace) -> None:
               for k, v in finite_positive.items()]
     rules += [(0 <= v < FLOAT32_MAX, f"--{k.replace('_', '-')} {v}: give 0 or a positive weight below 3.4e38 (float32)")
               for k, v in {"c_edit": args.c_edit, "c_gen": args.c_gen, "c_loc": args.c_loc, "beta": args.beta,
-                           "c_loc_end": args.c_loc_end, "c_gen_end": args.c_gen_end}.items() if v is not None]
+                           "c_loc_end": args.c_loc_end, "c_gen_end": args.c_gen_end, "c_after": args.c_after}.items()
+              if v is not None]
     rules += [(0 <= args.ramp_start < 1, f"--ramp-start {args.ramp_start}: give a fraction of --steps, 0 to below 1"),
               (args.ramp_start < args.ramp_end <= 1,
                f"--ramp-end {args.ramp_end}: give a fraction of --steps above --ramp-start ({args.ramp_start}), at "

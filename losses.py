@@ -4,6 +4,11 @@ The tripartite objective of IBKE (METHOD.md §2-§3):
     L = c_edit·NLL(o_e | q_e) + c_gen·NLL(o_g | q_g)       SG, sufficiency for generality
       + c_loc·KL(p_θ(·|q_l) || p_θ̂(·|q_l))                IL, independence for locality
       + β·mean_e KL(N(μ_e, σ²_e) || N(0, I))               ITM, information transfer minimisation
+      + c_after·KL(p_θ(·|q_e o_e c) || p_θ̂(·|q_e o_e c))    IL after the answer (ours; 0 in the paper's)
+
+The last term is not the paper's: c is the unedited model's own continuation of the edit prompt and
+its new answer, so the edited model, having given the answer, should go on as the unedited one does
+(train.py --c-after; METHOD.md §8).
 
 All terms are taken only at scored positions: the positions whose next token is an answer token
 (labels != -100 one step later). `scored` turns full logits into that compact form, so a forward
@@ -53,13 +58,17 @@ class LossWeights:
     c_gen: float = 1.0    # SG, generality prompts
     c_loc: float = 1.0    # IL
     beta: float = 0.1     # ITM
+    c_after: float = 0.0  # IL after the answer (ours)
 
 
 def ibke_loss(edit_nll: torch.Tensor, gen_nll: torch.Tensor, loc_kl: torch.Tensor, itm_kl: torch.Tensor,
-              w: LossWeights) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              w: LossWeights, after_kl: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The weighted sum of METHOD.md §3 (each input already averaged over the batch): the loss train.py
     differentiates (its SG and IL terms into ΔW, then ITM directly), and its parts as detached 0-d
     tensors (reading them waits for the device, so the caller reads them when it logs)."""
     total = w.c_edit * edit_nll + w.c_gen * gen_nll + w.c_loc * loc_kl + w.beta * itm_kl
     parts = {"loss": total, "edit": edit_nll, "gen": gen_nll, "loc": loc_kl, "itm": itm_kl}
+    if after_kl is not None:
+        parts["loss"] = total = total + w.c_after * after_kl
+        parts["after"] = after_kl
     return total, {k: v.detach() for k, v in parts.items()}

@@ -204,7 +204,8 @@ class StepLog:
             self.write({"step": step, "n": n, **{k: round(v, 4) for k, v in p.items()}, "ms": round(ms)})
         skipped = self.counters["nonfinite"]
         self.bar.write(f"step {step}: n {n} | loss {p['loss']:.3f} (edit {p['edit']:.3f} gen {p['gen']:.3f} "
-                       f"loc {p['loc']:.4f} itm {p['itm']:.3f}) | tokens: edit {p['acc_edit']:.2f} "
+                       f"loc {p['loc']:.4f}" + (f" after {p['after']:.4f}" if "after" in p else "")
+                       + f" itm {p['itm']:.3f}) | tokens: edit {p['acc_edit']:.2f} "
                        f"gen {p['acc_gen']:.2f} loc kept {p['agree_loc']:.2f} | {ms:.0f}ms/step"
                        + (f" | {skipped} non-finite or diverged steps skipped" if skipped else ""))
         self.pending.clear()

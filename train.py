@@ -8,6 +8,7 @@ Train the IBKE hypernetwork (METHOD.md §3): a plain PyTorch loop.
                                     # a second phase from another run (its step 2600 on), other loss weights
     python train.py --resume out/ibke/best.pt --aggregate cancel --batch-size 64 --sample-n log --val-n 64 \
         --eta-scale 0.5 --edit-layers 6 --steps 4000 --out out/many   # many edits: 6 blocks, each η halved
+    python train.py --c-after 1 --out out/after/ca1     # also IL after the answer: fewer repeats (METHOD.md §8)
     python train.py --model gpt2-xl --data zsre --device cuda --dtype bfloat16   # the paper's setting
     python train.py --steps 20 --val-every 10 --val-size 8 --d-m 64 --latent-dim 64 --out out/smoke  # tiny
 
@@ -36,7 +37,7 @@ from editor import ibke_editor
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl
-from metrics import measure, peak_mib, summarise
+from metrics import greedy, measure, peak_mib, summarise
 from model import ModelError, add_device_args, add_model_args, edit_module_names, load_model, native_dtype
 from model import weight_shape
 from rundir import DIVERGED, RunLock, Stop, StepLog, check_folder, take_over
@@ -78,6 +79,10 @@ parser.add_argument("--ramp-start", type=float, default=0.5, help="fraction of -
 parser.add_argument("--ramp-end", type=float, default=1.0, help="fraction of --steps where they arrive (and stay)")
 parser.add_argument("--extra-loc", type=int, default=1,
                     help="per edit, this many other records' prompts join the IL term as unrelated inputs")
+parser.add_argument("--c-after", type=float, default=0.0,
+                    help="weight of KL(pre || post) on the unedited model's continuation of each edit prompt and its "
+                         "new answer: having answered, go on as before (ours, METHOD.md §8; 0: the paper's loss)")
+parser.add_argument("--after-len", type=int, default=8, help="--c-after: tokens of that continuation")
 parser.add_argument("--loc-from", default="relation", choices=["relation", "answer", "any"],
                     help="those records: the same prompt with another subject; another subject with the edit's old "
                          "answer (CounterFact's neighbours); any record")
@@ -114,7 +119,7 @@ parser.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT
 # one step
 
 def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others: list[EditRequest],
-               weights: LossWeights, tokens: str = "all", chunk: int = 0):
+               weights: LossWeights, tokens: str = "all", chunk: int = 0, after: dict | None = None):
     """One step of METHOD.md §3 on n edits, its backward in two stages (as MALMEN's): the edited model's
     losses, `chunk` edits at a time (0: all), are backpropagated here to ΔW, held as leaves; the
     returned surrogate's backward then takes ΔW's gradient through the solve once and through the
@@ -122,7 +127,8 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     hypernetwork's memory grows with the chunk, not with n (the decomposition, keys and solve grow with
     n: 18 GB at n = 1024 on SmolLM2's last 6 blocks, RESULTS.md), and the gradient is the loss's.
     others: per edit, len(others) // n records whose edit prompts join the IL term as unrelated inputs
-    (--extra-loc). The loss is losses.ibke_loss: its SG and IL terms are differentiated through ΔW,
+    (--extra-loc). after: continuations' rows by edit text (--c-after), scored in a fourth term.
+    The loss is losses.ibke_loss: its SG and IL terms are differentiated through ΔW,
     its ITM term directly. -> (surrogate, parts: loss, its terms, and the token accuracies pooled over
     the batch (acc_edit, acc_gen; agree_loc: post-edit argmax = pre-edit) as 0-d tensors, not read
     here: a warm step never waits for the device)."""
@@ -132,9 +138,10 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     def pairs(kind: int, i: int) -> list[tuple[str, str]]:                   # edit i's rows of one kind
         r = batch[i]
         return [[(r.prompt, r.target)], r.generality,
-                r.locality + [(o.prompt, o.old_target or o.target) for o in others[i * extra:(i + 1) * extra]]][kind]
-    rows, of = [], [[], [], []]                                               # of[kind][i]: edit i's rows
-    for kind in range(3):                                                     # edit | gen | loc rows
+                r.locality + [(o.prompt, o.old_target or o.target) for o in others[i * extra:(i + 1) * extra]],
+                (after or {}).get(f"{r.prompt} {r.target}", [])][kind]
+    rows, of = [], [[], [], [], []]                                           # of[kind][i]: edit i's rows
+    for kind in range(4):                                                     # edit | gen | loc | after rows
         for i in range(n):
             these = pairs(kind, i)
             of[kind].append(list(range(len(rows), len(rows) + len(these))))
@@ -142,7 +149,7 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     tensors = runner.batch([p for p, _ in rows], [t for _, t in rows])
     counts = [len(scored_span(a, b)) for a, b in zip(tensors["starts"], tensors["lengths"])]
     n_gen = sum(map(len, of[1]))
-    n_loc = sum(counts[b] for rs in of[2] for b in rs)                           # scored locality positions
+    n_loc, n_after = (sum(counts[b] for rs in of[kind] for b in rs) for kind in (2, 3))   # scored positions
     decomposition, mask = grad_decomposition(runner.model, list(hypernet.shapes), take(tensors, slice(0, n)), tokens,
                                              forward=lambda b: runner.scored_logits(b, split=False))
     deltas, itm = hypernet(decomposition, mask, factored=None, chunk=chunk)  # ΔW (or AᵀB where cheaper), ITM KL
@@ -150,37 +157,36 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
     leaves = [t.detach().requires_grad_() for t in outputs]
     it = iter(leaves)
     held = {name: tuple(next(it) for _ in d) if isinstance(d, tuple) else next(it) for name, d in deltas.items()}
-    sums = torch.zeros(6, device=runner.device)   # the edit, gen, loc terms; edit, gen hits, loc agreements
+    sums = torch.zeros(7, device=runner.device)   # the edit, gen, loc, after terms; edit, gen hits, loc agreements
     zero = sums[0].clone()
     for first in range(0, n, chunk or n):
         edits = range(first, min(first + (chunk or n), n))
-        picked = [b for kind in range(3) for i in edits for b in of[kind][i]]
+        picked = [b for kind in range(4) for i in edits for b in of[kind][i]]
         part = take(tensors, picked)
-        k, g = len(edits), sum(len(of[1][i]) for i in edits)
-        row_of = positions(part)[0]                                          # scored positions, row-major:
-        at_gen, at_loc = bisect.bisect_left(row_of, k), bisect.bisect_left(row_of, k + g)   # edit | gen | loc
+        k, g, l = (sum(len(of[kind][i]) for i in edits) for kind in range(3))
+        row_of = positions(part)[0]                           # scored positions, row-major: edit | gen | loc | after
+        at_gen, at_loc, at_after = (bisect.bisect_left(row_of, r) for r in (k, k + g, k + g + l))
         with functional_edit(runner.model, held):
             logits, targets, row_ids = runner.scored_logits(part)           # post-edit
         nll = answer_nll(logits, targets, row_ids, len(picked))               # (rows,)
         terms = [nll[:k].sum() / n, nll[k:k + g].sum() / max(n_gen, 1)]
-        if len(picked) > k + g:
-            pre_loc = runner.frozen_logits(take(part, slice(k + g, len(picked))))   # p_θ(·|q_l), no graph
-            terms.append(locality_kl(pre_loc, logits[at_loc:]) * (len(row_of) - at_loc) / n_loc)   # its share
-        else:
-            pre_loc, terms = logits[:0], terms + [nll.new_zeros(())]
-        ibke_loss(*terms, zero, weights)[0].backward()               # SG + IL, into ΔW
+        pre = runner.frozen_logits(take(part, slice(k + g, len(picked)))) if len(picked) > k + g else logits[:0]
+        for lo, hi, total in ((at_loc, at_after, n_loc), (at_after, len(row_of), n_after)):   # p_θ(·|q): no graph
+            terms.append(locality_kl(pre[lo - at_loc:hi - at_loc], logits[lo:hi]) * (hi - lo) / total if hi > lo
+                         else zero)                                                    # its share of the term
+        ibke_loss(*terms[:3], zero, weights, terms[3] if after else None)[0].backward()   # SG + IL, into ΔW
         with torch.no_grad():
             correct = logits.argmax(-1) == targets
-            agree = logits[at_loc:].argmax(-1) == pre_loc.argmax(-1)
+            agree = logits[at_loc:at_after].argmax(-1) == pre[:at_after - at_loc].argmax(-1)
             sums += torch.stack([*(t.detach() for t in terms), correct[:at_gen].sum(), correct[at_gen:at_loc].sum(),
                                  agree.sum()])
     through_delta = sum((t * leaf.grad).sum() for t, leaf in zip(outputs, leaves) if leaf.grad is not None)
     surrogate = through_delta + ibke_loss(zero, zero, zero, itm, weights)[0]    # + β·ITM, directly
-    _, parts = ibke_loss(sums[0], sums[1], sums[2], itm, weights)
+    _, parts = ibke_loss(sums[0], sums[1], sums[2], itm, weights, sums[3] if after else None)
     n_edit, n_gen_pos = (sum(counts[b] for rs in of[kind] for b in rs) for kind in (0, 1))
-    parts["acc_edit"] = sums[3] / n_edit                                 # pooled over the batch's tokens
-    parts["acc_gen"] = sums[4] / n_gen_pos if n_gen_pos else sums.new_tensor(float("nan"))
-    parts["agree_loc"] = sums[5] / max(n_loc, 1)
+    parts["acc_edit"] = sums[4] / n_edit                                 # pooled over the batch's tokens
+    parts["acc_gen"] = sums[5] / n_gen_pos if n_gen_pos else sums.new_tensor(float("nan"))
+    parts["agree_loc"] = sums[6] / max(n_loc, 1)
     return surrogate, parts
 
 
@@ -194,7 +200,7 @@ def schedule(args: argparse.Namespace, step: int) -> tuple[float, LossWeights]:
     def at(start: float, end: float | None) -> float:
         return start if end is None else start + (end - start) * ramp
     return lr, LossWeights(args.c_edit, at(args.c_gen, args.c_gen_end), at(args.c_loc, args.c_loc_end),
-                           0.0 if args.no_ib else args.beta)
+                           0.0 if args.no_ib else args.beta, args.c_after)
 
 
 def update(hypernet: IBKE, optimizer: torch.optim.Optimizer, loss: torch.Tensor, parts: dict, clip: float) -> None:
@@ -223,6 +229,20 @@ def validate(runner: Runner, hypernet: IBKE, records: list[EditRequest], tokens:
                **{k: (val[k] + many[k]) / 2 for k in ("ES", "GS", "LS", "F1")}}
     hypernet.train()
     return val
+
+
+def continuations(runner: Runner, records: list[EditRequest], k: int, batch: int = 64) -> dict:
+    """--c-after's rows: per record, the unedited model's greedy k-token continuation c of its prompt and
+    new answer, split at c's first space into lead and rest, as the pair (prompt + " " + target + lead,
+    rest): data.tokenize puts that space back, so the row is the text the model wrote, scored on rest.
+    -> {prompt + " " + target: [that pair]} (none where c has no space)."""
+    rows, texts = {}, [f"{r.prompt} {r.target}" for r in records]
+    for i in tqdm(range(0, len(texts), batch), desc="continuations (--c-after)", leave=False):
+        for text, ids in zip(texts[i:i + batch], greedy(runner.model, runner.tokenizer, texts[i:i + batch], k)):
+            lead, space, rest = runner.tokenizer.decode(ids).partition(" ")
+            if space and rest.strip():
+                rows[text] = [(text + lead, rest)]
+    return rows
 
 
 # -----------------------------------------------------------------------------
@@ -278,6 +298,7 @@ def train(args: argparse.Namespace, ckpt: dict | None, new_phase: bool) -> None:
     runner = Runner(model, tokenizer, names, cache=True)
     val_runner = Runner(model, tokenizer, names, cache=True)  # its own cache: the very batches evaluate.py builds
     states_path = runner.use_states(args.cache_dir)
+    after = continuations(runner, train_records, args.after_len) if args.c_after else None
     sampler = random.Random(args.seed + 1)
     groups = loc_groups(train_records, args.loc_from)
     c = {"step": 0, "best_f1": -1.0, "bad_validations": 0, "nonfinite": 0}   # the loop's counters, saved with it
@@ -303,7 +324,7 @@ def train(args: argparse.Namespace, ckpt: dict | None, new_phase: bool) -> None:
         lr, weights = schedule(args, c["step"])
         for group, scale in zip(optimizer.param_groups, scales):
             group["lr"] = lr * scale                        # × 1.0: the hypernetwork's lr exactly as scheduled
-        loss, parts = train_step(runner, hypernet, batch, others, weights, args.tokens, args.chunk)
+        loss, parts = train_step(runner, hypernet, batch, others, weights, args.tokens, args.chunk, after)
         update(hypernet, optimizer, loss, parts, args.clip)
         first_editor = hypernet.editors[next(iter(hypernet.editors))]
         parts["eta"] = first_editor.log_eta.detach().exp().mean()

@@ -5,18 +5,19 @@ import pytest
 import torch
 
 from conftest import perturb_zero_init, reorder_rtol, tiny
-from data import encode, load
+from data import encode, load, tokenize
 from editor import ibke_editor
 from hooks import dense, functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl, scored
 from model import edit_module_names, weight_shape
 from runner import Runner, length_groups, take
-from train import train_step
+from train import continuations, train_step
 
 
-def plain_step(model, tokenizer, editor, batch, others, weights):
-    """METHOD.md §3 written out with full-model passes and dense ΔW (the reference)."""
+def plain_step(model, tokenizer, editor, batch, others, weights, after=None):
+    """METHOD.md §3 written out with full-model passes and dense ΔW (the reference); after: --c-after's
+    rows by edit text, whose KL is averaged over all their positions in the batch."""
     def rows(pairs):
         return encode(tokenizer, [p for p, _ in pairs], [a for _, a in pairs])
 
@@ -26,20 +27,26 @@ def plain_step(model, tokenizer, editor, batch, others, weights):
     edit = rows([(r.prompt, r.target) for r in batch])
     gen = rows([pair for r in batch for pair in r.generality])
     loc = rows([pair for r in batch for pair in r.locality] + [(o.prompt, o.old_target or o.target) for o in others])
+    cont = rows([pair for r in batch for pair in (after or {}).get(f"{r.prompt} {r.target}", [])] or [("", "x")])
     decomposition, mask = grad_decomposition(model, list(editor.shapes), edit)
     deltas, itm = editor(decomposition, mask)
+
+    def scored_logits(rows_):
+        return scored(model(input_ids=rows_["input_ids"], attention_mask=rows_["attention_mask"]).logits,
+                      rows_["labels"])[0]
     with torch.no_grad():
-        pre = scored(model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits, loc["labels"])[0]
+        pre, pre_cont = scored_logits(loc), scored_logits(cont)
     with functional_edit(model, deltas):
-        edit_nll, gen_nll = nll(edit).mean(), nll(gen).mean()
-        post = scored(model(input_ids=loc["input_ids"], attention_mask=loc["attention_mask"]).logits, loc["labels"])[0]
-    return deltas, ibke_loss(edit_nll, gen_nll, locality_kl(pre, post), itm, weights)[0]
+        edit_nll, gen_nll, post, post_cont = nll(edit).mean(), nll(gen).mean(), scored_logits(loc), scored_logits(cont)
+    return deltas, ibke_loss(edit_nll, gen_nll, locality_kl(pre, post), itm, weights,
+                             locality_kl(pre_cont, post_cont) if after else None)[0]
 
 
-def check_same(model, tokenizer, records, free: float = 128):
+def check_same(model, tokenizer, records, free: float = 128, after: bool = False):
     """The plain step runs every block from the embeddings, the fast one from cached hidden states in
     other row groups: the same sums in another order through the model's depth (its FFN width the
-    longest reduction); gradients go back through the same blocks (twice the depth)."""
+    longest reduction); gradients go back through the same blocks (twice the depth). after: with
+    --c-after's rows, for two of the three edits (the third has none)."""
     width, depth = getattr(model.config, "intermediate_size",
                            None) or 4 * model.config.hidden_size, model.config.num_hidden_layers
     rtol, grad_rtol = reorder_rtol(width, depth), reorder_rtol(width, 2 * depth)
@@ -51,10 +58,12 @@ def check_same(model, tokenizer, records, free: float = 128):
     runner = Runner(model, tokenizer, names, cache=True)
     runner.free = free                                       # inf: every pass takes all its rows, as on a GPU
     params = list(editor.parameters())
-    ref_deltas, ref_loss = plain_step(model, tokenizer, editor, batch, others, LossWeights())
+    rows = {f"{r.prompt} {r.target}": [(f"{r.prompt} {r.target}.", "It was said so in the news")] for r in batch[:2]}
+    weights, rows = (LossWeights(c_after=2.0), rows) if after else (LossWeights(), None)
+    ref_deltas, ref_loss = plain_step(model, tokenizer, editor, batch, others, weights, rows)
     ref_grads = torch.autograd.grad(ref_loss, params, allow_unused=True)
     for chunk in (0, 0, 1, 2):                               # computed, then from the caches; in chunks of edits
-        surrogate, parts = train_step(runner, editor, batch, others, LossWeights(), chunk=chunk)
+        surrogate, parts = train_step(runner, editor, batch, others, weights, chunk=chunk, after=rows)
         torch.testing.assert_close(parts["loss"], ref_loss.detach(), rtol=rtol, atol=0)
         grads = torch.autograd.grad(surrogate, params, allow_unused=True)
         assert [g is None for g in grads] == [g is None for g in ref_grads]
@@ -67,13 +76,13 @@ def check_same(model, tokenizer, records, free: float = 128):
                                    atol=rtol * ref_deltas[name].abs().max().item())
 
 
-@pytest.mark.parametrize("free", [128, float("inf")])
+@pytest.mark.parametrize("free, after", [(128, False), (float("inf"), False), (128, True)])
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
-def test_fast_step_equals_plain_step_on_tiny_models(kind, free, gpt2_tokenizer, data_dir):
+def test_fast_step_equals_plain_step_on_tiny_models(kind, free, after, gpt2_tokenizer, data_dir):
     model = tiny(kind, init=0.2)
     model.resize_token_embeddings(len(gpt2_tokenizer))            # real CounterFact text, real GPT-2 tokens
     model.requires_grad_(False)
-    check_same(model, gpt2_tokenizer, load("counterfact", data_dir)["train"][:6], free)
+    check_same(model, gpt2_tokenizer, load("counterfact", data_dir)["train"][:6], free, after)
 
 
 @pytest.mark.slow
@@ -118,3 +127,23 @@ def test_saved_states_are_reused_exactly_and_merged(gpt2_tokenizer, data_dir, tm
     other = tiny("llama", init=0.3)
     other.resize_token_embeddings(len(gpt2_tokenizer))
     assert Runner(other, gpt2_tokenizer, names).states_file(str(tmp_path)) != path
+
+
+def test_continuation_rows_are_the_text_the_model_wrote(gpt2_tokenizer, data_dir, monkeypatch):
+    """--c-after's rows: joined as data.tokenize joins a row (prompt + " " + answer), each is the edit
+    text followed by the unedited model's greedy continuation (here given: punctuation first, a space
+    first, no space, nothing), with something left to score; a continuation without one gives no row."""
+    written = [", Italy. It is", " and its people", "!!!", "", ".\n\nThe answer"]
+    monkeypatch.setattr("train.greedy", lambda model, tokenizer, texts, k: [
+        gpt2_tokenizer(w)["input_ids"] for w in written[:len(texts)]])
+    records = load("counterfact", data_dir)["train"][:5]
+    model = tiny("gpt2")
+    rows = continuations(Runner(model, gpt2_tokenizer, edit_module_names(model)), records, 6)
+    texts = [f"{r.prompt} {r.target}" for r in records]
+    assert [t in rows for t in texts] == [True, True, False, False, True]
+    assert rows[texts[0]] == [(texts[0] + ",", "Italy. It is")] and rows[texts[1]] == [(texts[1], "and its people")]
+    for text, w in zip(texts, written):
+        for prompt, answer in rows.get(text, []):
+            assert prompt + " " + answer == text + w
+            ids, start = tokenize(gpt2_tokenizer, [prompt], [answer])[0]
+            assert gpt2_tokenizer.decode(ids) == text + w and gpt2_tokenizer.decode(ids[start:]) == " " + answer

@@ -130,6 +130,19 @@ def test_dtype_auto_is_resolved_once_and_saved(tiny_folders, data_dir, tmp_path)
     assert torch.load(tmp_path / "auto" / "latest.pt", weights_only=False)["config"]["dtype"] == chosen
 
 
+@pytest.mark.slow
+def test_c_after_trains_on_the_unedited_models_continuations(data_dir, tmp_path):
+    """--c-after, on the real model (a tiny one writes no spaces, so no rows): the continuations are
+    made, and every step's log has the term, above 0 where the step's edits have rows (a record whose
+    continuation has no space has none; the first step's ΔW is already a gradient step of size η)."""
+    log = run("train.py", "--data-dir", data_dir, "--steps", "2", "--val-every", "2", "--val-size", "4",
+              "--batch-size", "2", "--train-size", "8", "--dtype", "float32", *TINY_EDITOR, "--c-after", "1",
+              "--after-len", "4", "--out", tmp_path / "after")
+    steps = [json.loads(line) for line in open(tmp_path / "after" / "log.jsonl") if '"val"' not in line]
+    assert len(steps) == 2 and all("after" in s for s in steps) and max(s["after"] for s in steps) > 0, steps
+    assert " after " in log.stdout                                     # in the printed step line too
+
+
 def test_second_phase_from_another_runs_checkpoint(trained):
     """--resume CKPT --out NEW: step and optimizer carry on, given flags override, fixed ones are refused."""
     out, _ = trained
@@ -323,7 +336,8 @@ def test_schedule_ramps_the_weights_between_its_fractions_and_holds_them():
     import argparse
     from train import schedule
     args = argparse.Namespace(steps=100, lr=1e-3, lr_schedule="cosine", ramp_start=0.2, ramp_end=0.6, c_edit=1.0,
-                              c_gen=1.0, c_gen_end=0.5, c_loc=1.0, c_loc_end=5.0, no_ib=False, beta=0.1)
+                              c_gen=1.0, c_gen_end=0.5, c_loc=1.0, c_loc_end=5.0, no_ib=False, beta=0.1,
+                              c_after=0.0)
     at = {s: schedule(args, s) for s in (0, 20, 40, 60, 80, 100)}
     assert [w.c_loc for _, w in at.values()] == pytest.approx([1, 1, 3, 5, 5, 5])      # linear from 20 to 60, then held
     assert [w.c_gen for _, w in at.values()] == pytest.approx([1, 1, 0.75, 0.5, 0.5, 0.5])
