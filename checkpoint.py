@@ -20,6 +20,7 @@ import sys
 
 import torch
 
+from data import MAX_ANSWER
 from hypernet import IBKE, EditorConfig
 from model import ModelError, weight_shape
 
@@ -155,7 +156,9 @@ def check_flags(args: argparse.Namespace) -> None:
     rules += [(args.eta_scale == 1 or args.resume,
                f"--eta-scale {args.eta_scale}: it scales a checkpoint's η at the start of a second phase; "
                f"give --resume CKPT")]
-    rules += [(args.extra_loc >= 0, f"--extra-loc {args.extra_loc}: give 0 or more"),
+    rules += [(args.after_len <= MAX_ANSWER, f"--after-len {args.after_len}: give at most {MAX_ANSWER} (the answer "
+                                             f"tokens a row keeps, data.MAX_ANSWER)"),
+              (args.extra_loc >= 0, f"--extra-loc {args.extra_loc}: give 0 or more"),
               (0 <= args.p_single <= 1, f"--p-single {args.p_single}: give a probability from 0 to 1"),
               (args.train_size >= 0, f"--train-size {args.train_size}: give 0 (all records) or more"),
               (args.dtype != "float16",

@@ -73,6 +73,9 @@ TRAIN_ARGS = [  # (flags, message)
     (["--d-m", str(10 ** 12), "--heads", "1"], "does not fit"),                          # cannot be allocated
     (["--edit-modules", "lm_head", "--edit-layers", "0"], "outside the blocks of transformer.h"),
     (["--eta-scale", "0.5"], "at the start of a second phase; give --resume CKPT"),
+    (["--c-after", "-1"], "--c-after -1.0: give 0 or a positive weight below 3.4e38"),
+    (["--c-after", "1", "--after-len", "0"], "--after-len 0: give at least 1"),
+    (["--c-after", "1", "--after-len", "33"], "--after-len 33: give at most 32"),
 ]
 
 
