@@ -64,8 +64,9 @@ def test_default_model_completes_paris_and_reloads_from_the_cache(smollm):
 
 @pytest.mark.slow
 def test_the_loaded_models_head_takes_generates_strided_input_contiguous(smollm):
-    """generate() hands the LM head hidden[:, -1:], a strided view that torch's CPU matmul runs as one
-    GEMM per row (18 s for 64 rows in bfloat16): load_model's pre-hook gives the head a contiguous copy."""
+    """generate() hands the LM head hidden[:, -1:], a strided view that torch's CPU matmul runs as a
+    batched GEMM, the head copied per row (18 s for 64 rows in bfloat16): load_model's pre-hook gives
+    the head a contiguous copy."""
     model, _ = smollm
     head, seen = model.get_output_embeddings(), []
     handle = head.register_forward_pre_hook(lambda module, args: seen.append(args[0].is_contiguous()))
