@@ -242,21 +242,23 @@ def adds_bos(tokenizer) -> bool:
 
 
 def tokenize(tokenizer, prompts: list[str], targets: list[str], bos: bool | None = None,
-             max_len: int = 128) -> list[tuple[list[int], int]]:
+             max_len: int = 128, joins: list[str] | None = None) -> list[tuple[list[int], int]]:
     """Per text, the token ids of prompt + " " + target and where the answer starts (host lists).
     bos: put the BOS token first (None: as the tokenizer does by default). The same code serves
     GPT-2 and Llama tokenizers: the prompt is tokenised alone, the answer is what the whole text
     adds after it (or " " + target tokenised alone where the boundary merges). An empty target
-    gives a prompt-only row (for generation). Over-long prompts lose their left end."""
+    gives a prompt-only row (for generation). Over-long prompts lose their left end. joins: per
+    text, what goes between prompt and target instead of the space ("" for a text going on as written)."""
     bos = adds_bos(tokenizer) if bos is None else bos
     head = [tokenizer.bos_token_id] if bos else []
-    wholes = [p + " " + t if t else p for p, t in zip(prompts, targets)]
+    joins = joins or [" "] * len(prompts)
+    wholes = [p + j + t if t else p for p, j, t in zip(prompts, joins, targets)]
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     whole_ids = tokenizer(wholes, add_special_tokens=False)["input_ids"]
     rows = []
-    for p, w, t in zip(prompt_ids, whole_ids, targets):
+    for p, w, j, t in zip(prompt_ids, whole_ids, joins, targets):
         alone = w[:len(p)] == p                              # the prompt's tokens begin the whole text's
-        answer = (w[len(p):] if alone else tokenizer(" " + t, add_special_tokens=False)["input_ids"])[:MAX_ANSWER]
+        answer = (w[len(p):] if alone else tokenizer(j + t, add_special_tokens=False)["input_ids"])[:MAX_ANSWER]
         p = (head + p)[-(max_len - len(answer)):]
         rows.append((p + answer, len(p)))
     return rows
@@ -272,9 +274,9 @@ def pad(rows: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tenso
 
 
 def encode(tokenizer, prompts: list[str], targets: list[str], bos: bool | None = None,
-           max_len: int = 128) -> dict[str, torch.Tensor]:
+           max_len: int = 128, joins: list[str] | None = None) -> dict[str, torch.Tensor]:
     """tokenize, then pad: (B, T) input_ids, attention_mask, labels (the answer ids, -100 elsewhere)."""
-    return pad(tokenize(tokenizer, prompts, targets, bos, max_len), tokenizer.pad_token_id)
+    return pad(tokenize(tokenizer, prompts, targets, bos, max_len, joins), tokenizer.pad_token_id)
 
 
 # -----------------------------------------------------------------------------

@@ -169,12 +169,14 @@ class Runner:
             self.hidden_n, self.on_disk = {}, set()
             self.final, self.final_at = Store(width, model.dtype, self.keep), {}       # final norm: text -> (offset, n)
 
-    def batch(self, prompts: list[str], targets: list[str]) -> dict:
+    def batch(self, prompts: list[str], targets: list[str], joins: list[str] | None = None) -> dict:
         """Device tensors input_ids, attention_mask, labels (B, T) and hidden (B, T, C); host lists
-        keys, lengths, starts (where each answer begins)."""
-        rows = tokenize(self.tokenizer, prompts, targets, max_len=self.max_len)
+        keys, lengths, starts (where each answer begins). joins: as data.tokenize's."""
+        rows = tokenize(self.tokenizer, prompts, targets, max_len=self.max_len, joins=joins)
         batch = {k: to_device(v, self.device) for k, v in pad(rows, self.tokenizer.pad_token_id).items()}
-        batch.update(keys=list(zip(prompts, targets)), lengths=[len(ids) for ids, _ in rows],
+        joins = joins or [" "] * len(prompts)
+        keys = [(p, t) if j == " " else (p, t, j) for p, t, j in zip(prompts, targets, joins)]    # one per text
+        batch.update(keys=keys, lengths=[len(ids) for ids, _ in rows],
                      starts=[s for _, s in rows])
         keys, lengths = batch["keys"], batch["lengths"]
         if self.cache:

@@ -140,13 +140,14 @@ def train_step(runner: Runner, hypernet: IBKE, batch: list[EditRequest], others:
         return [[(r.prompt, r.target)], r.generality,
                 r.locality + [(o.prompt, o.old_target or o.target) for o in others[i * extra:(i + 1) * extra]],
                 (after or {}).get(f"{r.prompt} {r.target}", [])][kind]
-    rows, of = [], [[], [], [], []]                                           # of[kind][i]: edit i's rows
+    rows, joins, of = [], [], [[], [], [], []]                                # of[kind][i]: edit i's rows
     for kind in range(4):                                                     # edit | gen | loc | after rows
         for i in range(n):
             these = pairs(kind, i)
             of[kind].append(list(range(len(rows), len(rows) + len(these))))
             rows += these
-    tensors = runner.batch([p for p, _ in rows], [t for _, t in rows])
+            joins += [" " if kind < 3 else ""] * len(these)          # after rows: the edit text going on as written
+    tensors = runner.batch([p for p, _ in rows], [t for _, t in rows], joins)
     counts = [len(scored_span(a, b)) for a, b in zip(tensors["starts"], tensors["lengths"])]
     n_gen = sum(map(len, of[1]))
     n_loc, n_after = (sum(counts[b] for rs in of[kind] for b in rs) for kind in (2, 3))   # scored positions
@@ -233,15 +234,15 @@ def validate(runner: Runner, hypernet: IBKE, records: list[EditRequest], tokens:
 
 def continuations(runner: Runner, records: list[EditRequest], k: int, batch: int = 64) -> dict:
     """--c-after's rows: per record, the unedited model's greedy k-token continuation c of its prompt and
-    new answer, split at c's first space into lead and rest, as the pair (prompt + " " + target + lead,
-    rest): data.tokenize puts that space back, so the row is the text the model wrote, scored on rest.
-    -> {prompt + " " + target: [that pair]} (none where c has no space)."""
+    new answer, as the pair (prompt + " " + target, c), joined without a space (train_step): the row is
+    the text the model wrote, scored on all of c. -> {prompt + " " + target: [that pair]} (none where c
+    is blank)."""
     rows, texts = {}, [f"{r.prompt} {r.target}" for r in records]
     for i in tqdm(range(0, len(texts), batch), desc="continuations (--c-after)", leave=False):
         for text, ids in zip(texts[i:i + batch], greedy(runner.model, runner.tokenizer, texts[i:i + batch], k)):
-            lead, space, rest = runner.tokenizer.decode(ids).partition(" ")
-            if space and rest.strip():
-                rows[text] = [(text + lead, rest)]
+            c = runner.tokenizer.decode(ids)
+            if c.strip():
+                rows[text] = [(text, c)]
     return rows
 
 

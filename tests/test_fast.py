@@ -18,8 +18,8 @@ from train import continuations, train_step
 def plain_step(model, tokenizer, editor, batch, others, weights, after=None):
     """METHOD.md §3 written out with full-model passes and dense ΔW (the reference); after: --c-after's
     rows by edit text, whose KL is averaged over all their positions in the batch."""
-    def rows(pairs):
-        return encode(tokenizer, [p for p, _ in pairs], [a for _, a in pairs])
+    def rows(pairs, join=" "):
+        return encode(tokenizer, [p for p, _ in pairs], [a for _, a in pairs], joins=[join] * len(pairs))
 
     def nll(rows_):
         return answer_nll(*scored(model(input_ids=rows_["input_ids"], attention_mask=rows_["attention_mask"]).logits,
@@ -27,7 +27,7 @@ def plain_step(model, tokenizer, editor, batch, others, weights, after=None):
     edit = rows([(r.prompt, r.target) for r in batch])
     gen = rows([pair for r in batch for pair in r.generality])
     loc = rows([pair for r in batch for pair in r.locality] + [(o.prompt, o.old_target or o.target) for o in others])
-    cont = rows([pair for r in batch for pair in (after or {}).get(f"{r.prompt} {r.target}", [])] or [("", "x")])
+    cont = rows([pair for r in batch for pair in (after or {}).get(f"{r.prompt} {r.target}", [])] or [("", "x")], "")
     decomposition, mask = grad_decomposition(model, list(editor.shapes), edit)
     deltas, itm = editor(decomposition, mask)
 
@@ -102,6 +102,21 @@ def test_length_groups_cover_every_row_and_bound_padding():
     assert length_groups([9, 14, 11, 8, 12, 10, 13, 9]) == [[3, 0, 7, 5, 2, 4, 6, 1]]  # 8 short prompts: one pass
 
 
+def test_cached_states_tell_the_joins_apart(gpt2_tokenizer):
+    """The same prompt and answer joined with a space and without are two texts with two sets of
+    states: a cached Runner asked for both, in either order, gives each the states an uncached one does."""
+    model = tiny("gpt2")
+    model.resize_token_embeddings(len(gpt2_tokenizer))
+    names = edit_module_names(model)
+    pair, joins = (["The capital of France is"], [", Paris"]), [" ", ""]
+    fresh = [Runner(model, gpt2_tokenizer, names, cache=False).batch(*pair, [j])["hidden"] for j in joins]
+    assert fresh[0].shape[1] != fresh[1].shape[1] or not torch.equal(*fresh)
+    for order in (joins, joins[::-1]):
+        cached = Runner(model, gpt2_tokenizer, names)
+        got = {j: cached.batch(*pair, [j])["hidden"] for j in order}
+        assert all(torch.equal(got[j], f) for j, f in zip(joins, fresh))
+
+
 def test_saved_states_are_reused_exactly_and_merged(gpt2_tokenizer, data_dir, tmp_path, monkeypatch):
     """--cache-dir: a Runner that loads another's saved states gives bit-identical batches without
     running the lower blocks; two runners' saves add up; another model's states go to another file."""
@@ -130,20 +145,19 @@ def test_saved_states_are_reused_exactly_and_merged(gpt2_tokenizer, data_dir, tm
 
 
 def test_continuation_rows_are_the_text_the_model_wrote(gpt2_tokenizer, data_dir, monkeypatch):
-    """--c-after's rows: joined as data.tokenize joins a row (prompt + " " + answer), each is the edit
-    text followed by the unedited model's greedy continuation (here given: punctuation first, a space
-    first, no space, nothing), with something left to score; a continuation without one gives no row."""
-    written = [", Italy. It is", " and its people", "!!!", "", ".\n\nThe answer"]
+    """--c-after's rows: joined as train_step joins them (no space), each is the edit text followed by
+    the unedited model's greedy continuation (here given: punctuation first, a space first, no space,
+    nothing, blank), scored from the first token after the edit text; a blank continuation gives no row."""
+    written = [", Italy. It is", " and its people", "!!!", "", " \n ", ".\n\nThe answer"]
     monkeypatch.setattr("train.greedy", lambda model, tokenizer, texts, k: [
         gpt2_tokenizer(w)["input_ids"] for w in written[:len(texts)]])
-    records = load("counterfact", data_dir)["train"][:5]
+    records = load("counterfact", data_dir)["train"][:6]
     model = tiny("gpt2")
     rows = continuations(Runner(model, gpt2_tokenizer, edit_module_names(model)), records, 6)
     texts = [f"{r.prompt} {r.target}" for r in records]
-    assert [t in rows for t in texts] == [True, True, False, False, True]
-    assert rows[texts[0]] == [(texts[0] + ",", "Italy. It is")] and rows[texts[1]] == [(texts[1], "and its people")]
+    assert [t in rows for t in texts] == [True, True, True, False, False, True]
     for text, w in zip(texts, written):
         for prompt, answer in rows.get(text, []):
-            assert prompt + " " + answer == text + w
-            ids, start = tokenize(gpt2_tokenizer, [prompt], [answer])[0]
-            assert gpt2_tokenizer.decode(ids) == text + w and gpt2_tokenizer.decode(ids[start:]) == " " + answer
+            assert (prompt, answer) == (text, w)
+            ids, start = tokenize(gpt2_tokenizer, [prompt], [answer], joins=[""])[0]
+            assert ids[:start] == gpt2_tokenizer(text)["input_ids"] and gpt2_tokenizer.decode(ids[start:]) == w
