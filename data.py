@@ -244,11 +244,11 @@ def adds_bos(tokenizer) -> bool:
 def tokenize(tokenizer, prompts: list[str], targets: list[str], bos: bool | None = None,
              max_len: int = 128, joins: list[str] | None = None) -> list[tuple[list[int], int]]:
     """Per text, the token ids of prompt + " " + target and where the answer starts (host lists).
-    bos: put the BOS token first (None: as the tokenizer does by default). The same code serves
-    GPT-2 and Llama tokenizers: the prompt is tokenised alone, the answer is what the whole text
-    adds after it (or " " + target tokenised alone where the boundary merges). An empty target
-    gives a prompt-only row (for generation). Over-long prompts lose their left end. joins: per
-    text, what goes between prompt and target instead of the space ("" for a text going on as written)."""
+    joins: per text, what goes between prompt and target instead of the space ("" for a text going
+    on as written). bos: put the BOS token first (None: as the tokenizer does by default). The same
+    code serves GPT-2 and Llama tokenizers: the prompt is tokenised alone, the answer is what the
+    whole text adds after it (or join + target tokenised alone where the boundary merges). An empty
+    target gives a prompt-only row (for generation). Over-long prompts lose their left end."""
     bos = adds_bos(tokenizer) if bos is None else bos
     head = [tokenizer.bos_token_id] if bos else []
     joins = joins or [" "] * len(prompts)
