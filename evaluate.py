@@ -268,8 +268,7 @@ def evaluate(args: argparse.Namespace) -> None:
                   "ft": lambda: ft_editor(names, args.ft_steps, args.ft_lr), "none": lambda: no_editor}[args.method]()
     runner = Runner(model, tokenizer, names, cache=args.cache_dir is not None)
     states_path = runner.use_states(args.cache_dir)
-    unedited = Continuations(os.path.join(args.cache_dir, f"continuations-{runner.fingerprint([model])}.json")
-                             if args.cache_dir and args.generate else None)
+    unedited = Continuations.kept_in(args.cache_dir if args.generate else None, runner)
 
     # n = 1: APART records at a time, each edited alone, its update routed to its own rows (metrics.measure_apart)
     apart = args.edits_per_batch == 1 and args.method != "ft" and not data_name.startswith("mquake")

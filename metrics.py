@@ -326,6 +326,11 @@ class Continuations:
                 print(f"note: {path} could not be read; moved to {path}.damaged, the continuations are made afresh")
         self.new = 0
 
+    @classmethod
+    def kept_in(cls, folder: str | None, runner: Runner) -> "Continuations":
+        """Those of runner's model kept in `folder` (--cache-dir); None: made for this run alone."""
+        return cls(os.path.join(folder, f"continuations-{runner.fingerprint([runner.model])}.json") if folder else None)
+
     def __call__(self, model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
         key = hashlib.sha1(json.dumps([prompts, max_new_tokens]).encode()).hexdigest()
         if key not in self.kept:
@@ -335,6 +340,7 @@ class Continuations:
     def save(self) -> None:
         """Add what this run made to `path` (atomically; a run writing at once may lose the other's)."""
         if self.path and self.new:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
             on_disk = Continuations(self.path).kept
             write_json(self.path, on_disk | self.kept)
             self.new = 0

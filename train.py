@@ -37,7 +37,7 @@ from editor import ibke_editor
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl
-from metrics import greedy, measure, peak_mib, summarise
+from metrics import Continuations, measure, peak_mib, summarise
 from model import ModelError, add_device_args, add_model_args, edit_module_names, load_model, native_dtype
 from model import weight_shape
 from rundir import DIVERGED, RunLock, Stop, StepLog, check_folder, take_over
@@ -232,17 +232,19 @@ def validate(runner: Runner, hypernet: IBKE, records: list[EditRequest], tokens:
     return val
 
 
-def continuations(runner: Runner, records: list[EditRequest], k: int, batch: int = 64) -> dict:
+def continuations(runner: Runner, records: list[EditRequest], k: int, batch: int = 64,
+                  folder: str | None = None) -> dict:
     """--c-after's rows: per record, the unedited model's greedy k-token continuation c of its prompt and
     new answer, as the pair (prompt + " " + target, c), joined without a space (train_step): the row is
     the text the model wrote, scored on all of c. -> {prompt + " " + target: [that pair]} (none where c
-    is blank)."""
-    rows, texts = {}, [f"{r.prompt} {r.target}" for r in records]
+    is blank). folder: --cache-dir, where they are kept for a resumed or later run (as evaluate.py's)."""
+    rows, texts, unedited = {}, [f"{r.prompt} {r.target}" for r in records], Continuations.kept_in(folder, runner)
     for i in tqdm(range(0, len(texts), batch), desc="continuations (--c-after)", leave=False):
-        for text, ids in zip(texts[i:i + batch], greedy(runner.model, runner.tokenizer, texts[i:i + batch], k)):
+        for text, ids in zip(texts[i:i + batch], unedited(runner.model, runner.tokenizer, texts[i:i + batch], k)):
             c = runner.tokenizer.decode(ids)
             if c.strip():
                 rows[text] = [(text, c)]
+    unedited.save()
     return rows
 
 
@@ -299,7 +301,7 @@ def train(args: argparse.Namespace, ckpt: dict | None, new_phase: bool) -> None:
     runner = Runner(model, tokenizer, names, cache=True)
     val_runner = Runner(model, tokenizer, names, cache=True)  # its own cache: the very batches evaluate.py builds
     states_path = runner.use_states(args.cache_dir)
-    after = continuations(runner, train_records, args.after_len) if args.c_after else None
+    after = continuations(runner, train_records, args.after_len, folder=args.cache_dir) if args.c_after else None
     sampler = random.Random(args.seed + 1)
     groups = loc_groups(train_records, args.loc_from)
     c = {"step": 0, "best_f1": -1.0, "bad_validations": 0, "nonfinite": 0}   # the loop's counters, saved with it

@@ -146,16 +146,19 @@ def test_saved_states_are_reused_exactly_and_merged(gpt2_tokenizer, data_dir, tm
     assert Runner(other, gpt2_tokenizer, names).states_file(str(tmp_path)) != path
 
 
-def test_continuation_rows_are_the_text_the_model_wrote(gpt2_tokenizer, data_dir, monkeypatch):
+def test_continuation_rows_are_the_text_the_model_wrote(gpt2_tokenizer, data_dir, monkeypatch, tmp_path):
     """--c-after's rows: joined as train_step joins them (no space), each is the edit text followed by
     the unedited model's greedy continuation (here given: punctuation first, a space first, no space,
-    nothing, blank), scored from the first token after the edit text; a blank continuation gives no row."""
-    written = [", Italy. It is", " and its people", "!!!", "", " \n ", ".\n\nThe answer"]
-    monkeypatch.setattr("train.greedy", lambda model, tokenizer, texts, k: [
+    nothing, blank), scored from the first token after the edit text; a blank continuation gives no row.
+    With --cache-dir (a folder not made yet) a second run takes them from there without generating."""
+    written, calls = [", Italy. It is", " and its people", "!!!", "", " \n ", ".\n\nThe answer"], []
+    monkeypatch.setattr("metrics.greedy", lambda model, tokenizer, texts, k: calls.append(texts) or [
         gpt2_tokenizer(w)["input_ids"] for w in written[:len(texts)]])
     records = load("counterfact", data_dir)["train"][:6]
     model = tiny("gpt2")
-    rows = continuations(Runner(model, gpt2_tokenizer, edit_module_names(model)), records, 6)
+    runner, folder = Runner(model, gpt2_tokenizer, edit_module_names(model)), str(tmp_path / "cache")
+    rows = continuations(runner, records, 6, folder=folder)
+    assert len(calls) == 1 and continuations(runner, records, 6, folder=folder) == rows and len(calls) == 1
     texts = [f"{r.prompt} {r.target}" for r in records]
     assert [t in rows for t in texts] == [True, True, True, False, False, True]
     for text, w in zip(texts, written):
