@@ -93,12 +93,13 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
         results = score(runner, records, edited, reference)
         if args.generate:                                    # free generation, every edit kept and routed
             free = [g for i in tqdm(range(0, T, 16), desc="generation", leave=False)
-                    for g in generation(runner, lambda _: memory.serving(), records[i:i + 16], unedited=unedited)]
+                    for g in generation(runner, lambda _: memory.serving(not args.hold), records[i:i + 16],
+                                        unedited=unedited)]
             unedited.save()
             results = [r | g for r, g in zip(results, free)]
         if records[0].questions:                             # MQuAKE: each case's questions, every case's edits kept
             cases = list({r.case_id: r for r in records}.values())
-            serving = memory.serving if args.sequential == "memory" else contextlib.nullcontext
+            serving = (lambda: memory.serving(not args.hold)) if args.sequential == "memory" else contextlib.nullcontext
             mh = [multihop(runner, serving(), [r]) for r in tqdm(cases, desc="multi-hop", leave=False)]
     except KeyboardInterrupt:                                # Ctrl-C: the edits stored so far are kept
         if args.sequential == "memory":
@@ -154,6 +155,7 @@ def check_args(args: argparse.Namespace) -> None:
              (args.sequential != "memory" or args.method == "ibke",
               f"--sequential memory with --method {args.method}: the memory keeps IBKE's edits; use merge"),
              (args.ft_steps >= 1, f"--ft-steps {args.ft_steps}: give at least 1"),
+             (not args.hold or args.sequential == "memory", "--hold is for --sequential memory (its served edits)"),
              (not args.generate or args.sequential != "merge",
               "--generate with --sequential merge: the unedited model is gone from the weights; use memory"),
              (0 < args.ft_lr < FLOAT32_MAX, f"--ft-lr {args.ft_lr}: give a positive learning rate below 3.4e38 "
@@ -224,7 +226,10 @@ def main() -> None:
                         "or to which a complete memory's updates are truncated for this run (a rank curve; README: 3 "
                         "is within 0.005 F1 of full rank)")
     parser.add_argument("--generate", action="store_true",
-                        help="also free generation: gen_ES, gen_GS, gen_LS, gen_F1 and fluency (metrics.py)")
+                        help="also free generation: gen_ES, gen_GS, gen_LS, gen_F1, fluency, gen_old (metrics.py)")
+    parser.add_argument("--hold", action="store_true",
+                        help="--sequential memory, generating: a row's edit stays on for the whole continuation "
+                             "(default: it steps aside once the generated text names its answer; memory.serving)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an --out that holds the results of another checkpoint (else refused)")
     args = parser.parse_args()

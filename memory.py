@@ -28,7 +28,7 @@ import torch
 from checkpoint import atomic_save
 from editor import as_fact, sha256
 from hooks import Routing, grad_decomposition, routed, routed_edit
-from gate import Subjects
+from gate import Subjects, words
 from key import Key, MemoryFileError, pooled, prompt_features
 from model import blocks_path
 
@@ -158,11 +158,14 @@ class EditMemory:
             yield routing
 
     @contextmanager
-    def serving(self):
+    def serving(self, release: bool = True):
         """`with memory.serving():` every call of the model routes itself: the pass over a prompt (more than
         one new token) reads its key off the states entering block `layer`, inside that same forward, and
-        its rows take their edits from there up; a generation step (one new token) keeps its prompt's.
-        Rows are the non-padding tokens of the attention mask (left or right padding)."""
+        its rows take their edits from there up; a generation step (a pass given a filled cache) keeps its
+        prompt's. Rows are the non-padding tokens of the attention mask (left or right padding). release: a
+        row's edit steps aside from the generation step whose token completes the edit's answer (the tokens
+        generated after the prompt name its target, as whole words), so that the original model goes on
+        from the new answer; else the edit stays on for the whole continuation, which then repeats it."""
         model, tok, seen = self.editor.model, self.editor.tokenizer, {}
 
         def read_mask(module, args, kwargs):
@@ -170,17 +173,31 @@ class EditMemory:
             mask = kwargs.get("attention_mask")
             seen["mask"] = mask if mask is not None and mask.dim() == 2 else torch.ones_like(ids)
             seen["ids"] = ids
+            past = kwargs.get("past_key_values")                                  # a filled cache: a generation step
+            seen["step"] = bool(past.get_seq_length() if hasattr(past, "get_seq_length") else past)
+            routing = seen["routing"]
+            if release and seen["step"] and (routing.routes >= 0).any():
+                routes = routing.routes.clone()
+                for i, new in enumerate(ids.tolist()):
+                    seen["written"][i] += new
+                    e = int(routes[i])
+                    if e >= 0 and answered(tok.decode(seen["written"][i]), self.facts[e]["target"]):
+                        routes[i] = -1                                           # from this token on
+                if not torch.equal(routes, routing.routes):
+                    routing.routes = routes
+                    routing.select(None)
 
         def route(module, args, kwargs):
+            if seen["step"]:
+                return
             x = (args[0] if args else kwargs["hidden_states"]).float()            # (B, T, C)
-            if x.shape[1] == 1 and "routing" in seen:
-                return                                                           # a generation step
             mask = seen["mask"][:, -x.shape[1]:].to(x.dtype)                      # (B, T)
             ids = seen["ids"]                                                     # the gate reads the words
             texts = None if ids is None else [tok.decode(i[m.bool()]) for i, m in
                                               zip(ids.cpu(), seen["mask"][:, -ids.shape[1]:].cpu())]
             seen["routing"].routes = self.routes_of(pooled(x, mask).cpu(), texts)  # f(q) (B, C) -> (B,)
             seen["routing"].select(None)
+            seen["written"] = [[] for _ in texts or x]
 
         seen["routing"] = Routing(self, torch.full((0,), -1), model.device)
         block = model.get_submodule(blocks_path(model))[self.key.layer]
@@ -230,6 +247,12 @@ class EditMemory:
         memory.subjects = Subjects([f.get("subject", "") for f in s["facts"]])
         memory.a, memory.b = s["a"], s["b"]
         return memory
+
+
+def answered(text: str, target: str) -> bool:
+    """Does the text name the target, as whole words (the gate's words: case and punctuation aside)?"""
+    t, w = words(target), words(text)
+    return bool(t) and any(w[i:i + len(t)] == t for i in range(len(w) - len(t) + 1))
 
 
 def read_file(path: str) -> dict:

@@ -20,6 +20,8 @@ Free generation (evaluate.py --generate), greedy, per record, then averaged:
   fluency  ROME's generation entropy of 50 greedy tokens from q_e and each q_g after the edit: the
        mean of (2/3)·H_2 and (4/3)·H_3, H_n the entropy (bits) of the text's n-gram frequencies over
        its words (`ngram_entropy`); fluency_drop: the unedited model's on the same prompts minus it
+  gen_old  those 50 tokens name the old answer (records that have one), as gen_ES names the new: the
+       text takes the edit back (the unedited model's rate: --method none)
 
 Prompts keep their last 128 tokens, answers their first 32 (data.MAX_ANSWER). METHOD.md §4.
 
@@ -44,7 +46,7 @@ from rundir import write_json
 from runner import Runner, index, take
 
 METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p",
-           "gen_ES", "gen_GS", "gen_LS", "gen_F1", "fluency", "fluency_drop"]
+           "gen_ES", "gen_GS", "gen_LS", "gen_F1", "fluency", "fluency_drop", "gen_old"]
 AVERAGED = [m for m in METRICS if m not in ("F1", "S_p", "gen_F1")]      # per record; the rest: harmonic means
 
 
@@ -367,10 +369,13 @@ def generation(runner: Runner, edited: Callable, records: list[EditRequest], ext
         post_fluent = greedy(model, tok, [q for _, _, q, _ in asked], fluent)
     with edited([i for i, *_ in kept]):
         post_kept = run(kept)
-    results = [{"gen_ES": [], "gen_GS": [], "gen_LS": [], "fluency": [], "fluency_pre": []} for _ in records]
+    results = [{"gen_ES": [], "gen_GS": [], "gen_LS": [], "fluency": [], "fluency_pre": [], "gen_old": []}
+               for _ in records]
     for j, ((i, kind, _, a), ids) in enumerate(zip(asked, post_asked)):
         results[i][kind].append(float(contains(tok.decode(ids[:cap[j]]), a)))
         results[i]["fluency"].append(ngram_entropy(tok.decode(post_fluent[j])))
+        if records[i].old_target:
+            results[i]["gen_old"].append(float(contains(tok.decode(post_fluent[j]), records[i].old_target)))
         results[i]["fluency_pre"].append(ngram_entropy(tok.decode(pre_fluent[j])))
     for j, ((i, *_), pre, post) in enumerate(zip(kept, pre_kept, post_kept)):
         c = cap[len(asked) + j]

@@ -16,7 +16,7 @@ from data import load
 from editor import Editor, Fact, no_editor
 from evaluate import sequential
 from hooks import functional_edit
-from gate import Subjects, asks_another, hard_negatives
+from gate import Subjects, asks_another, hard_negatives, words
 from key import Key, MemoryFileError, load_key, prompt_features, train_key
 from memory import EditMemory, low_rank
 from model import edit_module_names
@@ -230,6 +230,46 @@ def test_serving_routes_inside_the_forward_as_route_does(editor):
     with memory.applied(torch.tensor([1])):                                   # generation keeps the prompt's edit
         assert torch.equal(out, editor.model.generate(**ids, max_new_tokens=3, do_sample=False,
                                                       pad_token_id=editor.tokenizer.pad_token_id))
+
+
+def greedy_ids(editor, prompts, k):
+    ids = editor.tokenizer(prompts, return_tensors="pt", padding=True)
+    out = editor.model.generate(**ids, max_new_tokens=k, do_sample=False, pad_token_id=editor.tokenizer.pad_token_id)
+    return out[:, ids["input_ids"].shape[1]:]
+
+
+def test_serving_releases_a_row_once_its_answer_is_written(editor):
+    """release (the default): the prompt pass and the steps before the answer is complete run edited; from
+    the step whose token completes the answer the row runs the original model (its cache as the edited
+    passes left it). A row whose answer is not written keeps its edit; held, every step is edited. A
+    one-token prompt after another batch is a prompt of its own, not a step of that batch."""
+    memory = EditMemory(editor, untrained_key(editor, threshold=0.999))
+    memory.add([FACT, ("The Louvre is in", "Berlin")])
+    with memory.serving(release=False):
+        held = greedy_ids(editor, [FACT.prompt], 6)[0]
+    memory.facts[0]["target"] = editor.tokenizer.decode(held[:1])               # what the edited model writes first
+    assert words(memory.facts[0]["target"]), "the first token should be a word"
+    with memory.serving():
+        released = greedy_ids(editor, [FACT.prompt], 6)[0]
+    ids = editor.tokenizer([FACT.prompt], return_tensors="pt")                  # by hand: the prompt edited, then not
+    with torch.no_grad():
+        with memory.applied(torch.tensor([0])):
+            out = editor.model(**ids, use_cache=True)
+        step, by_hand = out.logits[:, -1:].argmax(-1), []
+        for _ in range(6):
+            by_hand.append(step.item())
+            out = editor.model(input_ids=step, past_key_values=out.past_key_values, use_cache=True)
+            step = out.logits[:, -1:].argmax(-1)
+    assert released.tolist() == by_hand and released[0] == held[0] and not torch.equal(released, held)
+    prompts = [FACT.prompt, "The Louvre is in"]                                  # Berlin is not written: edited throughout
+    with memory.serving(release=False):
+        both_held = greedy_ids(editor, prompts, 6)
+    with memory.serving():
+        both = greedy_ids(editor, prompts, 6)
+        alone = greedy_ids(editor, ["A"], 3)                                     # one token: routed on its own
+    assert torch.equal(both[1], both_held[1]) and not torch.equal(both[0], both_held[0])
+    assert editor.tokenizer(["A"], return_tensors="pt")["input_ids"].shape == (1, 1)
+    assert torch.equal(alone, greedy_ids(editor, ["A"], 3))                     # no edit is its: the original model
 
 
 def test_the_gate_takes_an_edit_only_where_its_subject_is_named(editor):

@@ -143,6 +143,18 @@ def test_no_edit_keeps_every_generation(gpt2_tokenizer, dtype):
     assert "gen_GS" in scores[0] and "gen_GS" not in scores[1]
 
 
+@pytest.mark.parametrize("written, old", [(" Rome. No, it is Paris", 1.0), (" Rome, the capital", 0.0),
+                                          (" Rome. Parisian cafés", 0.0)])
+def test_gen_old_counts_continuations_that_name_the_old_answer(gpt2_tokenizer, monkeypatch, written, old):
+    """gen_old: the 50-token continuation of the edit prompt (and its rephrase) names the record's old
+    answer as whole words; a record without an old answer has no gen_old."""
+    runner, records = two_records(gpt2_tokenizer)
+    records[0].old_target = "Paris"
+    monkeypatch.setattr("metrics.greedy", lambda model, tok, prompts, k: [tok(written)["input_ids"]] * len(prompts))
+    scores = generation(runner, lambda _: contextlib.nullcontext(), records, fluent=12)
+    assert scores[0]["gen_old"] == old and "gen_old" not in scores[1]
+
+
 def test_unedited_continuations_are_kept_for_the_next_run(gpt2_tokenizer, tmp_path):
     """evaluate.py --cache-dir --generate: the unedited model's continuations of a batch's two prompt
     lists are written to the file; the next run takes them back, makes none anew, and scores the same
