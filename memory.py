@@ -163,9 +163,11 @@ class EditMemory:
         one new token) reads its key off the states entering block `layer`, inside that same forward, and
         its rows take their edits from there up; a generation step (a pass given a filled cache) keeps its
         prompt's. Rows are the non-padding tokens of the attention mask (left or right padding). release: a
-        row's edit steps aside from the generation step whose token completes the edit's answer (the tokens
-        generated after the prompt name its target, as whole words), so that the original model goes on
-        from the new answer; else the edit stays on for the whole continuation, which then repeats it."""
+        row's edit steps aside from the generation step whose token completes its answer (the text generated
+        since the edit went on names its target, as whole words), and comes back from a token that names its
+        subject again (the gate's rule; an edit stored without one stays aside): the original model goes on
+        from the new answer, and a question asked again gets it again. Else the edit stays on for the whole
+        continuation, which then repeats the answer."""
         model, tok, seen = self.editor.model, self.editor.tokenizer, {}
 
         def read_mask(module, args, kwargs):
@@ -176,13 +178,18 @@ class EditMemory:
             past = kwargs.get("past_key_values")                                  # a filled cache: a generation step
             seen["step"] = bool(past.get_seq_length() if hasattr(past, "get_seq_length") else past)
             routing = seen["routing"]
-            if release and seen["step"] and (routing.routes >= 0).any():
+            if release and seen["step"] and (seen["edit"] >= 0).any():
                 routes = routing.routes.clone()
                 for i, new in enumerate(ids.tolist()):
                     seen["written"][i] += new
-                    e = int(routes[i])
-                    if e >= 0 and answered(tok.decode(seen["written"][i]), self.facts[e]["target"]):
-                        routes[i] = -1                                           # from this token on
+                    e = int(seen["edit"][i])
+                    if e < 0:
+                        continue
+                    text = tok.decode(seen["written"][i])                         # since the edit went on or off
+                    if routes[i] >= 0 and answered(text, self.facts[e]["target"]):
+                        routes[i], seen["written"][i] = -1, []                   # from this token on
+                    elif routes[i] < 0 and e in self.subjects.named(text):
+                        routes[i], seen["written"][i] = e, []                    # its subject again: on, until answered
                 if not torch.equal(routes, routing.routes):
                     routing.routes = routes
                     routing.select(None)
@@ -197,9 +204,9 @@ class EditMemory:
                                               zip(ids.cpu(), seen["mask"][:, -ids.shape[1]:].cpu())]
             seen["routing"].routes = self.routes_of(pooled(x, mask).cpu(), texts)  # f(q) (B, C) -> (B,)
             seen["routing"].select(None)
-            seen["written"] = [[] for _ in texts or x]
+            seen["written"], seen["edit"] = [[] for _ in texts or x], seen["routing"].routes.clone()
 
-        seen["routing"] = Routing(self, torch.full((0,), -1), model.device)
+        seen["routing"], seen["edit"] = Routing(self, torch.full((0,), -1), model.device), torch.full((0,), -1)
         block = model.get_submodule(blocks_path(model))[self.key.layer]
         handles = [model.register_forward_pre_hook(read_mask, with_kwargs=True),
                    block.register_forward_pre_hook(route, with_kwargs=True)]

@@ -3,6 +3,7 @@ model, bit for bit, on the others; the gate takes an edit only where its subject
 an update is ΔW's best rank-r approximation; saved and loaded a memory gives the same outputs; a file of
 another model or editor is refused in one line. evaluate.py --sequential end to end."""
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -270,6 +271,37 @@ def test_serving_releases_a_row_once_its_answer_is_written(editor):
     assert torch.equal(both[1], both_held[1]) and not torch.equal(both[0], both_held[0])
     assert editor.tokenizer(["A"], return_tensors="pt")["input_ids"].shape == (1, 1)
     assert torch.equal(alone, greedy_ids(editor, ["A"], 3))                     # no edit is its: the original model
+
+
+@pytest.mark.parametrize("text", [" Rome, it is said. The Eiffel Tower is", " the Eiffel Tower, in Rome, it is said."])
+def test_a_released_edit_comes_back_when_its_subject_is_named_again(editor, text):
+    """Generation steps fed by hand: the edit is on for the prompt, off from the token that writes its
+    answer, and on again from a token that names its subject after that (a subject named before the
+    answer does not count again)."""
+    memory = EditMemory(editor, untrained_key(editor, threshold=0.999))
+    memory.add([Fact(FACT.prompt, "Rome", subject="Eiffel Tower")])
+    tok, model = editor.tokenizer, editor.model
+    script = tok(text)["input_ids"]
+    words_at = [tok.decode(t) for t in script]
+    answer, subject = words_at.index(" Rome"), len(script) - 1 - words_at[::-1].index(" Tower")
+    on = [j < answer or answer < subject <= j for j in range(len(script))]     # per step, after the prompt's pass
+
+    def steps(serve):
+        ids, got = tok([FACT.prompt], return_tensors="pt"), []
+        with torch.no_grad():
+            with serve(None):
+                out = model(**ids, use_cache=True)
+            for t, edited in zip(script, on):
+                with serve(edited):
+                    out = model(input_ids=torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
+                got.append(out.logits[0, -1])
+        return torch.stack(got)
+
+    served = memory.serving()
+    with served:
+        by_rule = steps(lambda _: contextlib.nullcontext())
+    by_hand = steps(lambda edited: memory.applied(torch.tensor([0 if edited in (None, True) else -1])))
+    assert torch.equal(by_rule, by_hand)
 
 
 def test_the_gate_takes_an_edit_only_where_its_subject_is_named(editor):
