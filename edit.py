@@ -17,7 +17,8 @@ with P(target) before and after on the facts' prompts and rephrases. All facts a
 edit (the editor's own way of combining a batch). --save DIR writes the edited model, W + ΔW merged,
 as a Hugging Face folder that transformers loads with no code from here, and DIR/edits.json.
 A fact's subject (--subject, or "subject" in the file: whom the fact is about, as the prompt writes it)
-lets an edit memory serve a question only when the question names it (memory.py: the gate).
+lets an edit memory serve a question only when the question names it (memory.py: the gate). With
+--memory, "after" is what the memory serves: a fact's edit steps aside once its answer is written.
 """
 import argparse
 import json

@@ -2,8 +2,9 @@
 The edit memory, for lifelong editing (the paper's future work: "retrieval mechanisms for lifelong
 editing", with low-rank updates). Each fact, when it arrives, goes through the trained editor once, alone,
 and is stored as a retrieval key and its update at rank r. A query runs the model with the update of
-the one stored fact it concerns, per row of a batch; a row that concerns none runs the original model
-untouched. Adding a fact never re-edits the others, and the weights are never written.
+the one stored fact it concerns, per row of a batch (generating, until the fact's answer is written);
+a row that concerns none runs the original model untouched. Adding a fact never re-edits the others, and
+the weights are never written.
 
     python key.py learn --ckpt out/ibke/best.pt                   # learn the key -> out/ibke/key.pt (~1 min on 2 cores)
     python evaluate.py --ckpt out/ibke/best.pt --sequential memory --limit 10000 --memory out/ibke/cf.mem
@@ -159,8 +160,8 @@ class EditMemory:
 
     @contextmanager
     def serving(self, release: bool = True):
-        """`with memory.serving():` every call of the model routes itself: the pass over a prompt (more than
-        one new token) reads its key off the states entering block `layer`, inside that same forward, and
+        """`with memory.serving():` every call of the model routes itself: the pass over a prompt (no filled
+        cache) reads its key off the states entering block `layer`, inside that same forward, and
         its rows take their edits from there up; a generation step (a pass given a filled cache) keeps its
         prompt's. Rows are the non-padding tokens of the attention mask (left or right padding). release: a
         row's edit steps aside from the generation step whose token completes its answer (the text generated
@@ -178,7 +179,7 @@ class EditMemory:
             past = kwargs.get("past_key_values")                                  # a filled cache: a generation step
             seen["step"] = bool(past.get_seq_length() if hasattr(past, "get_seq_length") else past)
             routing = seen["routing"]
-            if release and seen["step"] and (seen["edit"] >= 0).any():
+            if release and seen["step"] and ids is not None and (seen["edit"] >= 0).any():
                 routes = routing.routes.clone()
                 for i, new in enumerate(ids.tolist()):
                     seen["written"][i] += new
