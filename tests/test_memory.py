@@ -270,7 +270,7 @@ def test_serving_releases_a_row_once_its_answer_is_written(editor):
         alone = greedy_ids(editor, ["A"], 3)                                     # one token: routed on its own
     assert torch.equal(both[1], both_held[1]) and not torch.equal(both[0], both_held[0])
     assert editor.tokenizer(["A"], return_tensors="pt")["input_ids"].shape == (1, 1)
-    assert torch.equal(alone, greedy_ids(editor, ["A"], 3))                     # no edit is its: the original model
+    assert torch.equal(alone, greedy_ids(editor, ["A"], 3))                     # routed to none: the original model
 
 
 @pytest.mark.parametrize("text", [" Rome, it is said. The Eiffel Tower is", " the Eiffel Tower, in Rome, it is said."])
@@ -297,8 +297,7 @@ def test_a_released_edit_comes_back_when_its_subject_is_named_again(editor, text
                 got.append(out.logits[0, -1])
         return torch.stack(got)
 
-    served = memory.serving()
-    with served:
+    with memory.serving():
         by_rule = steps(lambda _: contextlib.nullcontext())
     by_hand = steps(lambda edited: memory.applied(torch.tensor([0 if edited in (None, True) else -1])))
     assert torch.equal(by_rule, by_hand)
