@@ -169,7 +169,7 @@ class EditMemory:
         subject again (the gate's rule; an edit stored without one stays aside): the original model goes on
         from the new answer, and a question asked again gets it again. Else the edit stays on for the whole
         continuation, which then repeats the answer."""
-        model, tok, seen = self.editor.model, self.editor.tokenizer, {}
+        model, tok, seen = self.editor.model, self.editor.tokenizer, {"step": False}
 
         def read_mask(module, args, kwargs):
             ids = kwargs.get("input_ids", args[0] if args else None)
