@@ -372,10 +372,11 @@ def generation(runner: Runner, edited: Callable, records: list[EditRequest], ext
     results = [{"gen_ES": [], "gen_GS": [], "gen_LS": [], "fluency": [], "fluency_pre": [], "gen_old": []}
                for _ in records]
     for j, ((i, kind, _, a), ids) in enumerate(zip(asked, post_asked)):
+        fluent_text = tok.decode(post_fluent[j])
         results[i][kind].append(float(contains(tok.decode(ids[:cap[j]]), a)))
-        results[i]["fluency"].append(ngram_entropy(tok.decode(post_fluent[j])))
+        results[i]["fluency"].append(ngram_entropy(fluent_text))
         if records[i].old_target:
-            results[i]["gen_old"].append(float(contains(tok.decode(post_fluent[j]), records[i].old_target)))
+            results[i]["gen_old"].append(float(contains(fluent_text, records[i].old_target)))
         results[i]["fluency_pre"].append(ngram_entropy(tok.decode(pre_fluent[j])))
     for j, ((i, *_), pre, post) in enumerate(zip(kept, pre_kept, post_kept)):
         c = cap[len(asked) + j]
