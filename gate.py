@@ -23,6 +23,13 @@ def words(text: str) -> tuple[str, ...]:
     return tuple(WORD.findall(text.lower()))
 
 
+def contains(text: str, answer: str) -> bool:
+    """Does the text name the answer as whole words, case aside ("ar" is not in "are", "C" is not "C++")?
+    The one test of an answer written: gen_ES, gen_GS and MH (metrics.py), and the memory's release."""
+    a = answer.strip().lower()
+    return bool(a) and re.search(rf"(?<!\w){re.escape(a)}(?!\w)", text.lower()) is not None
+
+
 def runs_on(text: str, found: list[re.Match], j: int) -> bool:
     """Does a capitalised word, joined by a space or hyphen, follow the text's word j - 1, so that a name
     ending there is part of a longer one? ("Paris Hilton", "Sydney Morning Herald", "BBC Radio Cymru" for

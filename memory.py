@@ -29,7 +29,7 @@ import torch
 from checkpoint import atomic_save
 from editor import as_fact, sha256
 from hooks import Routing, grad_decomposition, routed, routed_edit
-from gate import Subjects, words
+from gate import Subjects, contains
 from key import Key, MemoryFileError, pooled, prompt_features
 from model import blocks_path
 
@@ -165,10 +165,10 @@ class EditMemory:
         its rows take their edits from there up; a generation step (a pass given a filled cache) keeps its
         prompt's. Rows are the non-padding tokens of the attention mask (left or right padding). release: a
         row's edit steps aside from the generation step whose token completes its answer (the text generated
-        since the edit went on names its target, as whole words), and comes back from a token that names its
-        subject again (the gate's rule; an edit stored without one stays aside): the original model goes on
-        from the new answer, and a question asked again gets it again. Else the edit stays on for the whole
-        continuation, which then repeats the answer."""
+        since the edit went on names its target: gate.contains, gen_ES's test), and comes back from a token
+        that names its subject again (the gate's rule; an edit stored without one stays aside): the original
+        model goes on from the new answer, and a question asked again gets it again. Else the edit stays on
+        for the whole continuation, which then repeats the answer."""
         model, tok, seen = self.editor.model, self.editor.tokenizer, {"step": False}
 
         def read_mask(module, args, kwargs):
@@ -187,7 +187,7 @@ class EditMemory:
                     if e < 0:
                         continue
                     text = tok.decode(seen["written"][i])                         # since the edit went on or off
-                    if routes[i] >= 0 and answered(text, self.facts[e]["target"]):
+                    if routes[i] >= 0 and contains(text, self.facts[e]["target"]):
                         routes[i], seen["written"][i] = -1, []                   # from this token on
                     elif routes[i] < 0 and e in self.subjects.named(text):
                         routes[i], seen["written"][i] = e, []                    # its subject again: on, until answered
@@ -255,12 +255,6 @@ class EditMemory:
         memory.subjects = Subjects([f.get("subject", "") for f in s["facts"]])
         memory.a, memory.b = s["a"], s["b"]
         return memory
-
-
-def answered(text: str, target: str) -> bool:
-    """Does the text name the target, as whole words (the gate's words: case and punctuation aside)?"""
-    t, w = words(target), words(text)
-    return bool(t) and any(w[i:i + len(t)] == t for i in range(len(w) - len(t) + 1))
 
 
 def read_file(path: str) -> dict:

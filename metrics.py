@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from data import EditRequest
+from gate import contains
 from hooks import factors, functional_edit, routed
 from losses import answer_nll
 from rundir import write_json
@@ -266,12 +267,11 @@ def multihop(runner: Runner, edited: contextlib.AbstractContextManager, records:
              max_new_tokens: int = 12) -> dict:
     """MQuAKE: inside `edited` (one case's deltas applied, or a memory serving), greedy answers to its questions."""
     model, tokenizer = runner.model, runner.tokenizer
-    answers = [a.lower() for a in records[0].answers]
     prompts = [f"Q: {q} A:" for q in records[0].questions]
     with edited:
         new_tokens = greedy(model, tokenizer, prompts, max_new_tokens)
     texts = [t.split("\n")[0].lower() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    solved = any(re.search(rf"\b{re.escape(a)}\b", t) for t in texts for a in answers)  # whole words: "ar" ≠ "are"
+    solved = any(contains(t, a) for t in texts for a in records[0].answers)    # whole words: "ar" is not "are"
     return {"MH": float(solved), "answers": texts}
 
 
@@ -293,11 +293,6 @@ def greedy(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[li
     rows = out[:, ids["input_ids"].shape[1]:].tolist()
     eos = tokenizer.eos_token_id
     return [row[:row.index(eos)] if eos in row else row for row in rows]
-
-
-def contains(text: str, answer: str) -> bool:
-    """Whether the answer appears in the text as whole words, case-insensitive ("ar" is not in "are")."""
-    return re.search(rf"(?<!\w){re.escape(answer.strip().lower())}(?!\w)", text.lower()) is not None
 
 
 def ngram_entropy(text: str) -> float:

@@ -273,17 +273,19 @@ def test_serving_releases_a_row_once_its_answer_is_written(editor):
     assert torch.equal(alone, greedy_ids(editor, ["A"], 3))                     # routed to none: the original model
 
 
-@pytest.mark.parametrize("text", [" Rome, it is said. The Eiffel Tower is", " the Eiffel Tower, in Rome, it is said."])
-def test_a_released_edit_comes_back_when_its_subject_is_named_again(editor, text):
+@pytest.mark.parametrize("target, last, text", [("Rome", " Rome", " Rome, it is said. The Eiffel Tower is"),
+                                                ("Rome", " Rome", " the Eiffel Tower, in Rome, it is said."),
+                                                ("C++", "++", " C, or rather C++, said the Eiffel Tower")])
+def test_a_released_edit_comes_back_when_its_subject_is_named_again(editor, target, last, text):
     """Generation steps fed by hand: the edit is on for the prompt, off from the token that writes its
-    answer, and on again from a token that names its subject after that (a subject named before the
-    answer does not count again)."""
+    answer (`last`: "C" is not "C++", though the words are alike), and on again from a token that names
+    its subject after that (a subject named before the answer does not count again)."""
     memory = EditMemory(editor, untrained_key(editor, threshold=0.999))
-    memory.add([Fact(FACT.prompt, "Rome", subject="Eiffel Tower")])
+    memory.add([Fact(FACT.prompt, target, subject="Eiffel Tower")])
     tok, model = editor.tokenizer, editor.model
     script = tok(text)["input_ids"]
     words_at = [tok.decode(t) for t in script]
-    answer, subject = words_at.index(" Rome"), len(script) - 1 - words_at[::-1].index(" Tower")
+    answer, subject = words_at.index(last), len(script) - 1 - words_at[::-1].index(" Tower")
     on = [j < answer or answer < subject <= j for j in range(len(script))]     # per step, after the prompt's pass
 
     def steps(serve):

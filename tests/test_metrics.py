@@ -10,7 +10,8 @@ from conftest import tiny
 from data import EditRequest
 from data import load
 from editor import no_editor
-from metrics import (Continuations, contains, generation, harmonic, measure, ngram_entropy, passes, per_record,
+from gate import contains
+from metrics import (Continuations, generation, harmonic, measure, ngram_entropy, passes, per_record,
                      per_row, references, rows_of, score, score_rows, summarise)
 from model import edit_module_names, load_model
 from runner import Runner
@@ -107,6 +108,8 @@ def test_contains_takes_whole_words_in_any_case():
     assert contains(" Rome, Italy.", "Rome") and contains("it is in ROME", "rome")
     assert contains("the New York Times", "new york") and contains("C++ code", "C++")
     assert not contains(" Romesburg", "Rome") and not contains("are", "ar") and not contains("Paris", "Rome")
+    assert not contains("C, or C#", "C++") and contains("Exeter N.H.", "exeter n.h.")  # not words; not \b
+    assert not contains("Rome", " ")                                       # no answer is never written
 
 
 def test_ngram_entropy_by_hand():
