@@ -79,7 +79,7 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
             batch = records[i:i + n]
             clock = time.perf_counter()
             if args.sequential == "memory":
-                memory.add(batch)
+                memory.add(stored(args, batch))
             else:
                 edit_rows = runner.batch([r.prompt for r in batch], [r.target for r in batch])
                 merge(runner.model, editor(runner, edit_rows), master)
@@ -125,7 +125,7 @@ def open_memory(args: argparse.Namespace, loaded: Editor, records: list[EditRequ
     """--memory: resumed if the file holds the first k of these records' facts, else a new memory with --key."""
     if os.path.exists(args.memory):
         memory = EditMemory.load(args.memory, loaded)
-        mine = [vars(as_fact(r)) for r in records[:len(memory)]]
+        mine = [vars(f) for f in stored(args, records[:len(memory)])]
         if memory.facts != mine:
             raise MemoryFileError(f"--memory {args.memory} holds other facts than the first {len(memory)} "
                                   f"of these records; give a new --memory file")
@@ -139,6 +139,11 @@ def open_memory(args: argparse.Namespace, loaded: Editor, records: list[EditRequ
             memory.truncate(args.rank)
         return memory
     return EditMemory(loaded, load_key(args.ckpt, args.key), args.rank)
+
+
+def stored(args: argparse.Namespace, records: list[EditRequest]) -> list:
+    """The facts the memory keeps of these records: with their subjects, or none (--no-subjects)."""
+    return [dataclasses.replace(as_fact(r), subject="") if args.no_subjects else as_fact(r) for r in records]
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -156,6 +161,7 @@ def check_args(args: argparse.Namespace) -> None:
               f"--sequential memory with --method {args.method}: the memory keeps IBKE's edits; use merge"),
              (args.ft_steps >= 1, f"--ft-steps {args.ft_steps}: give at least 1"),
              (not args.hold or args.sequential == "memory", "--hold is for --sequential memory (its served edits)"),
+             (not args.no_subjects or args.sequential == "memory", "--no-subjects is for --sequential memory"),
              (not args.generate or args.sequential != "merge",
               "--generate with --sequential merge: the unedited model is gone from the weights; use memory"),
              (0 < args.ft_lr < FLOAT32_MAX, f"--ft-lr {args.ft_lr}: give a positive learning rate below 3.4e38 "
@@ -230,6 +236,9 @@ def main() -> None:
     parser.add_argument("--hold", action="store_true",
                         help="--sequential memory, generating: a row's edit stays on for the whole continuation "
                              "(default: it steps aside once the generated text names its answer; memory.serving)")
+    parser.add_argument("--no-subjects", action="store_true",
+                        help="--sequential memory, a new memory: store the facts without their subjects, so that "
+                             "the key alone routes them (at τ), as edit.py does a fact given no --subject")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an --out that holds the results of another checkpoint (else refused)")
     args = parser.parse_args()

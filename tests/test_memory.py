@@ -193,6 +193,14 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
               "--out", tmp_path / "mem3.json", check=False)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --memory")
+    # --no-subjects: the facts stored without their subjects (the key alone routes them); m.mem has them: refused
+    bare = run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "m.mem", "--no-subjects",
+               "--out", tmp_path / "mem4.json", check=False)
+    assert bare.returncode != 0 and bare.stderr.strip().splitlines()[-1].startswith("error: --memory")
+    run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "b.mem", "--key", tmp_path / "key.pt",
+        "--no-subjects", "--out", tmp_path / "bare.json")
+    stored = torch.load(tmp_path / "b.mem", weights_only=False)["facts"]
+    assert len(stored) == 6 and all(f["subject"] == "" for f in stored)
 
 
 def test_retention_compares_the_first_100_with_their_own_passes(gpt2_tokenizer):
