@@ -41,7 +41,7 @@ from rundir import RunLock, check_folder, is_results, resumable, write_json
 from data import DataError, EditRequest, load, split_val
 from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit, merge, restore
-from gate import asks_another
+from gate import asks_another, guess_subject
 from key import MemoryFileError, load_key
 from memory import EditMemory
 from metrics import (Continuations, generation, measure, measure_apart, multihop, peak_mib, references, score,
@@ -142,8 +142,9 @@ def open_memory(args: argparse.Namespace, loaded: Editor, records: list[EditRequ
 
 
 def stored(args: argparse.Namespace, records: list[EditRequest]) -> list:
-    """The facts the memory keeps of these records: with their subjects, or none (--no-subjects)."""
-    return [dataclasses.replace(as_fact(r), subject="") if args.no_subjects else as_fact(r) for r in records]
+    """The facts the memory keeps of these records, with the subjects --subjects says."""
+    subject = {"given": lambda r: r.subject, "guessed": lambda r: guess_subject(r.prompt), "none": lambda r: ""}
+    return [dataclasses.replace(as_fact(r), subject=subject[args.subjects](r)) for r in records]
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -161,7 +162,7 @@ def check_args(args: argparse.Namespace) -> None:
               f"--sequential memory with --method {args.method}: the memory keeps IBKE's edits; use merge"),
              (args.ft_steps >= 1, f"--ft-steps {args.ft_steps}: give at least 1"),
              (not args.hold or args.sequential == "memory", "--hold is for --sequential memory (its served edits)"),
-             (not args.no_subjects or args.sequential == "memory", "--no-subjects is for --sequential memory"),
+             (args.subjects == "given" or args.sequential == "memory", "--subjects is for --sequential memory"),
              (not args.generate or args.sequential != "merge",
               "--generate with --sequential merge: the unedited model is gone from the weights; use memory"),
              (0 < args.ft_lr < FLOAT32_MAX, f"--ft-lr {args.ft_lr}: give a positive learning rate below 3.4e38 "
@@ -236,9 +237,10 @@ def main() -> None:
     parser.add_argument("--hold", action="store_true",
                         help="--sequential memory, generating: a row's edit stays on for the whole continuation "
                              "(default: it steps aside once the generated text names its answer; memory.serving)")
-    parser.add_argument("--no-subjects", action="store_true",
-                        help="--sequential memory, a new memory: store the facts without their subjects, so that "
-                             "the key alone routes them (at τ), as edit.py does a fact given no --subject")
+    parser.add_argument("--subjects", default="given", choices=["given", "guessed", "none"],
+                        help="--sequential memory, a new memory: the facts' subjects (the gate's), as the records give "
+                             "them, guessed from the prompts' words (gate.guess_subject: edit.py's way with a fact "
+                             "given none), or none (the key alone routes, at τ)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an --out that holds the results of another checkpoint (else refused)")
     args = parser.parse_args()

@@ -17,7 +17,7 @@ from data import load
 from editor import Editor, Fact, no_editor
 from evaluate import sequential
 from hooks import functional_edit
-from gate import Subjects, asks_another, hard_negatives, words
+from gate import Subjects, asks_another, guess_subject, hard_negatives, words
 from key import Key, MemoryFileError, load_key, prompt_features, train_key
 from memory import EditMemory, low_rank
 from model import edit_module_names
@@ -176,6 +176,9 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     again = run("edit.py", "--ckpt", ckpt, "The Louvre is in", "Berlin", "--memory", tmp_path / "u.mem", "--ask",
                 "The Eiffel Tower is in")
     assert "(1 in all)" in first.stdout and "(2 in all)" in again.stdout
+    assert "subject guessed from the prompt for 1 fact(s): 'Eiffel Tower'" in first.stdout      # none given
+    assert [f["subject"] for f in torch.load(tmp_path / "u.mem", weights_only=False)["facts"]] == ["Eiffel Tower",
+                                                                                                "Louvre"]
     assert "[ask] The Eiffel Tower is in" in again.stdout
     # a memory that routes nothing leaves every answer as it was: LS and gen_LS exactly 1 against the original model
     key = torch.load(tmp_path / "key.pt", weights_only=False)
@@ -193,12 +196,12 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
               "--out", tmp_path / "mem3.json", check=False)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: --memory")
-    # --no-subjects: the facts stored without their subjects (the key alone routes them); m.mem has them: refused
-    bare = run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "m.mem", "--no-subjects",
+    # --subjects none: the facts stored without their subjects (the key alone routes them); m.mem has them: refused
+    bare = run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "m.mem", "--subjects", "none",
                "--out", tmp_path / "mem4.json", check=False)
     assert bare.returncode != 0 and bare.stderr.strip().splitlines()[-1].startswith("error: --memory")
     run("evaluate.py", *common, "--sequential", "memory", "--memory", tmp_path / "b.mem", "--key", tmp_path / "key.pt",
-        "--no-subjects", "--out", tmp_path / "bare.json")
+        "--subjects", "none", "--out", tmp_path / "bare.json")
     stored = torch.load(tmp_path / "b.mem", weights_only=False)["facts"]
     assert len(stored) == 6 and all(f["subject"] == "" for f in stored)
 
@@ -426,3 +429,23 @@ def test_key_flags_in_one_line(argv, message, tmp_path):
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("prompt, subject", [
+    ("The Eiffel Tower is in", "Eiffel Tower"), ("What nationality was Kees van Beijnum?", "Kees van Beijnum"),
+    ("In Nykarleby, the language spoken is", "Nykarleby"), ("Toyota's headquarters are in", "Toyota"),
+    ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"), ("Bank of America is based in", "Bank of America"),
+    ("What sport does Peter Šťastný play? They play", "Peter Šťastný"), ("the sky is", "")])
+def test_guess_subject_reads_the_name_a_prompt_is_about(prompt, subject):
+    assert guess_subject(prompt) == subject
+
+
+def test_a_guessed_subject_passes_its_own_prompts_gate():
+    """Over CounterFact's first 1,000 eval records (the docstring's figures): the guess is the record's subject
+    for ≥ 90% (909 when written), and every prompt and rephrase passes the gate of its record's guess."""
+    records = [r for r in load("counterfact", DATA_DIR)["eval"] if r][:1000]
+    guesses = [guess_subject(r.prompt) for r in records]
+    assert sum(g == r.subject for g, r in zip(guesses, records)) >= 900
+    gate = Subjects(guesses)
+    for texts in ([r.prompt for r in records], [r.generality[0][0] for r in records]):
+        assert bool(gate.mask(texts).diagonal().all())
