@@ -17,8 +17,9 @@ with P(target) before and after on the facts' prompts and rephrases. All facts a
 edit (the editor's own way of combining a batch). --save DIR writes the edited model, W + ΔW merged,
 as a Hugging Face folder that transformers loads with no code from here, and DIR/edits.json.
 A fact's subject (--subject, or "subject" in the file: whom the fact is about, as the prompt writes it)
-lets an edit memory serve a question only when the question names it (memory.py: the gate). With
---memory, "after" is what the memory serves: a fact's edit steps aside once its answer is written.
+lets an edit memory serve a question only when the question names it (memory.py: the gate); not given,
+it is guessed from the prompt (gate.guess_subject: its longest capitalised name), and "" stores none.
+With --memory, "after" is what the memory serves: a fact's edit steps aside once its answer is written.
 """
 import argparse
 import json
@@ -30,7 +31,7 @@ import time
 from checkpoint import CheckpointError
 from rundir import RunLock
 from editor import Editor, Fact, as_fact
-from gate import Subjects, words
+from gate import Subjects, guess_subject, words
 from key import MemoryFileError, load_key
 from memory import EditMemory
 from model import ModelError, add_device_args
@@ -61,7 +62,7 @@ def read_facts(path: str) -> list[Fact]:
         problem = check_fact(item)
         if problem:
             raise SystemExit(f"error: --facts {path} {at}: {problem}")
-        facts.append(as_fact(item))
+        facts.append(as_fact({"subject": None, **item}))                # None: not given
     if not facts:
         raise SystemExit(f"error: --facts {path} holds no facts")
     return facts
@@ -74,8 +75,9 @@ def check_fact(item) -> str | None:
     for key in ("prompt", "target"):
         if not isinstance(item.get(key), str) or not item[key].strip():
             return f'"{key}" must be a non-empty string'
-    subject = item.get("subject", "")
-    if not isinstance(subject, str) or words(subject) and not set(Subjects([subject]).named(item["prompt"])):
+    subject = item.get("subject")
+    if subject is not None and (not isinstance(subject, str) or words(subject)
+                                and not set(Subjects([subject]).named(item["prompt"]))):
         return (f'"subject" must be a string that the prompt names as written, as a name of its own ({subject!r} '
                 f'is not one in {item["prompt"]!r}; "Paris" is not in "Paris Hilton")')
     for key in ("rephrase", "locality"):
@@ -115,8 +117,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("prompt", nargs="?", help="the fact's prompt, e.g. \"The Eiffel Tower is in\"")
     parser.add_argument("target", nargs="?", help="its new answer, e.g. \"Rome\"")
-    parser.add_argument("--subject", default="", help="whom PROMPT is about, as it writes it (\"Eiffel Tower\"): "
-                        "a --memory then serves a question only when the question names it")
+    parser.add_argument("--subject", default=None, help="whom PROMPT is about, as it writes it (\"Eiffel Tower\"): "
+                        "a --memory then serves a question only when the question names it (default: guessed from "
+                        "PROMPT; \"\" for none)")
     parser.add_argument("--ckpt", required=True, help="an editor checkpoint of train.py (best.pt)")
     parser.add_argument("--facts", default=None,
                         help="a JSON list or JSON-lines file of facts (see above), instead of or besides PROMPT TARGET")
@@ -161,6 +164,14 @@ def main() -> None:
         editor = Editor.load(args.ckpt, args.device, args.model, args.dtype)
     except (CheckpointError, ModelError) as err:
         raise SystemExit(f"error: {err}")
+    guessed = [f for f in facts if f.subject is None and args.memory]
+    for f in facts:
+        if f.subject is None:                                          # a merged edit has no use for one
+            f.subject = guess_subject(f.prompt) if args.memory else ""
+    if guessed:
+        shown = ", ".join(f"{f.subject!r}" for f in guessed[:5]) + (", …" if len(guessed) > 5 else "")
+        print(f"subject guessed from the prompt for {len(guessed)} fact(s): {shown} (set one with --subject or "
+              f'"subject" in --facts; "" for none)')
     if args.memory:
         with RunLock(args.memory, f"--memory {args.memory}"):          # a second run into it stops at once
             try:

@@ -13,7 +13,7 @@ Token-level and teacher-forced (the EasyEdit / MALMEN convention), per record, t
        them contains the new answer or an alias as whole words
 Free generation (evaluate.py --generate), greedy, per record, then averaged:
   gen_ES, gen_GS   the continuation of q_e (of each q_g), cut at the new answer's length in tokens
-       plus 3, contains the new answer as whole words (case-insensitive; `contains`)
+       plus 3, contains the new answer as whole words (case-insensitive; gate.contains)
   gen_LS   the continuation of each q_l, as long, equals the unedited model's token for token (both
        generated in the same batches, so that no edit gives exactly 1)
   gen_F1   harmonic mean of gen_ES, gen_GS and gen_LS
