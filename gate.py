@@ -98,12 +98,13 @@ def guess_subject(prompt: str) -> str:
     and every CounterFact rephrase still passes the gate of its record's guess."""
     runs, run, particles, end = [], [], [], 0           # runs of capitalised words, spaced, joined by particles
     for m in TOKEN.finditer(prompt):
-        t, spaced = m.group(), prompt[end:m.start()].isspace()
-        if (t[0].isupper() or t[0].isdigit()) and spaced and run:
+        t, spaced = m.group(), bool(run) and prompt[end:m.start()].isspace()
+        capital = t[0].isupper() or t[0].isdigit()
+        if capital and spaced:
             run, particles = run + particles + [t], []
-        elif t[0].isupper() or t[0].isdigit():
+        elif capital:
             runs, run, particles = runs + [run], [t], []
-        elif t in PARTICLES and spaced and run:
+        elif spaced and t in PARTICLES:
             particles.append(t)
         else:
             runs, run, particles = runs + [run], [], []
@@ -113,9 +114,9 @@ def guess_subject(prompt: str) -> str:
         while w and w[0].lower() in OPENERS:
             w = w[1:]
         names.append(re.sub(r"['’]s$", "", " ".join(w)).rstrip(".,"))
-    for run in sorted(names, key=len, reverse=True):
-        if words(run) and Subjects([run]).named(prompt):
-            return run
+    for name in sorted(names, key=len, reverse=True):
+        if words(name) and Subjects([name]).named(prompt):
+            return name
     return ""
 
 
