@@ -279,8 +279,11 @@ def show(args: argparse.Namespace) -> None:
     print(f"{args.file}: {s['n']} edits of {s['model']} (editor sha256 {s['editor_sha256'][:12]}…), rank {s['rank']} "
           f"in {s['dtype']}, key {s['key']['config']} τ {s['key']['threshold']:.3f}, {size / 2 ** 20:.1f} MiB "
           f"({size / max(s['n'], 1) / 1000:.1f} kB per edit), written {s['date']}")
+    subjects, gated = sum(bool(f["subject"]) for f in s["facts"]), s["key"]["gated"]
+    print(f"{subjects} of {s['n']} stored with a subject, " + ("routed by the key alone: this key has no gate"
+          if gated is None else f"gated (then the key at τ_gated {gated:.3f}); the others by the key alone at τ"))
     for f in s["facts"][:5]:
-        print(f"  {f['prompt']!r} -> {f['target']!r}")
+        print(f"  {f['prompt']!r} -> {f['target']!r}" + (f"  [{f['subject']}]" if f["subject"] else ""))
 
 
 if __name__ == "__main__":

@@ -157,7 +157,8 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
         "--out", tmp_path / "mem.json")
     res = json.load(open(tmp_path / "mem.json"))
     assert res["summary"]["n"] == 6 and res["batches"][0]["memory"]["edits"] == 6
-    assert "6 edits" in run("memory.py", "show", tmp_path / "m.mem").stdout
+    shown = run("memory.py", "show", tmp_path / "m.mem").stdout
+    assert "6 edits" in shown and "6 of 6 stored with a subject" in shown
     for bad in (run("memory.py", "show", tmp_path / "mem.json", check=False),                 # a results file
                 run("key.py", "routing", "--ckpt", ckpt, "--key", tmp_path / "none.pt", check=False)):
         assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ") and "Traceback" not in bad.stderr
@@ -204,6 +205,7 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
         "--subjects", "none", "--out", tmp_path / "bare.json")
     stored = torch.load(tmp_path / "b.mem", weights_only=False)["facts"]
     assert len(stored) == 6 and all(f["subject"] == "" for f in stored)
+    assert "0 of 6 stored with a subject" in run("memory.py", "show", tmp_path / "b.mem").stdout
 
 
 def test_retention_compares_the_first_100_with_their_own_passes(gpt2_tokenizer):
