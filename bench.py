@@ -351,13 +351,12 @@ def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) ->
     adds = iter(facts)
     t_add = median_seconds(lambda: memory.add([next(adds)]), args.repeats, model.device)
     prompts = [r.prompt for r in records[600:608]]
-    n, size = memory.n, args.memory_size
-    memory._grow(size - n)
+    n, size, per_edit = memory.n, args.memory_size, memory.bytes_per_edit()
+    memory._grow(size - n, 0)
     g = torch.Generator().manual_seed(0)
     memory.keys[n:size] = torch.nn.functional.normalize(torch.randn(size - n, memory.keys.shape[1], generator=g),
                                                         dim=-1)
-    for m in memory.a:
-        memory.a[m][n:size], memory.b[m][n:size] = memory.a[m][n - 1], memory.b[m][n - 1]
+    memory.ranks[n:size], memory.start[n:size] = memory.ranks[n - 1], memory.start[n - 1]   # the last edit's update
     memory.keys[n:n + len(prompts)] = memory.keys_of(prompts)                  # every query row finds an edit
     subjects = [f["subject"] for f in memory.facts] + [r.subject for r in records[600:608]]
     memory.subjects = Subjects(subjects + [records[i % len(records)].subject for i in range(size - len(subjects))])
@@ -376,7 +375,7 @@ def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) ->
                                         model.device), median_seconds(forward, args.repeats, model.device)
     return {"rank": memory.rank, "size": size, "add_ms": 1000 * t_add, "add_ratio": t_add / t_edit_n1,
             "query_ms": 1000 * t_query, "forward_ms": 1000 * t_forward, "query_ratio": t_query / t_forward,
-            "bytes_per_edit": memory.bytes_per_edit()}
+            "bytes_per_edit": per_edit}
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from rundir import RunLock
 from editor import Editor, Fact, as_fact
 from gate import Subjects, guess_subject, words
 from key import MemoryFileError, load_key
-from memory import EditMemory
+from memory import EditMemory, rank_or_auto
 from model import ModelError, add_device_args
 
 
@@ -135,8 +135,9 @@ def main() -> None:
     parser.add_argument("--key", default=None,
                         help="--memory, a new file: the routing key (default: key.pt beside --ckpt; `python key.py "
                              "learn`)")
-    parser.add_argument("--rank", type=int, default=3,
-                        help="--memory, a new file: rank at which each fact's update is stored")
+    parser.add_argument("--rank", type=rank_or_auto, default="auto",
+                        help="--memory, a new file: rank at which each fact's update is stored (auto: per fact, the "
+                             "smallest that still writes it)")
     parser.add_argument("--model", default=None,
                         help="override the checkpoint's base model (it must have the same edited modules)")
     add_device_args(parser, dtype_default=None)
@@ -156,7 +157,7 @@ def main() -> None:
     if not facts:
         raise SystemExit('error: nothing to edit: give a prompt and its target, or --facts FILE')
     for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--rank", args.rank)):
-        if value < 1:
+        if value != "auto" and value < 1:
             raise SystemExit(f"error: {flag} {value}: give at least 1")
     if args.save and os.path.isdir(args.save) and os.listdir(args.save) and not args.overwrite:
         raise SystemExit(f"error: --save {args.save} is not empty; give an empty or new folder, or --overwrite")

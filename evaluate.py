@@ -43,7 +43,7 @@ from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit, merge, restore
 from gate import asks_another, guess_subject
 from key import MemoryFileError, load_key
-from memory import EditMemory
+from memory import EditMemory, rank_or_auto
 from metrics import (Continuations, generation, measure, measure_apart, multihop, peak_mib, references, score,
                      summarise, table)
 from model import ModelError, add_device_args
@@ -115,7 +115,7 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
     if records[0].questions:
         out["MH"], out["answers"] = [m["MH"] for m in mh], [m["answers"] for m in mh]
     if args.sequential == "memory":
-        out["memory"] = {"file": args.memory, "edits": len(memory), "rank": memory.rank,
+        out["memory"] = {"file": args.memory, "edits": len(memory), "rank": memory.rank, "mean_rank": memory.mean_rank(),
                          "bytes_per_edit": memory.bytes_per_edit(),
                          "routed": memory.key.config() | {"threshold": memory.key.threshold, "gated": memory.key.gated}}
     return out
@@ -130,12 +130,13 @@ def open_memory(args: argparse.Namespace, loaded: Editor, records: list[EditRequ
             raise MemoryFileError(f"--memory {args.memory} holds other facts than the first {len(memory)} "
                                   f"of these records; give a new --memory file")
         print(f"resuming {args.memory}: {len(memory)} of {len(records)} edits stored")
-        if args.rank < memory.rank:                          # a rank curve from one full-rank memory
+        if args.rank != "auto" and args.rank < memory.largest_rank():   # a rank curve from a full-rank memory
             if len(memory) < len(records):
-                raise MemoryFileError(f"--rank {args.rank} below the rank of --memory {args.memory} ({memory.rank}) "
+                raise MemoryFileError(f"--rank {args.rank} below the ranks of --memory {args.memory} (up to "
+                                      f"{memory.largest_rank()}) "
                                       f"truncates its updates for this run only: give a memory that holds all "
                                       f"{len(records)} edits")
-            print(f"updates truncated to rank {args.rank} for this run (the file keeps rank {memory.rank})")
+            print(f"updates truncated to rank {args.rank} for this run (the file keeps up to {memory.largest_rank()})")
             memory.truncate(args.rank)
         return memory
     return EditMemory(loaded, load_key(args.ckpt, args.key), args.rank)
@@ -153,7 +154,7 @@ def check_args(args: argparse.Namespace) -> None:
               f"--limit {args.limit}: give at least 1 (leave it out for all records)"),
              (args.skip >= 0, f"--skip {args.skip}: give 0 or more"),
              (args.edits_per_batch >= 1, f"--edits-per-batch {args.edits_per_batch}: give at least 1"),
-             (args.rank >= 1, f"--rank {args.rank}: give at least 1"),
+             (args.rank == "auto" or args.rank >= 1, f"--rank {args.rank}: give at least 1, or auto"),
              (args.sequential != "memory" or args.memory,
               "--sequential memory needs --memory FILE (where the memory is kept)"),
              (args.sequential is None or args.method != "none",
@@ -228,10 +229,10 @@ def main() -> None:
     parser.add_argument("--key", default=None,
                         help="--sequential memory, a new memory: the key from `python key.py learn` (default: key.pt "
                              "beside --ckpt)")
-    parser.add_argument("--rank", type=int, default=3,
-                        help="--sequential memory: rank r at which each edit's update is stored (a new memory), "
-                        "or to which a complete memory's updates are truncated for this run (a rank curve; README: 3 "
-                        "is within 0.005 F1 of full rank)")
+    parser.add_argument("--rank", type=rank_or_auto, default="auto",
+                        help="--sequential memory: rank at which each edit's update is stored (a new memory; auto: "
+                        "per fact, the smallest that still writes it, memory.RANKS), or to which a complete memory's "
+                        "updates are truncated for this run (a rank curve; README: Compact updates)")
     parser.add_argument("--generate", action="store_true",
                         help="also free generation: gen_ES, gen_GS, gen_LS, gen_F1, fluency, gen_old (metrics.py)")
     parser.add_argument("--hold", action="store_true",

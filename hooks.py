@@ -109,8 +109,9 @@ def functional_edit(model: nn.Module, deltas: dict) -> Iterator[nn.Module]:
 
 class Routing:
     """Which rows of the pass now running take which of E updates, stored as factors in `store`
-    (.a {module: (E, r, d_in)}, .b {module: (E, r, d_out)}, any dtype and device): routes (B,) long,
-    −1 for none. select() gathers a pass's rows (rows (R,)) and their factors, float32, on `device`."""
+    (.factors(ids (R,)) -> {module: (a (R, r, d_in), b (R, r, d_out))}, any dtype and device; zero
+    rows of a add nothing): routes (B,) long, −1 for none. select() gathers a pass's rows (rows (R,))
+    and their factors, float32, on `device`."""
 
     def __init__(self, store, routes: torch.Tensor, device: torch.device):
         self.store, self.routes, self.device = store, routes.cpu(), device
@@ -122,8 +123,8 @@ class Routing:
         at = torch.nonzero(routes >= 0)[:, 0]
         ids, s = routes[at], self.store
         self.rows = to_device(at, self.device)
-        self.factors = {n: (s.a[n][ids].to(self.device, torch.float32), s.b[n][ids].to(self.device, torch.float32))
-                        for n in s.a}
+        self.factors = {n: (a.to(self.device, torch.float32), b.to(self.device, torch.float32))
+                        for n, (a, b) in s.factors(ids).items()}
 
 
 @contextmanager

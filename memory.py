@@ -1,7 +1,7 @@
 """
 The edit memory, for lifelong editing (the paper's future work: "retrieval mechanisms for lifelong
 editing", with low-rank updates). Each fact, when it arrives, goes through the trained editor once, alone,
-and is stored as a retrieval key and its update at rank r. A query runs the model with the update of
+and is stored as a retrieval key and its update at a low rank. A query runs the model with the update of
 the one stored fact it concerns, per row of a batch (generating, until the fact's answer is written);
 a row that concerns none runs the original model untouched. Adding a fact never re-edits the others, and
 the weights are never written.
@@ -17,7 +17,9 @@ Routing (gate.py, key.py): an edit stored with its subject serves only a query t
 and then the query's key, from the model's states entering block 4, must match the edit's (cosine ≥ τ).
 
 An edit's update is a sum of rank-one terms, one per token (METHOD.md §3 step 5); stored at rank r it is
-the best rank-r approximation of ΔW (by SVD), as factors a (r, d_in), b (r, d_out) in float16.
+the best rank-r approximation of ΔW (by SVD), as factors a (r, d_in), b (r, d_out) in float16. Its rank
+(rank="auto") is the smallest of RANKS whose update still writes the fact as the complete one does: a
+one-word answer mostly keeps 1 or 2 terms, a longer one 6 to 16 (README: Compact updates).
 """
 import argparse
 import datetime
@@ -31,9 +33,17 @@ from editor import as_fact, sha256
 from hooks import Routing, grad_decomposition, routed, routed_edit
 from gate import Subjects, contains
 from key import Key, MemoryFileError, pooled, prompt_features
+from metrics import Apart
 from model import blocks_path
+from runner import take
 
-FORMAT = "ibke-memory-1"
+FORMAT = "ibke-memory-2"        # "ibke-memory-1" (one rank for all, a (N, r, d_in)) is read too
+
+# rank="auto": a fact's update is kept at the smallest of RANKS that writes the fact as its complete
+# update does (every answer token the complete one gets as the argmax, and a mean log P(answer) at most
+# SLACK nats per token below it), else at the largest. Chosen on CounterFact records 0–999 and zsRE
+# eval records 0–199, against one rank for all (README: Compact updates).
+RANKS, SLACK = (1, 2, 3, 4, 6, 8, 12, 16), 0.1
 
 
 # -----------------------------------------------------------------------------
@@ -57,53 +67,99 @@ def low_rank(delta, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a.float(), b.float()
 
 
+def rank_or_auto(text: str) -> int | str:
+    """--rank's value (argparse type): "auto", or a whole number (the scripts check it is at least 1)."""
+    return text if text == "auto" else int(text)
+
+
+@torch.no_grad()
+def fitted_ranks(runner, batch: dict, complete: list[dict], kept: list[dict]) -> list[int]:
+    """Per fact e (row e of `batch`, its prompt and answer), the smallest of RANKS at which kept[e]
+    ({module: (a (16, d_in), b (16, d_out))}, as stored) writes it as complete[e] (the editor's
+    update, factors) does; one pass over every fact's 1 + len(RANKS) versions, each on its own row."""
+    L = 1 + len(RANKS)
+    each = []
+    for c, k in zip(complete, kept):
+        each += [c] + [{m: (a[:r].to(c[m][0].device, torch.float32), b[:r].to(c[m][0].device, torch.float32))
+                        for m, (a, b) in k.items()} for r in RANKS]
+    rows = [e for e in range(len(complete)) for _ in range(L)]
+    with routed(runner.model, Apart(runner.model, each), torch.arange(len(rows))) as routing:
+        runner.on_part = routing.select
+        try:
+            logits, answer, at = runner.scored_logits(take(batch, rows))          # (N, V), (N,), (N,)
+        finally:
+            runner.on_part = None
+    logp = torch.log_softmax(logits.float(), -1)
+    per_row = lambda x: torch.zeros(len(rows), device=x.device).index_add_(0, at, x)
+    count = per_row(torch.ones_like(answer, dtype=torch.float))
+    acc = (per_row((logp.argmax(-1) == answer).float()) / count).view(-1, L).cpu()     # (F, L)
+    mean = (per_row(logp.gather(1, answer[:, None])[:, 0]) / count).view(-1, L).cpu()  # (F, L)
+    fits = (acc[:, 1:] >= acc[:, :1]) & (mean[:, 1:] >= mean[:, :1] - SLACK)          # (F, len(RANKS))
+    first = torch.where(fits.any(1), fits.int().argmax(1), len(RANKS) - 1)
+    return [RANKS[i] for i in first.tolist()]
+
+
 # -----------------------------------------------------------------------------
 # the memory
 
 class EditMemory:
-    """Keys (N, k) and, per edited module, factors a (N, r, d_in), b (N, r, d_out), grown by doubling;
-    the facts as dicts. `editor` (editor.Editor) makes the edits and runs the model."""
+    """Keys (N, k), each update's rank (N,) and where its terms start (N,), and per edited module the
+    terms of all of them one after another, a (M, d_in), b (M, d_out); grown by doubling; the facts as
+    dicts. `editor` (editor.Editor) makes the edits and runs the model. rank: "auto" (RANKS) or r."""
 
-    def __init__(self, editor, key: Key, rank: int = 3, dtype: torch.dtype = torch.float16):
+    def __init__(self, editor, key: Key, rank: int | str = "auto", dtype: torch.dtype = torch.float16):
         blocks, width = len(editor.model.get_submodule(blocks_path(editor.model))), editor.model.config.hidden_size
         if key.config()["width"] != width or key.layer >= blocks:
             raise MemoryFileError(f"the key reads states of width {key.config()['width']} entering block {key.layer}; "
                                   f"this model has width {width} and {blocks} blocks: learn a key for this editor "
                                   f"(python key.py learn --ckpt {editor.path})")
         self.editor, self.key, self.rank, self.dtype = editor, key, rank, dtype
-        self.n, self.facts, self.subjects = 0, [], Subjects()
+        self.n, self.used, self.facts, self.subjects = 0, 0, [], Subjects()
         self.keys = torch.zeros(0, key.config()["dim"])
-        self.a = {m: torch.zeros(0, rank, s[0], dtype=dtype) for m, s in editor.hypernet.shapes.items()}
-        self.b = {m: torch.zeros(0, rank, s[1], dtype=dtype) for m, s in editor.hypernet.shapes.items()}
+        self.ranks, self.start = torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)
+        self.a = {m: torch.zeros(0, s[0], dtype=dtype) for m, s in editor.hypernet.shapes.items()}
+        self.b = {m: torch.zeros(0, s[1], dtype=dtype) for m, s in editor.hypernet.shapes.items()}
 
     def __len__(self) -> int:
         return self.n
 
-    def bytes_per_edit(self) -> int:
-        return (self.keys.shape[1] * self.keys.element_size()
-                + sum(x.shape[1] * x.shape[2] * x.element_size() for d in (self.a, self.b) for x in d.values()))
+    def mean_rank(self) -> float:
+        return self.used / self.n if self.n else 0.0
+
+    def bytes_per_edit(self) -> float:
+        term = sum(x.shape[1] * x.element_size() for d in (self.a, self.b) for x in d.values())
+        return self.keys.shape[1] * self.keys.element_size() + self.mean_rank() * term
+
+    def factors(self, ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Stored updates ids (R,) as factors a (R, r, d_in), b (R, r, d_out), r the largest of their
+        ranks; a smaller one's rows past its rank are zero in a (they add nothing)."""
+        ranks = self.ranks[ids]
+        j = torch.arange(max(int(ranks.max()) if len(ids) else 1, 1))
+        at = (self.start[ids, None] + j).clamp(max=max(self.used - 1, 0))             # (R, r)
+        past = (j >= ranks[:, None])[..., None]                                       # (R, r, 1)
+        return {m: (self.a[m][at].masked_fill(past, 0), self.b[m][at]) for m in self.a}
 
     def keys_of(self, prompts: list[str]) -> torch.Tensor:
         f = prompt_features(self.editor.model, self.editor.tokenizer, prompts, self.key.layer)
         with torch.no_grad():
             return self.key(f)                                                   # (N, k)
 
-    def _grow(self, more: int) -> None:
-        if self.n + more <= len(self.keys):
-            return
-        cap = max(2 * len(self.keys), self.n + more, 64)
-        def grown(x):
-            y = x.new_zeros(cap, *x.shape[1:])
-            y[:self.n] = x[:self.n]
+    def _grow(self, facts: int, terms: int) -> None:
+        def grown(x, need):
+            if need <= len(x):
+                return x
+            y = x.new_zeros(max(2 * len(x), need, 64), *x.shape[1:])
+            y[:len(x)] = x
             return y
-        self.keys = grown(self.keys)
-        self.a = {m: grown(x) for m, x in self.a.items()}
-        self.b = {m: grown(x) for m, x in self.b.items()}
+        self.keys, self.ranks, self.start = (grown(x, self.n + facts) for x in (self.keys, self.ranks, self.start))
+        self.a = {m: grown(x, self.used + terms) for m, x in self.a.items()}
+        self.b = {m: grown(x, self.used + terms) for m, x in self.b.items()}
 
     def add(self, facts) -> None:
         """Edit each fact alone (one forward and backward for all of them, the hypernetwork per fact) and
-        store its key and rank-r update. A fact without a subject is routed by the key alone; give it
-        gate.guess_subject(prompt) for the gate (as edit.py does; within 0.001 F1 of given ones, README)."""
+        store its key and low-rank update (rank "auto": one more pass for all, fitted_ranks). A fact
+        without a subject is routed by the key alone; give it gate.guess_subject(prompt) for the gate (as
+        edit.py does; within 0.001 F1 of given ones, README)."""
         facts = [as_fact(f) for f in facts]
         editor = self.editor
         runner = editor.runner()
@@ -112,18 +168,22 @@ class EditMemory:
         decomposition, mask = grad_decomposition(editor.model, editor.names, batch, tokens,
                                                  forward=lambda b: runner.scored_logits(b, split=False))
         keys = self.keys_of([f.prompt for f in facts])
-        self._grow(len(facts))
-        for e in range(len(facts)):
-            one = {m: (h[e:e + 1], u[e:e + 1]) for m, (h, u) in decomposition.items()}
-            with torch.no_grad():
-                deltas = editor.hypernet(one, mask[e:e + 1], factored=True)[0]
-            for m, d in deltas.items():
-                a, b = low_rank(tuple(x.cpu() for x in d), self.rank)
-                self.a[m][self.n], self.b[m][self.n] = a.to(self.dtype), b.to(self.dtype)
-            self.keys[self.n] = keys[e]
+        with torch.no_grad():                   # {module: (A (N, d_in), B (N, d_out))} per fact, N its tokens
+            complete = [editor.hypernet({m: (h[e:e + 1], u[e:e + 1]) for m, (h, u) in decomposition.items()},
+                                        mask[e:e + 1], factored=True)[0] for e in range(len(facts))]
+        auto = self.rank == "auto"
+        most = RANKS[-1] if auto else self.rank
+        kept = [{m: tuple(x.to(self.dtype) for x in low_rank(tuple(x.cpu() for x in d), most))
+                 for m, d in deltas.items()} for deltas in complete]
+        ranks = fitted_ranks(runner, batch, complete, kept) if auto else [self.rank] * len(facts)
+        self._grow(len(facts), sum(ranks))
+        for e, r in enumerate(ranks):
+            for m, (a, b) in kept[e].items():
+                self.a[m][self.used:self.used + r], self.b[m][self.used:self.used + r] = a[:r], b[:r]
+            self.keys[self.n], self.ranks[self.n], self.start[self.n] = keys[e], r, self.used
             self.facts.append(vars(facts[e]))
             self.subjects.add(facts[e].subject)
-            self.n += 1
+            self.n, self.used = self.n + 1, self.used + r
 
     @torch.no_grad()
     def route(self, prompts: list[str]) -> torch.Tensor:
@@ -219,20 +279,25 @@ class EditMemory:
             for h in handles:
                 h.remove()
 
+    def largest_rank(self) -> int:
+        return int(self.ranks[:self.n].max()) if self.n else 0
+
     def truncate(self, rank: int) -> None:
-        """Keep the first `rank` terms of every stored update: its best rank-`rank` approximation (the factors
-        are ordered by singular value; memory.low_rank). For a rank curve from one full-rank memory."""
-        self.rank = min(rank, self.rank)
-        self.a = {m: x[:, :self.rank] for m, x in self.a.items()}
-        self.b = {m: x[:, :self.rank] for m, x in self.b.items()}
+        """Keep at most the first `rank` terms of every stored update: its best rank-`rank` approximation (the
+        factors are ordered by singular value; memory.low_rank). For a rank curve from one full-rank memory."""
+        self.rank = rank if self.rank == "auto" else min(rank, self.rank)
+        self.ranks = self.ranks.clamp(max=rank)
 
     # -- the file --------------------------------------------------------------
 
     def state(self) -> dict:
+        """The file's dict: each update's terms one after another, in the order of the facts."""
+        r = self.ranks[:self.n]
+        terms = torch.repeat_interleave(self.start[:self.n] - (r.cumsum(0) - r), r) + torch.arange(int(r.sum()))
         return {"format": FORMAT, "model": self.editor.ckpt["model"], "editor_sha256": sha256(self.editor.path),
                 "key": self.key.saved(), "rank": self.rank, "dtype": str(self.dtype).split(".")[-1], "n": self.n,
-                "keys": self.keys[:self.n].clone(), "a": {m: x[:self.n].clone() for m, x in self.a.items()},
-                "b": {m: x[:self.n].clone() for m, x in self.b.items()}, "facts": self.facts[:self.n],
+                "keys": self.keys[:self.n].clone(), "ranks": r.clone(), "a": {m: x[terms] for m, x in self.a.items()},
+                "b": {m: x[terms] for m, x in self.b.items()}, "facts": self.facts[:self.n],
                 "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
     def save(self, path: str) -> None:
@@ -252,7 +317,8 @@ class EditMemory:
                                   f"(sha256 {s['editor_sha256'][:12]}…) than {editor.path}; "
                                   f"give that checkpoint, or another --memory file")
         memory = cls(editor, Key.rebuild(s["key"]), s["rank"], getattr(torch, s["dtype"]))
-        memory.n, memory.facts, memory.keys = s["n"], s["facts"], s["keys"]
+        memory.n, memory.facts, memory.keys, memory.ranks = s["n"], s["facts"], s["keys"], s["ranks"]
+        memory.start, memory.used = memory.ranks.cumsum(0) - memory.ranks, int(memory.ranks.sum())
         memory.subjects = Subjects([f.get("subject", "") for f in s["facts"]])
         memory.a, memory.b = s["a"], s["b"]
         return memory
@@ -266,8 +332,11 @@ def read_file(path: str) -> dict:
         s = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:
         raise MemoryFileError(f"not a memory file of this project: {path} ({type(err).__name__})") from None
-    if not isinstance(s, dict) or s.get("format") != FORMAT:
+    if not isinstance(s, dict) or s.get("format") not in (FORMAT, "ibke-memory-1"):
         raise MemoryFileError(f"not a memory file of this project: {path}")
+    if s["format"] == "ibke-memory-1":                    # every update at one rank: a (N, r, d_in)
+        s["ranks"] = torch.full((s["n"],), s["rank"])
+        s["a"], s["b"] = ({m: x.flatten(0, 1) for m, x in s[k].items()} for k in ("a", "b"))
     return s
 
 
@@ -276,14 +345,17 @@ def read_file(path: str) -> dict:
 def show(args: argparse.Namespace) -> None:
     s = read_file(args.file)
     size = os.path.getsize(args.file)
-    print(f"{args.file}: {s['n']} edits of {s['model']} (editor sha256 {s['editor_sha256'][:12]}…), rank {s['rank']} "
+    r = s["ranks"].float()
+    rank = (f"rank auto (mean {r.mean():.1f}, {int(r.min())}–{int(r.max())})" if s["rank"] == "auto" and s["n"]
+            else f"rank {s['rank']}")
+    print(f"{args.file}: {s['n']} edits of {s['model']} (editor sha256 {s['editor_sha256'][:12]}…), {rank} "
           f"in {s['dtype']}, key {s['key']['config']} τ {s['key']['threshold']:.3f}, {size / 2 ** 20:.1f} MiB "
           f"({size / max(s['n'], 1) / 1000:.1f} kB per edit), written {s['date']}")
     subjects, gated = sum(bool(f["subject"]) for f in s["facts"]), s["key"]["gated"]
     print(f"{subjects} of {s['n']} stored with a subject, " + ("routed by the key alone: this key has no gate"
           if gated is None else f"gated (then the key at τ_gated {gated:.3f}); the others by the key alone at τ"))
-    for f in s["facts"][:5]:
-        print(f"  {f['prompt']!r} -> {f['target']!r}" + (f"  [{f['subject']}]" if f["subject"] else ""))
+    for f, r in zip(s["facts"][:5], s["ranks"].tolist()):
+        print(f"  {f['prompt']!r} -> {f['target']!r}" + (f"  [{f['subject']}]" if f["subject"] else "") + f"  rank {r}")
 
 
 if __name__ == "__main__":

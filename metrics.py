@@ -44,7 +44,7 @@ from gate import contains
 from hooks import factors, functional_edit, routed
 from losses import answer_nll
 from rundir import write_json
-from runner import Runner, index, take
+from runner import Runner, index, take, to_device
 
 METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p",
            "gen_ES", "gen_GS", "gen_LS", "gen_F1", "fluency", "fluency_drop", "gen_old"]
@@ -171,6 +171,11 @@ class Apart:
 
     def __call__(self, prompts: list[str] | None, owners: list[int]):
         return routed(self.model, self, torch.tensor(owners))
+
+    def factors(self, ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """ids (R,) on the host (hooks.Routing) -> {module: (a (R, r, d_in), b (R, r, d_out))}, on the model's device."""
+        ids = to_device(ids, self.model.device)
+        return {name: (self.a[name][ids], self.b[name][ids]) for name in self.a}
 
 
 def measure_apart(runner: Runner, editor: Callable, records: list[EditRequest],

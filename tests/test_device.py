@@ -46,6 +46,8 @@ class HostTensors(TorchFunctionMode):
             raise AssertionError(f"{getattr(func, '__name__', func)}: a tensor made without a device meets the "
                                  f"model's tensors; on a GPU they would be on different devices")
         out = func(*args, **kwargs)
+        if func is torch.Tensor.cpu and out is args[0]:
+            out = out.clone()                  # on a GPU .cpu() copies; here it is the model's own tensor
         made_here = func in FACTORIES and "device" not in kwargs or func is torch.Tensor.cpu
         if made_here or (tensors and all(host) and not moving):             # host in, host out
             for t in tree_flatten(out)[0]:
