@@ -320,7 +320,7 @@ def main() -> None:
           f"| {k['host_syncs']} / {k['ops']} / {k['computing_ops']} | | |")
     if "memory" in figures:
         m = figures["memory"]
-        print(f"| edit memory: add one edit (rank {m['rank']}) | {m['add_ms']:.0f} ms | "
+        print(f"| edit memory: add one edit (rank {m['rank']}, mean {m['mean_rank']:.1f}) | {m['add_ms']:.0f} ms | "
               f"{figures['edit_n1']['edit_ms']:.0f} ms (an edit) | {m['add_ratio']:.2f} |")
         print(f"| edit memory: a query of 8 prompts, {m['size']} edits, every row routed | {m['query_ms']:.1f} ms | "
               f"{m['forward_ms']:.1f} ms (unedited forward) | {m['query_ratio']:.2f} |")
@@ -351,12 +351,13 @@ def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) ->
     adds = iter(facts)
     t_add = median_seconds(lambda: memory.add([next(adds)]), args.repeats, model.device)
     prompts = [r.prompt for r in records[600:608]]
-    n, size, per_edit = memory.n, args.memory_size, memory.bytes_per_edit()
+    n, size, per_edit, mean_rank = memory.n, args.memory_size, memory.bytes_per_edit(), memory.mean_rank()
     memory._grow(size - n, 0)
     g = torch.Generator().manual_seed(0)
     memory.keys[n:size] = torch.nn.functional.normalize(torch.randn(size - n, memory.keys.shape[1], generator=g),
                                                         dim=-1)
-    memory.ranks[n:size], memory.start[n:size] = memory.ranks[n - 1], memory.start[n - 1]   # the last edit's update
+    src = torch.arange(n, size) % n                                            # the real edits' updates, in turn
+    memory.ranks[n:size], memory.start[n:size] = memory.ranks[src], memory.start[src]
     memory.keys[n:n + len(prompts)] = memory.keys_of(prompts)                  # every query row finds an edit
     subjects = [f["subject"] for f in memory.facts] + [r.subject for r in records[600:608]]
     memory.subjects = Subjects(subjects + [records[i % len(records)].subject for i in range(size - len(subjects))])
@@ -373,8 +374,8 @@ def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) ->
     assert memory.route(prompts).ge(0).all()
     t_query, t_forward = median_seconds(query, args.repeats,
                                         model.device), median_seconds(forward, args.repeats, model.device)
-    return {"rank": memory.rank, "size": size, "add_ms": 1000 * t_add, "add_ratio": t_add / t_edit_n1,
-            "query_ms": 1000 * t_query, "forward_ms": 1000 * t_forward, "query_ratio": t_query / t_forward,
+    return {"rank": memory.rank, "mean_rank": mean_rank, "size": size, "add_ms": 1000 * t_add,
+            "add_ratio": t_add / t_edit_n1, "query_ms": 1000 * t_query, "forward_ms": 1000 * t_forward, "query_ratio": t_query / t_forward,
             "bytes_per_edit": per_edit}
 
 

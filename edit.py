@@ -181,7 +181,8 @@ def main() -> None:
                 raise SystemExit(f"error: {err}")
             memory.add(facts)
             memory.save(args.memory)
-        print(f"{len(facts)} fact(s) added to {args.memory} ({len(memory)} in all) in "
+        ranks = ", ".join(map(str, memory.ranks[len(memory) - len(facts):len(memory)].tolist()))
+        print(f"{len(facts)} fact(s) added to {args.memory} ({len(memory)} in all), at rank {ranks}, in "
               f"{time.perf_counter() - start:.1f}s (from the command's start)\n")
         show(editor, facts, args.ask, None, args.max_new_tokens, memory)
         return

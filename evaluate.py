@@ -115,8 +115,8 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
     if records[0].questions:
         out["MH"], out["answers"] = [m["MH"] for m in mh], [m["answers"] for m in mh]
     if args.sequential == "memory":
-        out["memory"] = {"file": args.memory, "edits": len(memory), "rank": memory.rank, "mean_rank": memory.mean_rank(),
-                         "bytes_per_edit": memory.bytes_per_edit(),
+        out["memory"] = {"file": args.memory, "edits": len(memory), "rank": memory.rank,
+                         "mean_rank": memory.mean_rank(), "bytes_per_edit": memory.bytes_per_edit(),
                          "routed": memory.key.config() | {"threshold": memory.key.threshold, "gated": memory.key.gated}}
     return out
 
@@ -133,9 +133,8 @@ def open_memory(args: argparse.Namespace, loaded: Editor, records: list[EditRequ
         if args.rank != "auto" and args.rank < memory.largest_rank():   # a rank curve from a full-rank memory
             if len(memory) < len(records):
                 raise MemoryFileError(f"--rank {args.rank} below the ranks of --memory {args.memory} (up to "
-                                      f"{memory.largest_rank()}) "
-                                      f"truncates its updates for this run only: give a memory that holds all "
-                                      f"{len(records)} edits")
+                                      f"{memory.largest_rank()}) truncates its updates for this run only: give a "
+                                      f"memory that holds all {len(records)} edits")
             print(f"updates truncated to rank {args.rank} for this run (the file keeps up to {memory.largest_rank()})")
             memory.truncate(args.rank)
         return memory

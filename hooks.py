@@ -108,10 +108,10 @@ def functional_edit(model: nn.Module, deltas: dict) -> Iterator[nn.Module]:
 
 
 class Routing:
-    """Which rows of the pass now running take which of E updates, stored as factors in `store`
-    (.factors(ids (R,)) -> {module: (a (R, r, d_in), b (R, r, d_out))}, any dtype and device; zero
-    rows of a add nothing): routes (B,) long, −1 for none. select() gathers a pass's rows (rows (R,))
-    and their factors, float32, on `device`."""
+    """Which rows of the pass now running take which of E updates, stored as factors in `store`:
+    routes (B,) long, −1 for none. store.factors(ids (R,)) -> groups of updates of one rank, [(at (G,),
+    {module: (a (G, r, d_in), b (G, r, d_out))})], `at` their places in ids; any dtype and device.
+    select() sets a pass's rows (rows (R,)); `groups` gathers their factors, float32, on `device`, once."""
 
     def __init__(self, store, routes: torch.Tensor, device: torch.device):
         self.store, self.routes, self.device = store, routes.cpu(), device
@@ -121,10 +121,15 @@ class Routing:
         """The pass runs these rows of the routed batch (None: all of them, in order)."""
         routes = self.routes if rows is None else self.routes[rows]
         at = torch.nonzero(routes >= 0)[:, 0]
-        ids, s = routes[at], self.store
-        self.rows = to_device(at, self.device)
-        self.factors = {n: (a.to(self.device, torch.float32), b.to(self.device, torch.float32))
-                        for n, (a, b) in s.factors(ids).items()}
+        self.ids, self.rows, self._groups = routes[at], to_device(at, self.device), None
+
+    @property
+    def groups(self) -> list[tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
+        if self._groups is None:                  # at the pass's first edited module: a runner selects first
+            f32 = lambda x: x.to(self.device, torch.float32)
+            self._groups = [(to_device(at, self.device), {n: (f32(a), f32(b)) for n, (a, b) in f.items()})
+                            for at, f in self.store.factors(self.ids)]
+        return self._groups
 
 
 @contextmanager
@@ -137,10 +142,11 @@ def routed_edit(model: nn.Module, names: list[str], routing: Callable[[], Routin
             rows = routing().rows
             if len(rows) == 0:
                 return output
-            a, b = routing().factors[name]                                       # (R, r, d_in), (R, r, d_out)
-            x = inputs[0][rows].float()                                          # (R, T, d_in)
-            change = (x @ a.transpose(1, 2)) @ b                                 # (R, T, d_out)
-            return output.index_copy(0, rows, (output[rows].float() + change).to(output.dtype))
+            x, y = inputs[0][rows].float(), output[rows].float()                 # (R, T, d_in), (R, T, d_out)
+            for at, factors in routing().groups:
+                a, b = factors[name]                                             # (G, r, d_in), (G, r, d_out)
+                y[at] += (x[at] @ a.transpose(1, 2)) @ b                         # (G, T, d_out)
+            return output.index_copy(0, rows, y.to(output.dtype))
         return add
 
     with forward_hooks(model, {name: hook(name) for name in names}):

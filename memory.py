@@ -130,14 +130,15 @@ class EditMemory:
         term = sum(x.shape[1] * x.element_size() for d in (self.a, self.b) for x in d.values())
         return self.keys.shape[1] * self.keys.element_size() + self.mean_rank() * term
 
-    def factors(self, ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Stored updates ids (R,) as factors a (R, r, d_in), b (R, r, d_out), r the largest of their
-        ranks; a smaller one's rows past its rank are zero in a (they add nothing)."""
-        ranks = self.ranks[ids]
-        j = torch.arange(max(int(ranks.max()) if len(ids) else 1, 1))
-        at = (self.start[ids, None] + j).clamp(max=max(self.used - 1, 0))             # (R, r)
-        past = (j >= ranks[:, None])[..., None]                                       # (R, r, 1)
-        return {m: (self.a[m][at].masked_fill(past, 0), self.b[m][at]) for m in self.a}
+    def factors(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+        """Stored updates ids (R,), grouped by rank (hooks.Routing): [(at (G,), {module: (a (G, r, d_in),
+        b (G, r, d_out))})], `at` their places in ids."""
+        ranks, groups = self.ranks[ids], []
+        for r in ranks.unique().tolist():
+            at = torch.nonzero(ranks == r)[:, 0]
+            terms = self.start[ids[at], None] + torch.arange(r)                            # (G, r)
+            groups.append((at, {m: (self.a[m][terms], self.b[m][terms]) for m in self.a}))
+        return groups
 
     def keys_of(self, prompts: list[str]) -> torch.Tensor:
         f = prompt_features(self.editor.model, self.editor.tokenizer, prompts, self.key.layer)

@@ -172,10 +172,10 @@ class Apart:
     def __call__(self, prompts: list[str] | None, owners: list[int]):
         return routed(self.model, self, torch.tensor(owners))
 
-    def factors(self, ids: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """ids (R,) on the host (hooks.Routing) -> {module: (a (R, r, d_in), b (R, r, d_out))}, on the model's device."""
-        ids = to_device(ids, self.model.device)
-        return {name: (self.a[name][ids], self.b[name][ids]) for name in self.a}
+    def factors(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
+        """ids (R,) on the host -> one group (hooks.Routing): {module: (a (R, r, d_in), b (R, r, d_out))}."""
+        on = to_device(ids, self.model.device)
+        return [(torch.arange(len(ids)), {name: (self.a[name][on], self.b[name][on]) for name in self.a})]
 
 
 def measure_apart(runner: Runner, editor: Callable, records: list[EditRequest],
