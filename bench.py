@@ -30,6 +30,7 @@ from metrics import measure, peak_mib
 from hooks import grad_decomposition
 from hypernet import IBKE, PAPER_SIZE, EditorConfig
 from losses import LossWeights
+from memory import EditMemory, rank_or_auto
 from model import ModelError, add_device_args, edit_module_names, load_model, meta_model, native_dtype, weight_shape
 from runner import Runner, to_device
 from train import train_step, update
@@ -176,10 +177,13 @@ def main() -> None:
     parser.add_argument("--meta", action="store_true", help="only sizes and memory estimates, on the meta device")
     parser.add_argument("--memory-size", type=int, default=10000,
                         help="edits in the edit memory whose query cost is measured (0: no memory figures)")
+    parser.add_argument("--rank", type=rank_or_auto, default="auto",
+                        help="rank of the edit memory's updates: auto (per fact, memory.RANKS) or r")
     parser.add_argument("--out", default="bench.json", help="where the figures go")
     args = parser.parse_args()
     for ok, problem in [(args.repeats >= 1, f"--repeats {args.repeats}: give at least 1 (a median needs one)"),
                         (args.memory_size >= 0, f"--memory-size {args.memory_size}: give 0 or more"),
+                        (args.rank == "auto" or args.rank >= 1, f"--rank {args.rank}: give at least 1, or auto"),
                         (args.d_m >= 1 and args.latent_dim >= 1, "--d-m, --latent-dim: give at least 1")]:
         if not ok:
             raise SystemExit(f"error: {problem}")
@@ -342,11 +346,10 @@ def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) ->
     from editor import Editor, Fact
     from gate import Subjects
     from key import Key
-    from memory import EditMemory
     editor = Editor(model, tokenizer, hypernet, {"config": {}, "model": args.model}, path="")
     # key.py learn's default block
     key = Key(model.config.hidden_size, layer=min(4, model.config.num_hidden_layers - 1))
-    memory = EditMemory(editor, key)
+    memory = EditMemory(editor, key, args.rank)
     facts = [Fact(r.prompt, r.target, r.subject) for r in records[500:500 + args.repeats + 1]]
     adds = iter(facts)
     t_add = median_seconds(lambda: memory.add([next(adds)]), args.repeats, model.device)

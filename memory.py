@@ -8,7 +8,7 @@ the weights are never written.
 
     python key.py learn --ckpt out/ibke/best.pt                   # learn the key -> out/ibke/key.pt (~1 min on 2 cores)
     python evaluate.py --ckpt out/ibke/best.pt --sequential memory --limit 10000 --memory out/ibke/cf.mem
-                                                                  # 10,000 edits stored in 15 min, measured in 20
+                                                                  # 10,000 edits: ~25 min to store, 18 to measure
     python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --subject "Eiffel Tower" --memory my.mem
     python memory.py show out/ibke/cf.mem                         # what a memory holds
     python key.py routing --ckpt out/ibke/best.pt                 # the key among 1,000 and 10,000 edits (20 s)
