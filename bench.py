@@ -378,8 +378,8 @@ def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) ->
     t_query, t_forward = median_seconds(query, args.repeats,
                                         model.device), median_seconds(forward, args.repeats, model.device)
     return {"rank": memory.rank, "mean_rank": mean_rank, "size": size, "add_ms": 1000 * t_add,
-            "add_ratio": t_add / t_edit_n1, "query_ms": 1000 * t_query, "forward_ms": 1000 * t_forward, "query_ratio": t_query / t_forward,
-            "bytes_per_edit": per_edit}
+            "add_ratio": t_add / t_edit_n1, "query_ms": 1000 * t_query, "forward_ms": 1000 * t_forward,
+            "query_ratio": t_query / t_forward, "bytes_per_edit": per_edit}
 
 
 if __name__ == "__main__":
