@@ -33,7 +33,7 @@ from editor import as_fact, sha256
 from hooks import Routing, grad_decomposition, routed, routed_edit
 from gate import Subjects, contains
 from key import Key, MemoryFileError, pooled, prompt_features
-from metrics import Apart
+from metrics import Apart, per_row
 from model import blocks_path
 from runner import take
 
@@ -90,10 +90,8 @@ def fitted_ranks(runner, batch: dict, complete: list[dict], kept: list[dict]) ->
         finally:
             runner.on_part = None
     logp = torch.log_softmax(logits.float(), -1)
-    per_row = lambda x: torch.zeros(len(rows), device=x.device).index_add_(0, at, x)
-    count = per_row(torch.ones_like(answer, dtype=torch.float))
-    acc = (per_row((logp.argmax(-1) == answer).float()) / count).view(-1, L).cpu()     # (F, L)
-    mean = (per_row(logp.gather(1, answer[:, None])[:, 0]) / count).view(-1, L).cpu()  # (F, L)
+    acc = per_row((logp.argmax(-1) == answer).float(), at, len(rows)).view(-1, L).cpu()      # (F, L)
+    mean = per_row(logp.gather(1, answer[:, None])[:, 0], at, len(rows)).view(-1, L).cpu()  # (F, L)
     fits = (acc[:, 1:] >= acc[:, :1]) & (mean[:, 1:] >= mean[:, :1] - SLACK)          # (F, len(RANKS))
     first = torch.where(fits.any(1), fits.int().argmax(1), len(RANKS) - 1)
     return [RANKS[i] for i in first.tolist()]
