@@ -347,9 +347,11 @@ def show(args: argparse.Namespace) -> None:
     r = s["ranks"].float()
     rank = (f"rank auto (mean {r.mean():.1f}, {int(r.min())}–{int(r.max())})" if s["rank"] == "auto" and s["n"]
             else f"rank {s['rank']}")
+    edits = sum(x.numel() * x.element_size() for x in [s["keys"], *s["a"].values(), *s["b"].values()])
     print(f"{args.file}: {s['n']} edits of {s['model']} (editor sha256 {s['editor_sha256'][:12]}…), {rank} "
-          f"in {s['dtype']}, key {s['key']['config']} τ {s['key']['threshold']:.3f}, {size / 2 ** 20:.1f} MiB "
-          f"({size / max(s['n'], 1) / 1000:.1f} kB per edit), written {s['date']}")
+          f"in {s['dtype']}, key {s['key']['config']} τ {s['key']['threshold']:.3f}, {size / 2 ** 20:.1f} MiB: "
+          f"{edits / max(s['n'], 1) / 1000:.1f} kB per edit (its key and update) and {(size - edits) / 2 ** 20:.1f} "
+          f"MiB besides (the key network, the facts' text), written {s['date']}")
     subjects, gated = sum(bool(f["subject"]) for f in s["facts"]), s["key"]["gated"]
     print(f"{subjects} of {s['n']} stored with a subject, " + ("routed by the key alone: this key has no gate"
           if gated is None else f"gated (then the key at τ_gated {gated:.3f}); the others by the key alone at τ"))

@@ -242,6 +242,8 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     assert res["summary"]["n"] == 6 and res["batches"][0]["memory"]["edits"] == 6
     shown = run("memory.py", "show", tmp_path / "m.mem").stdout
     assert "6 edits" in shown and "6 of 6 stored with a subject" in shown and "rank auto (mean " in shown
+    per_edit = res["batches"][0]["memory"]["bytes_per_edit"]       # the memory's own count, not the file's size
+    assert f": {per_edit / 1000:.1f} kB per edit (its key and update)" in shown, (per_edit, shown)
     for bad in (run("memory.py", "show", tmp_path / "mem.json", check=False),                 # a results file
                 run("key.py", "routing", "--ckpt", ckpt, "--key", tmp_path / "none.pt", check=False)):
         assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ") and "Traceback" not in bad.stderr
