@@ -24,6 +24,7 @@ one-word answer mostly keeps 1 or 2 terms, a longer one 6 to 16 (README: Compact
 import argparse
 import datetime
 import os
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -367,5 +368,8 @@ if __name__ == "__main__":
     args = parser.parse_args()
     try:
         show(args)
+        sys.stdout.flush()                                  # a closed pipe raises here, not at exit
     except MemoryFileError as err:
         raise SystemExit(f"error: {err}")
+    except BrokenPipeError:                                 # `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

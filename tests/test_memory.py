@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import sys
 
 import pytest
@@ -244,6 +245,12 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     assert "6 edits" in shown and "6 of 6 stored with a subject" in shown and "rank auto (mean " in shown
     per_edit = res["batches"][0]["memory"]["bytes_per_edit"]       # the memory's own count, not the file's size
     assert f": {per_edit / 1000:.1f} kB per edit (its key and update)" in shown, (per_edit, shown)
+    r, w = os.pipe()                                         # `memory.py show … | head`: the reader has gone
+    os.close(r)
+    closed = subprocess.run([sys.executable, os.path.join(ROOT, "memory.py"), "show", tmp_path / "m.mem"], stdout=w,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    os.close(w)
+    assert closed.returncode == 0 and not closed.stderr, closed.stderr
     for bad in (run("memory.py", "show", tmp_path / "mem.json", check=False),                 # a results file
                 run("key.py", "routing", "--ckpt", ckpt, "--key", tmp_path / "none.pt", check=False)):
         assert bad.returncode != 0 and bad.stderr.strip().startswith("error: ") and "Traceback" not in bad.stderr
