@@ -68,6 +68,12 @@ def low_rank(delta, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return a.float(), b.float()
 
 
+def bytes_per_edit(keys: torch.Tensor, a: dict, b: dict, mean_rank: float) -> float:
+    """An edit's key and its update's terms, in bytes (a live memory's or a file's arrays)."""
+    term = sum(x.shape[1] * x.element_size() for d in (a, b) for x in d.values())
+    return keys.shape[1] * keys.element_size() + mean_rank * term
+
+
 def rank_or_auto(text: str) -> int | str:
     """--rank's value (argparse type): "auto", or a whole number (the scripts check it is at least 1)."""
     return text if text == "auto" else int(text)
@@ -126,8 +132,7 @@ class EditMemory:
         return self.used / self.n if self.n else 0.0
 
     def bytes_per_edit(self) -> float:
-        term = sum(x.shape[1] * x.element_size() for d in (self.a, self.b) for x in d.values())
-        return self.keys.shape[1] * self.keys.element_size() + self.mean_rank() * term
+        return bytes_per_edit(self.keys, self.a, self.b, self.mean_rank())
 
     def factors(self, ids: torch.Tensor) -> list[tuple[torch.Tensor, dict]]:
         """Stored updates ids (R,), grouped by rank (hooks.Routing): [(at (G,), {module: (a (G, r, d_in),
@@ -348,10 +353,10 @@ def show(args: argparse.Namespace) -> None:
     r = s["ranks"].float()
     rank = (f"rank auto (mean {r.mean():.1f}, {int(r.min())}–{int(r.max())})" if s["rank"] == "auto" and s["n"]
             else f"rank {s['rank']}")
-    edits = sum(x.numel() * x.element_size() for x in [s["keys"], *s["a"].values(), *s["b"].values()])
+    per_edit = bytes_per_edit(s["keys"], s["a"], s["b"], r.mean().item() if s["n"] else 0.0)
     print(f"{args.file}: {s['n']} edits of {s['model']} (editor sha256 {s['editor_sha256'][:12]}…), {rank} "
           f"in {s['dtype']}, key {s['key']['config']} τ {s['key']['threshold']:.3f}, {size / 2 ** 20:.1f} MiB: "
-          f"{edits / max(s['n'], 1) / 1000:.1f} kB per edit (its key and update) and {(size - edits) / 2 ** 20:.1f} "
+          f"{per_edit / 1000:.1f} kB per edit (its key and update) and {(size - s['n'] * per_edit) / 2 ** 20:.1f} "
           f"MiB besides (the key network, the facts' text), written {s['date']}")
     subjects, gated = sum(bool(f["subject"]) for f in s["facts"]), s["key"]["gated"]
     print(f"{subjects} of {s['n']} stored with a subject, " + ("routed by the key alone: this key has no gate"
