@@ -533,17 +533,20 @@ def test_key_flags_in_one_line(argv, message, tmp_path):
     ("The Eiffel Tower is in", "Eiffel Tower"), ("What nationality was Kees van Beijnum?", "Kees van Beijnum"),
     ("In Nykarleby, the language spoken is", "Nykarleby"), ("Toyota's headquarters are in", "Toyota"),
     ("The mother tongue of Danielle Darrieux is", "Danielle Darrieux"), ("Bank of America is based in", "Bank of America"),
-    ("What sport does Peter Šťastný play? They play", "Peter Šťastný"), ("the sky is", "")])
+    ("What sport does Peter Šťastný play? They play", "Peter Šťastný"), ("the sky is", ""),
+    ("iPod Nano is developed by", "iPod Nano"), ("macOS Server, a product created by", "macOS Server"),
+    (".NET Framework is created by", ".NET Framework"), ("Khalid ibn al-Walid died in", "Khalid ibn al-Walid"),
+    ("table tennis was formulated in", "")])
 def test_guess_subject_reads_the_name_a_prompt_is_about(prompt, subject):
     assert guess_subject(prompt) == subject
 
 
 def test_a_guessed_subject_passes_its_own_prompts_gate():
     """Over CounterFact's first 1,000 eval records (the docstring's figures): the guess is the record's subject
-    for ≥ 90% (909 when written), and every prompt and rephrase passes the gate of its record's guess."""
+    for ≥ 912 of them (915 when written), and every prompt and rephrase passes the gate of its record's guess."""
     records = [r for r in load("counterfact", DATA_DIR)["eval"] if r][:1000]
     guesses = [guess_subject(r.prompt) for r in records]
-    assert sum(g == r.subject for g, r in zip(guesses, records)) >= 900
+    assert sum(g == r.subject for g, r in zip(guesses, records)) >= 912
     gate = Subjects(guesses)
     for texts in ([r.prompt for r in records], [r.generality[0][0] for r in records]):
         assert bool(gate.mask(texts).diagonal().all())
