@@ -31,11 +31,12 @@ def contains(text: str, answer: str) -> bool:
 
 
 def runs_on(text: str, found: list[re.Match], j: int) -> bool:
-    """Does a capitalised word, joined by a space or hyphen, follow the text's word j - 1, so that a name
-    ending there is part of a longer one? ("Paris Hilton", "Sydney Morning Herald", "BBC Radio Cymru" for
-    Paris, Sydney, BBC Radio; not "Paris, France", "Paris's", "Paris is".) A word before it is not read:
-    a capital there may only start a sentence ("In Paris"), so "New Delhi" passes Delhi's gate."""
-    return (j < len(found) and found[j].group()[0].isupper()
+    """Does a word of a name (`capitalised`), joined by a space or hyphen, follow the text's word j - 1, so
+    that a name ending there is part of a longer one? ("Paris Hilton", "BBC Radio Cymru", "iPhone 4s",
+    "Nintendo eShop" for Paris, BBC Radio, iPhone, Nintendo; not "Paris, France", "Paris's", "Paris is".)
+    A word before it is not read: a capital there may only start a sentence ("In Paris"), so "New Delhi"
+    passes Delhi's gate."""
+    return (j < len(found) and capitalised(found[j].group())
             and re.fullmatch(r"[ -]", text[found[j - 1].end():found[j].start()]) is not None)
 
 

@@ -427,6 +427,9 @@ def test_the_gate_takes_an_edit_only_where_its_subject_is_named(editor):
              "Is Paris The Capital?"]                                           # Title Case: capitals mark no name
     others = ["Paris Hilton was born in", "Paris-Saint-Germain plays", "The Eiffel Tower Restaurant is in"]
     assert [bool(gate.named(t)) for t in named + others] == [True] * len(named) + [False] * len(others)
+    products = Subjects(["iPhone", "Nintendo"])                    # a capital inside or a digit first runs on
+    assert [bool(products.named(t)) for t in ["iPhone is made by", "The Nintendo of 1990 made", "The iPhone 4s is "
+            "made by", "The Nintendo 3DS is made by", "The Nintendo eShop is run by"]] == [True] * 2 + [False] * 3
     memory = EditMemory(editor, untrained_key(editor, threshold=0.999))
     memory.key.gated = -1.0                                                    # the subject alone decides
     memory.add([Fact("The Eiffel Tower is in", "Rome", subject="Eiffel Tower"), ("The Louvre is in", "Berlin")])
