@@ -3,7 +3,8 @@ The gate of the edit memory's routing (memory.py, key.py): which stored edits a 
 off its words alone (the prompt, a question without its answer), never a record's fields. An edit stored
 with its subject (the fact's "subject", as ROME's requests give it) is a candidate only for a query whose
 words contain that subject (case-insensitive, whole words) as a name of its own: not followed by a
-capitalised word that runs on ("Paris Hilton" does not name Paris; unless the query is in Title Case).
+word of a name that runs on ("Paris Hilton" does not name Paris, nor "iPhone 4s" iPhone; unless the
+query is in Title Case).
 A neighbour asks the edit's question of another subject, so the gate rejects it however alike the
 model's states are; edits stored without a subject pass the gate for every query. Among the candidates
 the key (key.py) decides.

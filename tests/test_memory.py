@@ -421,7 +421,7 @@ def test_the_gate_takes_an_edit_only_where_its_subject_is_named(editor):
     gate = Subjects(["Eiffel Tower", "", "Outlook.com", "Paris"])
     assert gate.mask(["Where is the eiffel tower?", "Outlook.com's owner", "Parisian cafés are in"]).tolist() == [
         [True, True, False, False], [False, True, True, False], [False, True, False, False]]
-    # a capitalised word joined on after the subject makes a longer name, another subject; one before may
+    # a word of a name joined on after the subject makes a longer name, another subject; one before may
     # only start a sentence, and commas, possessives and lower-case words end the name
     named = ["In Paris, the", "Paris's mayor", "Paris is in", "Paris-based", "Visit Paris", "the Paris of",
              "Is Paris The Capital?"]                                           # Title Case: capitals mark no name
