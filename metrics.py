@@ -196,9 +196,9 @@ def measure_apart(runner: Runner, editor: Callable, records: list[EditRequest],
 def score(runner: Runner, records: list[EditRequest], edited: Callable, reference: dict | None = None,
           rows_per_pass: int = 512, first: dict | None = None) -> list[dict]:
     """Per-record metrics of `records`' rows, each pass run inside `edited(its prompts, their records)`.
-    LS compares with the pre-edit argmax at the locality rows: `reference` ({(prompt, answer): argmax
-    list}, the original model's, from references()) or, without it, the model outside `edited` now,
-    on the same pass. first: the first pass's batch, already built."""
+    LS compares with the pre-edit argmax at the locality rows: `reference` (the original model's in the
+    same passes, from references()) or, without it, the model outside `edited` now, on the same pass.
+    first: the first pass's batch, already built."""
     prompts, targets, kinds = rows_of(records)
     n = len(records)
     s = {"acc": [], "agree": [], "nll": []}            # per row; nll: mean NLL per answer token
@@ -207,8 +207,8 @@ def score(runner: Runner, records: list[EditRequest], edited: Callable, referenc
         loc = kinds[a][0] == "loc"                      # a pass of locality rows only (passes())
         pre = None
         if loc and reference is not None:               # the original model's argmax, read before any edit
-            pre = (torch.tensor([t for key in batch["keys"] for t in reference[key]], device=runner.device),
-                   index([r for r, key in enumerate(batch["keys"]) for _ in reference[key]], runner.device))
+            pre = (torch.tensor([t for key in batch["keys"] for t in reference[a, key]], device=runner.device),
+                   index([r for r, key in enumerate(batch["keys"]) for _ in reference[a, key]], runner.device))
         elif loc:
             with torch.no_grad():                      # pre-edit logits of this very batch
                 pre_logits, _, pre_rows = runner.scored_logits(batch)
@@ -254,8 +254,9 @@ def per_record(acc: list[float], agree: list[float], nll: list[float], kinds: li
 
 @torch.no_grad()
 def references(runner: Runner, records: list[EditRequest], rows_per_pass: int = 512) -> dict:
-    """The unedited model's argmax at the scored positions of every locality row: {(prompt, answer): list},
-    computed in the passes score() will run on `records` (a locality prompt in two of them: the last)."""
+    """The unedited model's argmax at the scored positions of every locality row, {(pass start, (prompt,
+    answer)): list}, computed in the very passes score() will run on `records`: a neighbour that several
+    records share is scored in several passes, and in bfloat16 each pass has argmaxes of its own."""
     prompts, targets, kinds = rows_of(records)
     out = {}
     for a, b in passes(kinds, len(records), rows_per_pass):
@@ -265,7 +266,7 @@ def references(runner: Runner, records: list[EditRequest], rows_per_pass: int = 
         logits, _, rows = runner.scored_logits(batch)
         top, rows = logits.argmax(-1).tolist(), rows.tolist()
         for r, key in enumerate(batch["keys"]):
-            out[key] = [t for t, row in zip(top, rows) if row == r]
+            out[a, key] = [t for t, row in zip(top, rows) if row == r]
     return out
 
 def multihop(runner: Runner, edited: contextlib.AbstractContextManager, records: list[EditRequest],

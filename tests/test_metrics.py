@@ -80,6 +80,35 @@ def test_no_edit_gives_ls_exactly_one_in_bfloat16(data_dir):
     assert {r["LS"] for r in score(runner, records[:20], lambda *_: contextlib.nullcontext(), reference)} == {1.0}
 
 
+class Jittery:
+    """A runner whose argmax at a row depends on the rows beside it in the pass, as bfloat16's near-ties
+    do: (the row's prompt length + the pass's total prompt length) mod 5, one answer token a row."""
+    device, on_part = torch.device("cpu"), None
+
+    def batch(self, prompts, targets):
+        return {"keys": list(zip(prompts, targets))}
+
+    def scored_logits(self, batch):
+        size = sum(len(p) for p, _ in batch["keys"])
+        rows = torch.arange(len(batch["keys"]))
+        return one_hot_logits([(len(p) + size) % 5 for p, _ in batch["keys"]]), torch.zeros_like(rows), rows
+
+
+def test_a_neighbour_shared_across_passes_is_compared_within_each_pass():
+    """Records 0 and 1 share the neighbour "l", scored in two passes ("l", "m") and ("l", "nn") whose
+    argmaxes for it differ: with no edit each must still read LS 1 (against the last pass's reference,
+    record 0 read 0.5)."""
+    records = [EditRequest("p0", "x", [], [("l", "a"), ("m", "b")]),
+               EditRequest("p1", "y", [], [("l", "a"), ("nn", "c")])]
+    runner = Jittery()
+    assert passes(rows_of(records)[2], 2, 2) == [(0, 2), (2, 4), (4, 6)]      # the edits, then l m, then l nn
+    top = [runner.scored_logits(runner.batch(["l", q], ["a", a]))[0][0].argmax() for q, a in [("m", "b"), ("nn", "c")]]
+    assert top[0] != top[1]                                                    # "l" reads two argmaxes
+    reference = references(runner, records, rows_per_pass=2)
+    no_edit = lambda *_: contextlib.nullcontext()
+    assert [r["LS"] for r in score(runner, records, no_edit, reference, rows_per_pass=2)] == [1.0, 1.0]
+
+
 def test_probability_scores_compare_each_prompts_two_answers():
     """ES_p, PS_p, NS_p by hand: record 0 has an edit row, two rephrases and one neighbour, each scored
     with the new and the old (neighbour: the true and the new) answer; record 1 has no old answer."""
