@@ -360,7 +360,7 @@ def memory_costs(model, tokenizer, hypernet, args, records, t_edit_n1: float) ->
     memory.keys[n:size] = torch.nn.functional.normalize(torch.randn(size - n, memory.keys.shape[1], generator=g),
                                                         dim=-1)
     src = torch.arange(n, size) % n                                            # the real edits' updates, in turn
-    memory.ranks[n:size], memory.start[n:size] = memory.ranks[src], memory.start[src]
+    memory.ranks[n:size], memory.start[n:size], memory.live[n:size] = memory.ranks[src], memory.start[src], True
     memory.keys[n:n + len(prompts)] = memory.keys_of(prompts)                  # every query row finds an edit
     subjects = [f["subject"] for f in memory.facts] + [r.subject for r in records[600:608]]
     memory.subjects = Subjects(subjects + [records[i % len(records)].subject for i in range(size - len(subjects))])

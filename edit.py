@@ -8,18 +8,21 @@ Edit your own facts with a trained editor: see what the model says before and af
     python -c "import transformers as t; print(t.pipeline('text-generation', 'edited/')('The Eiffel Tower is in'))"
     python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --subject "Eiffel Tower" --memory facts.mem
                                                                   # kept in an edit memory
+    python edit.py --ckpt out/ibke/best.pt --facts facts.jsonl --memory facts.mem   # thousands: ~20 a second
 
 A fact file is a JSON list or JSON lines of {"prompt", "target"}, each with optional "subject",
 "rephrase" and "locality" (a prompt or a list of them): rephrases should take the new answer,
-locality prompts should not change. For each fact's prompt, each --ask prompt and each rephrase and
-locality prompt, the model's greedy continuation before and after the edit is printed side by side,
-with P(target) before and after on the facts' prompts and rephrases. All facts are written as one
+locality prompts should not change. For the first --show facts' prompts, rephrases and locality
+prompts, and each --ask prompt, the model's greedy continuation before and after the edit is printed
+side by side, with P(target) before and after on the facts' prompts and rephrases. All facts are written as one
 edit (the editor's own way of combining a batch). --save DIR writes the edited model, W + ΔW merged,
 as a Hugging Face folder that transformers loads with no code from here, and DIR/edits.json.
 A fact's subject (--subject, or "subject" in the file: whom the fact is about, as the prompt writes it)
 lets an edit memory serve a question only when the question names it (memory.py: the gate); not given,
 it is guessed from the prompt (gate.guess_subject: its longest capitalised name), and "" stores none.
 With --memory, "after" is what the memory serves: a fact's edit steps aside once its answer is written.
+A fact with the prompt of one in the memory replaces it (a correction: only the newest is served); a
+fact stored already as given is not added again, so the same command finishes a run cut short.
 """
 import argparse
 import json
@@ -27,13 +30,14 @@ import os
 import sys
 import time
 
+from tqdm import tqdm
 
 from checkpoint import CheckpointError
 from rundir import RunLock
 from editor import Editor, Fact, as_fact
 from gate import Subjects, guess_subject, words
 from key import MemoryFileError, load_key
-from memory import EditMemory, rank_or_auto
+from memory import CHUNK, EditMemory, rank_or_auto, same_prompt
 from model import ModelError, add_device_args
 
 
@@ -89,12 +93,19 @@ def check_fact(item) -> str | None:
 
 
 def show(editor: Editor, facts: list[Fact], asks: list[str], deltas: dict | None, max_new_tokens: int,
-         memory=None) -> None:
-    """Before and after, side by side: continuations of every prompt; P(target) where a target applies.
-    After: with the edit applied (deltas), or through the memory (each prompt routed by its own key)."""
+         limit: int, memory=None) -> None:
+    """Before and after, side by side, for the first `limit` facts and the asks: continuations of every
+    prompt; P(target) where a target applies. After: with the edit applied (deltas), or through the memory
+    (each prompt routed by its own key)."""
+    if len(facts) > limit:
+        print(f"before and after for the first {limit} of the {len(facts)} facts (--show N for more)")
+        facts = facts[:limit]
     rows = [("fact", f.prompt,
              f.target) for f in facts] + [("rephrase", q, f.target) for f in facts for q in f.rephrase]
     rows += [("locality", q, None) for f in facts for q in f.locality] + [("ask", q, None) for q in asks]
+    if not rows:
+        return
+    print()
     prompts = [p for _, p, _ in rows]
     scored = [(p, t) for _, p, t in rows if t is not None]
     before = editor.generate(prompts, max_new_tokens)
@@ -129,6 +140,8 @@ def main() -> None:
                         help="write the edited model (W + ΔW) and edits.json to DIR (new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="--save into a non-empty DIR, replacing it")
     parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens of each greedy continuation")
+    parser.add_argument("--show", type=int, default=10, metavar="N",
+                        help="show before and after for the first N facts (and every --ask)")
     parser.add_argument("--memory", default=None, metavar="FILE",
                         help="add the facts to this lifelong edit memory (memory.py; created if new, else extended) "
                              "instead of merging them: each fact edited alone, applied only to the prompts it concerns")
@@ -156,9 +169,10 @@ def main() -> None:
         facts.insert(0, Fact(args.prompt, args.target, args.subject))
     if not facts:
         raise SystemExit('error: nothing to edit: give a prompt and its target, or --facts FILE')
-    for flag, value in (("--max-new-tokens", args.max_new_tokens), ("--rank", args.rank)):
-        if value != "auto" and value < 1:
-            raise SystemExit(f"error: {flag} {value}: give at least 1")
+    for flag, value, least in (("--max-new-tokens", args.max_new_tokens, 1), ("--rank", args.rank, 1),
+                               ("--show", args.show, 0)):
+        if value != "auto" and value < least:
+            raise SystemExit(f"error: {flag} {value}: give at least {least}")
     if args.save and os.path.isdir(args.save) and os.listdir(args.save) and not args.overwrite:
         raise SystemExit(f"error: --save {args.save} is not empty; give an empty or new folder, or --overwrite")
     try:
@@ -179,19 +193,27 @@ def main() -> None:
                 memory = open_memory(args, editor)
             except MemoryFileError as err:
                 raise SystemExit(f"error: {err}")
-            memory.add(facts)
-            memory.save(args.memory)
-        ranks = ", ".join(map(str, memory.ranks[len(memory) - len(facts):len(memory)].tolist()))
-        print(f"{len(facts)} fact(s) added to {args.memory} ({len(memory)} in all), at rank {ranks}, in "
-              f"{time.perf_counter() - start:.1f}s (from the command's start)\n")
-        show(editor, facts, args.ask, None, args.max_new_tokens, memory)
+            first, replaced = len(memory), set(memory.replaced())
+            add_saving(memory, facts, args.memory)
+        r = memory.ranks[first:len(memory)].tolist()
+        ranks = ", ".join(map(str, r)) if len(r) <= 10 else f"{min(r)}–{max(r)} (mean {sum(r) / len(r):.1f})"
+        print(f"{len(r)} fact(s) added to {args.memory} ({len(memory)} in all)" + (f", at rank {ranks}" if r else "")
+              + f", in {time.perf_counter() - start:.1f}s (from the command's start)")
+        if len(facts) > len(r):
+            print(f"{len(facts) - len(r)} fact(s) not added: served already as given (prompt, target, subject), or "
+                  f"a later fact given has the same prompt")
+        now = [memory.facts[i] for i in memory.replaced() if i not in replaced]
+        if now:
+            shown = ", ".join(f"{f['prompt']!r} -> {f['target']!r}" for f in now[:5]) + (", …" if len(now) > 5 else "")
+            print(f"{len(now)} stored fact(s) replaced by a new one with the same prompt (no longer served): {shown}")
+        show(editor, facts, args.ask, None, args.max_new_tokens, args.show, memory)
         return
     if len(facts) > editor.trained_n:
         print(f"note: {len(facts)} facts in one edit; this editor was trained on up to {editor.trained_n} at once, "
               f"so expect weaker edits (for many facts, keep them in an edit memory: --memory FILE)")
     deltas = editor.edit(facts)
-    print(f"{len(facts)} fact(s) edited in {time.perf_counter() - start:.1f}s (from the command's start)\n")
-    show(editor, facts, args.ask, deltas, args.max_new_tokens)
+    print(f"{len(facts)} fact(s) edited in {time.perf_counter() - start:.1f}s (from the command's start)")
+    show(editor, facts, args.ask, deltas, args.max_new_tokens, args.show)
     if args.save:
         try:
             editor.save(args.save, deltas, facts, overwrite=args.overwrite)
@@ -199,6 +221,33 @@ def main() -> None:
             raise SystemExit(f"error: {err}")
         print(f"\nsaved the edited model to {args.save} (W + ΔW in {str(editor.model.dtype).split('.')[-1]}; "
               f"edits.json beside it)")
+
+
+def add_saving(memory: EditMemory, facts: list[Fact], path: str) -> None:
+    """Add the facts, CHUNK at a time, saving the file once it has grown by 500 facts or a quarter, and at
+    the end; Ctrl-C keeps what is added. A fact the memory serves already as given (prompt, target, subject)
+    is not added again (a run resumed), nor one a later fact of the list replaces."""
+    last = {same_prompt(f.prompt): f for f in facts}
+
+    def stored(f):
+        i = memory.newest.get(same_prompt(f.prompt))
+        return i is not None and (memory.facts[i]["target"], memory.facts[i]["subject"]) == (f.target, f.subject)
+    new = [f for f in facts if last[same_prompt(f.prompt)] is f and not stored(f)]
+    saved = first = len(memory)
+    try:
+        with tqdm(total=len(new), unit="fact", desc="adding", disable=len(new) <= CHUNK) as bar:
+            for i in range(0, len(new), CHUNK):
+                memory.add(new[i:i + CHUNK])
+                bar.update(len(new[i:i + CHUNK]))
+                if len(memory) - saved >= max(500, saved // 4):
+                    memory.save(path)
+                    saved = len(memory)
+    except KeyboardInterrupt:
+        memory.save(path)
+        raise SystemExit(f"interrupted: {len(memory) - first} of {len(new)} facts added to {path} and kept; the same "
+                         f"command adds the rest (a fact stored already is not added again)") from None
+    if len(memory) > saved:
+        memory.save(path)
 
 
 def open_memory(args: argparse.Namespace, editor: Editor) -> EditMemory:

@@ -43,7 +43,7 @@ from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit, merge, restore
 from gate import asks_another, guess_subject
 from key import MemoryFileError, load_key
-from memory import EditMemory, rank_or_auto
+from memory import EditMemory, rank_or_auto, same_prompt
 from metrics import (Continuations, generation, measure, measure_apart, multihop, peak_mib, references, score,
                      summarise, table)
 from model import ModelError, add_device_args
@@ -327,8 +327,13 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.sequential and len(results) > 1000:                # chosen on the first 1,000 records; each part apart
         summary["first_1000"], summary["after_1000"] = summarise(results[:1000]), summarise(results[1000:])
     if args.sequential and not data_name.startswith("mquake"):  # LS where no kept edit rightly changes the answer
-        asked = asks_another([r for b in batches for r in b])
+        records = [r for b in batches for r in b]
+        asked = asks_another(records)
         summary["unasked"] = summarise([r for r, a in zip(results, asked) if not a]) | {"asked": sum(asked)}
+        last = {same_prompt(r.prompt): i for i, r in enumerate(records)}    # a later record of one prompt replaces
+        current = [r for i, (r, record) in enumerate(zip(results, records)) if last[same_prompt(record.prompt)] == i]
+        if len(current) < len(results):
+            summary["current"] = summarise(current) | {"replaced": len(results) - len(current)}
     # per case: its first record carries it, or the sequential list
     if data_name.startswith("mquake"):
         per_case = done[0]["MH"] if args.sequential else [line["results"][0]["MH"] for line in done]
@@ -357,6 +362,9 @@ def evaluate(args: argparse.Namespace) -> None:
     if summary.get("unasked", {}).get("asked"):
         parts.append((f"{name}, the {summary['unasked']['n']} records whose neighbour asks no other edit's question",
                       summary["unasked"]))
+    if "current" in summary:
+        parts.append((f"{name}, the {summary['current']['n']} records no later record's prompt replaces",
+                      summary["current"]))
     print(table([(name, summary)] + parts))
     print(f"wrote {args.out}")
 

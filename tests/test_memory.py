@@ -123,6 +123,22 @@ def test_saved_memory_loads_and_answers_alike(editor, trained, tmp_path):
         EditMemory.load(path, editor)
 
 
+def test_a_fact_with_a_stored_prompt_replaces_it(editor, tmp_path):
+    """A correction ("The Eiffel Tower is in" Rome, later Berlin): the newest fact is served, its prompt's
+    key being the old one's, bit for bit; the old one stays in the file, never served, also after loading."""
+    memory = EditMemory(editor, untrained_key(editor, threshold=0.999))
+    memory.add([FACT, ("The Louvre is in", "Berlin")])
+    memory.add([(" The Eiffel  Tower is in", "Berlin")])                       # the same words, other spacing
+    memory.add([(FACT.prompt, "Oslo"), ("The Louvre is in", "Madrid"), ("The Louvre is in", "Lima")])
+    assert memory.replaced() == [0, 1, 2, 4]
+    path = str(tmp_path / "m.mem")
+    memory.save(path)
+    again = EditMemory.load(path, editor)
+    prompts = [FACT.prompt, "The Louvre is in", OTHER]
+    assert memory.route(prompts).tolist() == again.route(prompts).tolist() == [3, 5, -1]
+    assert again.replaced() == [0, 1, 2, 4] and len(again) == 6
+
+
 def written(editor, fact, deltas):
     """(token accuracy, mean log P) of the fact's answer after its prompt, with these updates merged in
     (hooks.functional_edit: dense, not the memory's routed factors)."""
@@ -241,6 +257,12 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
         "--out", tmp_path / "mem.json")
     res = json.load(open(tmp_path / "mem.json"))
     assert res["summary"]["n"] == 6 and res["batches"][0]["memory"]["edits"] == 6
+    # records 9671 and 9675 share a prompt: the later replaces the earlier, which is scored apart
+    run("evaluate.py", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--skip", "9671", "--limit", "5", "--sequential",
+        "memory", "--memory", tmp_path / "r.mem", "--key", tmp_path / "key.pt", "--out", tmp_path / "r.json")
+    current = json.load(open(tmp_path / "r.json"))["summary"]["current"]
+    assert current["n"] == 4 and current["replaced"] == 1
+    assert "1 of the 5 replaced by a later fact" in run("memory.py", "show", tmp_path / "r.mem").stdout
     shown = run("memory.py", "show", tmp_path / "m.mem").stdout
     assert "6 edits" in shown and "6 of 6 stored with a subject" in shown and "rank auto (mean " in shown
     per_edit = res["batches"][0]["memory"]["bytes_per_edit"]       # the memory's own count, not the file's size
@@ -273,6 +295,19 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     assert [f["subject"] for f in torch.load(tmp_path / "u.mem", weights_only=False)["facts"]] == ["Eiffel Tower",
                                                                                                 "Louvre"]
     assert "[ask] The Eiffel Tower is in" in again.stdout
+    # a correction replaces the stored fact; a file of facts goes in 16 at a time, and the same command again adds none
+    fix = run("edit.py", "--ckpt", ckpt, FACT.prompt, "Berlin", "--memory", tmp_path / "u.mem", "--show", "0")
+    assert "1 stored fact(s) replaced by a new one with the same prompt (no longer served): " \
+           "'The Eiffel Tower is in' -> 'Rome'" in fix.stdout and "[fact]" not in fix.stdout
+    lines = [{"prompt": f"Town {i} is in", "target": f"land {i}"} for i in range(20)] + [{"prompt": "Town 3 is in",
+                                                                                           "target": "Oslo"}]
+    (tmp_path / "f.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    many = ["edit.py", "--ckpt", ckpt, "--facts", tmp_path / "f.jsonl", "--memory", tmp_path / "u.mem", "--show", "2"]
+    first, again = run(*many).stdout, run(*many).stdout
+    assert "20 fact(s) added to" in first and "(23 in all)" in first and "1 fact(s) not added" in first
+    assert "before and after for the first 2 of the 21 facts" in first and first.count("[fact]") == 2
+    assert "0 fact(s) added to" in again and "(23 in all), in" in again and "21 fact(s) not added" in again
+    assert "1 of the 23 replaced by a later fact" in run("memory.py", "show", tmp_path / "u.mem").stdout
     # a memory that routes nothing leaves every answer as it was: LS and gen_LS exactly 1 against the original model
     key = torch.load(tmp_path / "key.pt", weights_only=False)
     key["threshold"] = key["gated"] = 2.0
