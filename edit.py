@@ -8,7 +8,7 @@ Edit your own facts with a trained editor: see what the model says before and af
     python -c "import transformers as t; print(t.pipeline('text-generation', 'edited/')('The Eiffel Tower is in'))"
     python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --subject "Eiffel Tower" --memory facts.mem
                                                                   # kept in an edit memory
-    python edit.py --ckpt out/ibke/best.pt --facts facts.jsonl --memory facts.mem   # thousands: ~20 a second
+    python edit.py --ckpt out/ibke/best.pt --facts facts.jsonl --memory facts.mem   # thousands: ~18 a second
 
 A fact file is a JSON list or JSON lines of {"prompt", "target"}, each with optional "subject",
 "rephrase" and "locality" (a prompt or a list of them): rephrases should take the new answer,
