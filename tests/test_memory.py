@@ -500,6 +500,29 @@ def test_a_memory_file_is_owned_by_one_run_and_kept_on_ctrl_c(trained, tmp_path)
     assert kept >= 500 and f"{kept} edits" in run("memory.py", "show", mem).stdout
 
 
+def test_edit_py_keeps_what_it_added_on_ctrl_c_and_the_same_command_adds_the_rest(trained, tmp_path):
+    """edit.py --facts F --memory M, a real process: Ctrl-C after the first save (500 facts in) keeps the facts
+    added, and the same command adds the others only."""
+    ckpt, mem, facts = trained[0] / "b" / "best.pt", tmp_path / "m.mem", tmp_path / "f.jsonl"
+    run("key.py", "learn", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--layer", "1", "--dim", "16",
+        "--train-records", "32", "--val-records", "8", "--stored", "64", "--steps", "5", "--out", tmp_path / "key.pt")
+    lines = (json.dumps({"prompt": f"Town {i} is in", "target": f"land {i}"}) + "\n" for i in range(4000))
+    facts.write_text("".join(lines))
+    args = ["--ckpt", ckpt, "--facts", facts, "--memory", mem, "--key", tmp_path / "key.pt", "--show", "0"]
+    first = start([sys.executable, os.path.join(ROOT, "edit.py"), *map(str, args)])
+    try:
+        wait_for(mem)
+    finally:
+        first.send_signal(signal.SIGINT)
+        _, stderr = first.communicate(timeout=300)
+    assert "Traceback" not in stderr and "of 4000 facts added to" in stderr and not os.path.exists(str(mem) + ".lock")
+    kept = int(stderr.split("interrupted: ")[1].split(" of")[0])
+    assert 500 <= kept < 4000 and f"{kept} edits" in run("memory.py", "show", mem).stdout
+    again = run("edit.py", *args).stdout
+    assert f"{4000 - kept} fact(s) added to" in again and "(4000 in all)" in again
+    assert f"{kept} fact(s) not added: served already as given" in again
+
+
 def test_a_key_file_that_is_not_one_or_for_another_model_is_refused_in_one_line(editor, trained, tmp_path):
     """--key is the user's input: a file cut short, of another kind or of another format was a traceback
     (UnpicklingError, KeyError); a key of another model's width or depth failed at the first query."""
