@@ -506,7 +506,7 @@ def test_edit_py_keeps_what_it_added_on_ctrl_c_and_the_same_command_adds_the_res
     ckpt, mem, facts = trained[0] / "b" / "best.pt", tmp_path / "m.mem", tmp_path / "f.jsonl"
     run("key.py", "learn", "--ckpt", ckpt, "--data-dir", DATA_DIR, "--layer", "1", "--dim", "16",
         "--train-records", "32", "--val-records", "8", "--stored", "64", "--steps", "5", "--out", tmp_path / "key.pt")
-    lines = (json.dumps({"prompt": f"Town {i} is in", "target": f"land {i}"}) + "\n" for i in range(4000))
+    lines = (json.dumps({"prompt": f"Town {i} is in", "target": f"land {i}"}) + "\n" for i in range(1000))
     facts.write_text("".join(lines))
     args = ["--ckpt", ckpt, "--facts", facts, "--memory", mem, "--key", tmp_path / "key.pt", "--show", "0"]
     first = start([sys.executable, os.path.join(ROOT, "edit.py"), *map(str, args)])
@@ -515,11 +515,11 @@ def test_edit_py_keeps_what_it_added_on_ctrl_c_and_the_same_command_adds_the_res
     finally:
         first.send_signal(signal.SIGINT)
         _, stderr = first.communicate(timeout=300)
-    assert "Traceback" not in stderr and "of 4000 facts added to" in stderr and not os.path.exists(str(mem) + ".lock")
+    assert "Traceback" not in stderr and "of 1000 facts added to" in stderr and not os.path.exists(str(mem) + ".lock")
     kept = int(stderr.split("interrupted: ")[1].split(" of")[0])
-    assert 500 <= kept < 4000 and f"{kept} edits" in run("memory.py", "show", mem).stdout
+    assert 500 <= kept < 1000 and f"{kept} edits" in run("memory.py", "show", mem).stdout
     again = run("edit.py", *args).stdout
-    assert f"{4000 - kept} fact(s) added to" in again and "(4000 in all)" in again
+    assert f"{1000 - kept} fact(s) added to" in again and "(1000 in all)" in again
     assert f"{kept} fact(s) not added: served already as given" in again
 
 
