@@ -394,8 +394,10 @@ def show(args: argparse.Namespace) -> None:
     subjects, gated = sum(bool(f["subject"]) for f in s["facts"]), s["key"]["gated"]
     print(f"{subjects} of {s['n']} stored with a subject, " + ("routed by the key alone: this key has no gate"
           if gated is None else f"gated (then the key at τ_gated {gated:.3f}); the others by the key alone at τ"))
-    for f, r in zip(s["facts"][:5], s["ranks"].tolist()):
-        print(f"  {f['prompt']!r} -> {f['target']!r}" + (f"  [{f['subject']}]" if f["subject"] else "") + f"  rank {r}")
+    newest = {same_prompt(f["prompt"]): i for i, f in enumerate(s["facts"])}
+    for i, (f, r) in enumerate(zip(s["facts"][:5], s["ranks"].tolist())):
+        print(f"  {f['prompt']!r} -> {f['target']!r}" + (f"  [{f['subject']}]" if f["subject"] else "") + f"  rank {r}"
+              + ("  (replaced)" if newest[same_prompt(f["prompt"])] != i else ""))
 
 
 if __name__ == "__main__":

@@ -307,7 +307,10 @@ def test_sequential_protocols_end_to_end(trained, tmp_path):
     assert "20 fact(s) added to" in first and "(23 in all)" in first and "1 fact(s) not added" in first
     assert "before and after for the first 2 of the 21 facts" in first and first.count("[fact]") == 2
     assert "0 fact(s) added to" in again and "(23 in all), in" in again and "21 fact(s) not added" in again
-    assert "1 of the 23 replaced by a later fact" in run("memory.py", "show", tmp_path / "u.mem").stdout
+    shown = run("memory.py", "show", tmp_path / "u.mem").stdout
+    listed = [line for line in shown.splitlines() if line.startswith("  'The Eiffel Tower is in' -> ")]
+    assert "1 of the 23 replaced by a later fact" in shown and len(listed) == 2
+    assert listed[0].endswith("(replaced)") and "'Rome'" in listed[0] and not listed[1].endswith("(replaced)")
     # a memory that routes nothing leaves every answer as it was: LS and gen_LS exactly 1 against the original model
     key = torch.load(tmp_path / "key.pt", weights_only=False)
     key["threshold"] = key["gated"] = 2.0
