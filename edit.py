@@ -37,7 +37,7 @@ from rundir import RunLock
 from editor import Editor, Fact, as_fact
 from gate import Subjects, guess_subject, words
 from key import MemoryFileError, load_key
-from memory import CHUNK, EditMemory, rank_or_auto, same_prompt
+from memory import CHUNK, EditMemory, rank_or_auto, same_prompt, standing
 from model import ModelError, add_device_args
 
 
@@ -227,12 +227,10 @@ def add_saving(memory: EditMemory, facts: list[Fact], path: str) -> None:
     """Add the facts, CHUNK at a time, saving the file once it has grown by 500 facts or a quarter, and at
     the end; Ctrl-C keeps what is added. A fact the memory serves already as given (prompt, target, subject)
     is not added again (a run resumed), nor one a later fact of the list replaces."""
-    last = {same_prompt(f.prompt): f for f in facts}
-
     def stored(f):
         i = memory.newest.get(same_prompt(f.prompt))
         return i is not None and (memory.facts[i]["target"], memory.facts[i]["subject"]) == (f.target, f.subject)
-    new = [f for f in facts if last[same_prompt(f.prompt)] is f and not stored(f)]
+    new = [f for f, stands in zip(facts, standing([f.prompt for f in facts])) if stands and not stored(f)]
     saved = first = len(memory)
     try:
         with tqdm(total=len(new), unit="fact", desc="adding", disable=len(new) <= CHUNK) as bar:

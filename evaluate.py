@@ -43,7 +43,7 @@ from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit, merge, restore
 from gate import asks_another, guess_subject
 from key import MemoryFileError, load_key
-from memory import EditMemory, rank_or_auto, same_prompt
+from memory import EditMemory, rank_or_auto, standing
 from metrics import (Continuations, generation, measure, measure_apart, multihop, peak_mib, references, score,
                      summarise, table)
 from model import ModelError, add_device_args
@@ -330,8 +330,7 @@ def evaluate(args: argparse.Namespace) -> None:
         records = [r for b in batches for r in b]
         asked = asks_another(records)
         summary["unasked"] = summarise([r for r, a in zip(results, asked) if not a]) | {"asked": sum(asked)}
-        last = {same_prompt(r.prompt): i for i, r in enumerate(records)}    # a later record of one prompt replaces
-        current = [r for i, (r, record) in enumerate(zip(results, records)) if last[same_prompt(record.prompt)] == i]
+        current = [r for r, stands in zip(results, standing([r.prompt for r in records])) if stands]
         if len(current) < len(results):
             summary["current"] = summarise(current) | {"replaced": len(results) - len(current)}
     # per case: its first record carries it, or the sequential list

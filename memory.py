@@ -82,6 +82,12 @@ def same_prompt(prompt: str) -> str:
     return " ".join(prompt.split())
 
 
+def standing(prompts: list[str]) -> list[bool]:
+    """Per prompt of facts given in order: no later one has the same prompt (else that one replaces it)."""
+    last = {same_prompt(p): i for i, p in enumerate(prompts)}
+    return [last[same_prompt(p)] == i for i, p in enumerate(prompts)]
+
+
 def rank_or_auto(text: str) -> int | str:
     """--rank's value (argparse type): "auto", or a whole number (the scripts check it is at least 1)."""
     return text if text == "auto" else int(text)
@@ -387,17 +393,17 @@ def show(args: argparse.Namespace) -> None:
           f"in {s['dtype']}, key {s['key']['config']} τ {s['key']['threshold']:.3f}, {size / 2 ** 20:.1f} MiB: "
           f"{per_edit / 1000:.1f} kB per edit (its key and update) and {(size - s['n'] * per_edit) / 2 ** 20:.1f} "
           f"MiB besides (the key network, the facts' text), written {s['date']}")
-    replaced = s["n"] - len({same_prompt(f["prompt"]) for f in s["facts"]})
+    stands = standing([f["prompt"] for f in s["facts"]])
+    replaced = stands.count(False)
     if replaced:
         print(f"{replaced} of the {s['n']} replaced by a later fact with the same prompt (kept in the file, "
               f"never served)")
     subjects, gated = sum(bool(f["subject"]) for f in s["facts"]), s["key"]["gated"]
     print(f"{subjects} of {s['n']} stored with a subject, " + ("routed by the key alone: this key has no gate"
           if gated is None else f"gated (then the key at τ_gated {gated:.3f}); the others by the key alone at τ"))
-    newest = {same_prompt(f["prompt"]): i for i, f in enumerate(s["facts"])}
-    for i, (f, r) in enumerate(zip(s["facts"][:5], s["ranks"].tolist())):
+    for f, r, stands in zip(s["facts"][:5], s["ranks"].tolist(), stands):
         print(f"  {f['prompt']!r} -> {f['target']!r}" + (f"  [{f['subject']}]" if f["subject"] else "") + f"  rank {r}"
-              + ("  (replaced)" if newest[same_prompt(f["prompt"])] != i else ""))
+              + ("" if stands else "  (replaced)"))
 
 
 if __name__ == "__main__":
