@@ -44,6 +44,7 @@ class EditRequest:
     questions: list[str] = field(default_factory=list)               # MQuAKE: multi-hop questions
     answers: list[str] = field(default_factory=list)                 # MQuAKE: new answer + aliases
     subject: str = ""                                                # whom the fact is about, if known
+    others: list[tuple[str, str]] = field(default_factory=list)      # (q_s, answer): other questions of it
 
     @property
     def relation(self) -> str | None:
@@ -158,7 +159,13 @@ def _load(name: str, data_dir: str, split: str | None) -> dict[str, list]:
     if name == "counterfact":
         files = {"train": "counterfact/counterfact-train.json", "eval": "counterfact/counterfact-edit.json"}
         wanted = [split] if split in files else list(files)
-        return {k: read_counterfact(path) for k, path in zip(wanted, ensure(data_dir, *(files[k] for k in wanted)))}
+        splits = {k: read_counterfact(path) for k, path in zip(wanted, ensure(data_dir, *(files[k] for k in wanted)))}
+        train = os.path.join(data_dir, files["train"])
+        if "eval" in splits and ("train" in splits or os.path.exists(train)):     # RS's questions: from train
+            other_questions(splits["eval"], splits.get("train") or read_counterfact(train))
+        elif "eval" in splits:
+            print(f"note: no {train}: RS (other questions of an edited subject, from the train split) is not measured")
+        return splits
     if name == "zsre":
         return load_zsre(data_dir)
     if name.startswith("mquake"):
@@ -169,6 +176,45 @@ def _load(name: str, data_dir: str, split: str | None) -> dict[str, list]:
     if name == "uniedit":
         return load_uniedit(data_dir)
     raise DataError(f"unknown dataset '{name}'; known: {', '.join(DATASETS)}")
+
+
+def relations(records: list[EditRequest]) -> dict[str, int]:
+    """Which of the records' prompt templates (EditRequest.relation) ask one question: CounterFact asks a
+    record's neighbour in another template of the record's relation, so templates joined through the
+    neighbours fall into its relations ("{} died in" with "{} passed away at", not with "{} worked in").
+    -> template: its group's number."""
+    parent = {t: t for t in sorted({r.relation for r in records} - {None})}
+    def root(t):
+        while parent[t] != t:
+            t = parent[t]
+        return t
+    def fills(t, q):                                     # q is template t with some subject
+        head, tail = t.split("{}", 1)
+        return q.startswith(head) and q.endswith(tail) and len(q) > len(head) + len(tail)
+    for r in records:
+        for q, _ in (r.locality if r.relation else []):
+            fits = [t for t in parent if fills(t, q)]
+            if fits:                                     # the neighbour's template: the longest that fits
+                parent[root(max(fits, key=len))] = root(r.relation)
+    roots = {}
+    return {t: roots.setdefault(root(t), len(roots)) for t in parent}
+
+
+def other_questions(records: list[EditRequest | None], pool: list[EditRequest | None]) -> None:
+    """Fills each record's `others` (RS, metrics.py): the prompts of `pool` about its subject (the same
+    words, case aside) that ask of it another relation than its own (`relations`), with their true
+    answers, less any prompt one of these records asks."""
+    known = [r for r in records + pool if r]
+    relation, asked, of = relations(known), {" ".join(r.prompt.split()) for r in records if r}, {}
+    for r in records:
+        if r and r.relation:
+            of.setdefault(r.subject.lower(), []).append(r)
+    for q in pool:
+        if not (q and q.relation and q.old_target) or " ".join(q.prompt.split()) in asked:
+            continue
+        for r in of.get(q.subject.lower(), []):
+            if relation[r.relation] != relation[q.relation]:
+                r.others.append((q.prompt, q.old_target))
 
 
 def split_val(records: list[EditRequest], val_size: int, seed: int = 0) -> tuple[list[EditRequest], list[EditRequest]]:

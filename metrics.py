@@ -6,6 +6,8 @@ Token-level and teacher-forced (the EasyEdit / MALMEN convention), per record, t
   GS   the same on the generality prompts q_g
   LS   fraction of the locality answer's positions whose post-edit argmax equals the pre-edit argmax
   F1   harmonic mean of ES, GS and LS (of the averages)
+  RS   relation specificity: LS on other questions of the edited subject, with their true answers
+       (CounterFact, its eval split: the train split's prompts about the subject, data.other_questions)
   EM   whole answer right (every token the argmax), on q_e and on q_g (GEM; MEND's convention)
   ES_p, PS_p, NS_p   CounterFact, ROME-style: 1[P(new) > P(old)] on q_e, on q_g, and
        1[P(true) > P(new)] on q_l (P = mean log-probability per answer token); S_p their harmonic mean
@@ -46,8 +48,9 @@ from losses import answer_nll
 from rundir import write_json
 from runner import Runner, index, take, to_device
 
-METRICS = ["ES", "GS", "LS", "F1", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p",
+METRICS = ["ES", "GS", "LS", "F1", "RS", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p",
            "gen_ES", "gen_GS", "gen_LS", "gen_F1", "fluency", "fluency_drop", "gen_old"]
+LOCAL = ("loc", "rs")      # rows scored against the unedited model's argmax, in passes of their own
 AVERAGED = [m for m in METRICS if m not in ("F1", "S_p", "gen_F1")]      # per record; the rest: harmonic means
 
 
@@ -96,7 +99,8 @@ def summarise(results: list[dict]) -> dict[str, float]:
 
 def rows_of(records: list[EditRequest]) -> tuple[list[str], list[str], list[tuple[str, int]]]:
     """All sequences a batch needs, as (prompt, answer) with (kind, record index): the edit rows
-    first, the locality rows last (passes() scores them apart)."""
+    first, the locality rows ("loc", then "rs": the subject's other questions) last (passes() scores
+    them apart)."""
     prompts, targets, kinds = [], [], []
 
     def add(kind, i, prompt, target):
@@ -115,6 +119,9 @@ def rows_of(records: list[EditRequest]) -> tuple[list[str], list[str], list[tupl
     for i, r in enumerate(records):
         for q, a in r.locality:
             add("loc", i, q, a)
+    for i, r in enumerate(records):
+        for q, a in r.others:
+            add("rs", i, q, a)
     return prompts, targets, kinds
 
 
@@ -123,7 +130,7 @@ def passes(kinds: list[tuple[str, int]], n: int, rows_per_pass: int) -> list[tup
     more). The locality rows run in passes of their own, so that the unedited model scores exactly
     the batch the edited one does: in bfloat16 another batch shape can flip an argmax near a tie,
     and no edit must give LS = 1 exactly."""
-    loc = next((b for b, (kind, _) in enumerate(kinds) if kind == "loc"), len(kinds))
+    loc = next((b for b, (kind, _) in enumerate(kinds) if kind in LOCAL), len(kinds))
     first = min(max(n, rows_per_pass), loc)            # n ≥ 1 edit rows come before any locality row
     bounds = [(0, first)] + [(a, min(a + rows_per_pass, loc)) for a in range(first, loc, rows_per_pass)]
     return bounds + [(a, min(a + rows_per_pass, len(kinds))) for a in range(loc, len(kinds), rows_per_pass)]
@@ -204,7 +211,7 @@ def score(runner: Runner, records: list[EditRequest], edited: Callable, referenc
     s = {"acc": [], "agree": [], "nll": []}            # per row; nll: mean NLL per answer token
     for a, b in passes(kinds, n, rows_per_pass):
         batch = first if a == 0 and first is not None else runner.batch(prompts[a:b], targets[a:b])
-        loc = kinds[a][0] == "loc"                      # a pass of locality rows only (passes())
+        loc = kinds[a][0] in LOCAL                      # a pass of locality rows only (passes())
         pre = None
         if loc and reference is not None:               # the original model's argmax, read before any edit
             pre = (torch.tensor([t for key in batch["keys"] for t in reference[a, key]], device=runner.device),
@@ -234,14 +241,16 @@ def per_record(acc: list[float], agree: list[float], nll: list[float], kinds: li
         of.setdefault(key, []).append(b)
     results = []
     for i in range(n):
-        gen, locs, edit_old, gen_old, loc_new = (of.get((k, i), [])
-                                                 for k in ("gen", "loc", "edit_old", "gen_old", "loc_new"))
+        gen, locs, edit_old, gen_old, loc_new, rs = (of.get((k, i), [])
+                                                     for k in ("gen", "loc", "edit_old", "gen_old", "loc_new", "rs"))
         r = {"ES": acc[i], "EM": float(acc[i] == 1)}
         if gen:
             r["GS"] = statistics.fmean(acc[b] for b in gen)
             r["GEM"] = statistics.fmean(float(acc[b] == 1) for b in gen)
         if locs:
             r["LS"] = statistics.fmean(agree[b] for b in locs)
+        if rs:
+            r["RS"] = statistics.fmean(agree[b] for b in rs)
         if edit_old:                                   # P(new) > P(old) on q_e
             r["ES_p"] = float(nll[i] < nll[edit_old[0]])
         if gen_old:
@@ -260,7 +269,7 @@ def references(runner: Runner, records: list[EditRequest], rows_per_pass: int = 
     prompts, targets, kinds = rows_of(records)
     out = {}
     for a, b in passes(kinds, len(records), rows_per_pass):
-        if kinds[a][0] != "loc":
+        if kinds[a][0] not in LOCAL:
             continue
         batch = runner.batch(prompts[a:b], targets[a:b])
         logits, _, rows = runner.scored_logits(batch)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 import datafiles
-from data import DataError, encode, load
+from data import DataError, EditRequest, encode, load, other_questions, relations
 
 
 def test_counterfact_real_files(data_dir):
@@ -17,6 +17,36 @@ def test_counterfact_real_files(data_dir):
     assert (r.prompt, r.target, r.old_target) == ("The mother tongue of Danielle Darrieux is", "English", "French")
     assert r.generality == [("Where Danielle Darrieux is from, people speak the language of", "English")]
     assert r.locality == [("Michel Rocard is a native speaker of", "French")]
+
+
+def test_other_questions_ask_the_subject_another_relation():
+    """RS's questions (data.other_questions): the pool's prompts about an edited subject in another relation;
+    not its own relation in other words (templates joined through the neighbours), not a prompt a record
+    asks, not another subject."""
+    def record(prompt, subject, old, neighbour):
+        return EditRequest(prompt, "X", [], [(neighbour, "Y")], old_target=old, subject=subject)
+    records = [record("Anna Berg died in", "Anna Berg", "Oslo", "Carl Dahl passed away at"),
+               record("Tom Lund is a citizen of", "Tom Lund", "Norway", "Eva Moe holds a citizenship from")]
+    pool = [record("Anna Berg passed away at", "Anna Berg", "Oslo", "Per Holm died in"),           # her relation
+            record("anna berg holds a citizenship from", "anna berg", "Sweden", "Ola Vik is a citizen of"),
+            record("Tom Lund is a citizen of", "Tom Lund", "Denmark", "Ola Vik is a citizen of"),  # asked
+            record("Eva Moe passed away at", "Eva Moe", "Bergen", "Per Holm died in")]              # not edited
+    groups = relations(records + pool)
+    assert groups["{} died in"] == groups["{} passed away at"] != groups["{} is a citizen of"]
+    assert groups["{} is a citizen of"] == groups["{} holds a citizenship from"]
+    other_questions(records, pool)
+    assert [r.others for r in records] == [[("anna berg holds a citizenship from", "Sweden")], []]
+
+
+def test_counterfacts_other_questions(data_dir):
+    """The eval split's RS questions come from the train split: 381 records have some. The 218 templates
+    fall into 24 groups: a relation's, or a few relations' where a neighbour fits a more general template
+    ("{} performs" joins the instrument, genre and position templates)."""
+    splits = load("counterfact", data_dir)
+    assert len(set(relations(splits["train"] + splits["eval"]).values())) == 24
+    assert sum(bool(r.others) for r in splits["eval"]) == 381 and not any(r.others for r in splits["train"])
+    assert splits["eval"][8].others == [("Saint Petersburg is located in", "Europe")]   # a twin city of Warsaw
+    assert load("counterfact", data_dir, split="eval")["eval"][8].others == splits["eval"][8].others
 
 
 def test_zsre_subset_gets_seeded_split(data_dir, capsys):

@@ -109,6 +109,40 @@ def test_a_neighbour_shared_across_passes_is_compared_within_each_pass():
     assert [r["LS"] for r in score(runner, records, no_edit, reference, rows_per_pass=2)] == [1.0, 1.0]
 
 
+class Edited(Jittery):
+    """Jittery, whose argmax at a row of a prompt starting with "o" moves by one under `edited`."""
+    edited = False
+
+    def scored_logits(self, batch):
+        logits, targets, rows = super().scored_logits(batch)
+        moved = torch.tensor([self.edited and p.startswith("o") for p, _ in batch["keys"]])
+        return torch.where(moved[:, None], logits.roll(1, -1), logits), targets, rows
+
+    @contextlib.contextmanager
+    def edit(self, *_):
+        self.edited = True
+        yield
+        self.edited = False
+
+
+def test_rs_reads_the_subjects_other_questions_against_the_unedited_model():
+    """RS: its rows ("rs") come last, scored as locality rows against the argmax before the edit, in passes
+    of their own (a pass of them alone too, for a record without neighbours)."""
+    records = [EditRequest("p0", "x", [], [("l", "a")], others=[("o1", "b")]),
+               EditRequest("p1", "y", [], [], others=[("o2", "c"), ("q", "d")]),
+               EditRequest("p2", "z", [], [("m", "e")])]
+    kinds = rows_of(records)[2]
+    assert kinds[3:] == [("loc", 0), ("loc", 2), ("rs", 0), ("rs", 1), ("rs", 1)]
+    assert passes(kinds, 3, 2) == [(0, 3), (3, 5), (5, 7), (7, 8)]
+    runner = Edited()
+    for edited, rs in ((lambda *_: contextlib.nullcontext(), [1.0, 1.0, None]), (runner.edit, [0.0, 0.5, None])):
+        for reference in (None, references(runner, records, rows_per_pass=2)):
+            results = score(runner, records, edited, reference, rows_per_pass=2)
+            assert [r.get("RS") for r in results] == rs                         # edited: "o…" moved, "q" kept
+            assert [r["LS"] for r in results if "LS" in r] == [1.0, 1.0]
+    assert summarise([{"RS": 0.0}, {"RS": 0.5}, {}])["RS"] == 0.25
+
+
 def test_probability_scores_compare_each_prompts_two_answers():
     """ES_p, PS_p, NS_p by hand: record 0 has an edit row, two rephrases and one neighbour, each scored
     with the new and the old (neighbour: the true and the new) answer; record 1 has no old answer."""
