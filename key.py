@@ -22,6 +22,7 @@ accuracy of routing (rephrases to their own edit, neighbours to none): τ among 
 """
 import argparse
 import os
+import random
 
 import torch
 import torch.nn as nn
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import atomic_save
-from data import pad, tokenize
+from data import pad, relations, tokenize
 from gate import Subjects, asks_another, hard_negatives
 from model import blocks_path
 from runner import hidden_before, to_device
@@ -175,6 +176,21 @@ def load_key(ckpt: str, key: str | None = None) -> Key:
 
 # -----------------------------------------------------------------------------
 
+def other_relations(records, pool, per: int, seed: int = 0) -> tuple[list[str], list[list[int]]]:
+    """Per record (of pool's), `per` questions of its subject in other relations: templates of pool's
+    prompts (data.relations) that ask another relation than the record's, filled with its subject ("The
+    official language of Lyon is" for "Lyon is a twin city of"). The key is to keep them apart from the
+    record's prompt: another question of an edited subject concerns no edit (RS, metrics.py).
+    -> (texts, per record the indices of its own), as hard_negatives gives them."""
+    group, rng, texts, own = relations(pool), random.Random(seed), [], []
+    for r in records:
+        mine = group.get(r.relation)
+        other = [t for t in group if group[t] != mine] if mine is not None and r.subject else []
+        own.append(list(range(len(texts), len(texts) + per)) if other else [])
+        texts += [t.replace("{}", r.subject) for t in rng.choices(other, k=per)] if other else []
+    return texts, own
+
+
 def usable(records) -> list:
     """The records that have a rephrase and a locality prompt: those the key learns from and is measured on."""
     return [r for r in records if r.generality and r.locality]
@@ -217,12 +233,18 @@ def learn_key(args: argparse.Namespace) -> None:
                          f"validation edits; the train split has {len(train[0])}")
     t = [features(x[:args.train_records]) for x in train[:3]]
     v = [features(x) for x in val[:3]]
-    hard = None
+    texts, own = [], [[] for _ in train[0][:args.train_records]]                 # per record, its negatives' rows
     if args.hard and not args.untrained:
-        texts, own = hard_negatives(usable(splits["train"])[:args.train_records], splits["train"])
-        print(f"hard negatives: {len(texts)} texts, {sum(map(len, own))} pairs with the {sum(map(bool, own))} "
-              f"records whose gate they pass")
-        hard = features(texts), own
+        found, theirs = hard_negatives(usable(splits["train"])[:args.train_records], splits["train"])
+        print(f"hard negatives: {len(found)} texts, {sum(map(len, theirs))} pairs with the "
+              f"{sum(map(bool, theirs))} records whose gate they pass")
+        texts, own = texts + found, [a + [len(texts) + j for j in b] for a, b in zip(own, theirs)]
+    if args.other_relations and not args.untrained:
+        found, theirs = other_relations(usable(splits["train"])[:args.train_records], splits["train"],
+                                        args.other_relations, args.seed)
+        print(f"other relations: {len(found)} questions of another relation asked of a record's subject")
+        texts, own = texts + found, [a + [len(texts) + j for j in b] for a, b in zip(own, theirs)]
+    hard = (features(texts), own) if texts else None
     key = Key(editor.model.config.hidden_size, args.layer, args.dim, learned=not args.untrained)
     losses = train_key(key, *t, steps=args.steps, seed=args.seed, hard=hard)
     if losses:
@@ -267,6 +289,14 @@ def routing(args: argparse.Namespace) -> None:
                   f"rephrase top-1 {s['top1']:.3f}, routed {s['routed']:.3f}, neighbours rejected {s['rejected']:.3f} "
                   f"({s['rejected_unasked']:.3f} of the {int(unasked.sum())} that ask no stored edit's question) "
                   f"at τ{'_gated' if gated else ''} = {s['threshold']:.3f}")
+    others = [q for r in records[:args.stored] for q, _ in r.others]      # RS's questions: none concerns an edit
+    if others and key.gated is not None:
+        with torch.no_grad():
+            sims = key(features(others)) @ key(p).T                              # (Q, N)
+        gate = Subjects(subjects)
+        passed = gate.mask(others) & (sims >= torch.where(gate.has_subject(), key.gated, key.threshold))
+        print(f"the {len(others)} other questions of the {len(p)} edits' subjects (RS): "
+              f"{passed.any(1).float().mean():.3f} routed to an edit")
 
 
 if __name__ == "__main__":
@@ -291,6 +321,9 @@ if __name__ == "__main__":
     k.add_argument("--hard", action="store_true",
                    help="add hard negatives: train texts that pass a record's gate but are about another subject "
                         "(key.hard_negatives)")
+    k.add_argument("--other-relations", type=int, default=0, metavar="K",
+                   help="add K negatives per record: questions of its subject in another relation "
+                        "(key.other_relations; CounterFact, whose neighbours tell its relations apart)")
     k.add_argument("--out", default=None, help="where the key goes (default: key.pt beside --ckpt)")
     add_device_args(k, dtype_default=None)
     r = sub.add_parser("routing", help="the key at scale: records 0..M-1 routed among N stored edits")
@@ -307,6 +340,8 @@ if __name__ == "__main__":
     for name in sizes:
         if getattr(args, name) < 1:
             raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: give at least 1")
+    if args.command == "learn" and args.other_relations < 0:
+        raise SystemExit(f"error: --other-relations {args.other_relations}: give 0 (none) or more")
     if args.command == "learn" and args.stored < args.val_records:
         raise SystemExit(f"error: --stored {args.stored}: give at least --val-records ({args.val_records}), whose "
                          f"edits are among those stored")

@@ -19,7 +19,7 @@ from editor import Editor, Fact, no_editor
 from evaluate import sequential
 from hooks import functional_edit, grad_decomposition
 from gate import Subjects, asks_another, guess_subject, hard_negatives, words
-from key import Key, MemoryFileError, load_key, prompt_features, train_key
+from key import Key, MemoryFileError, load_key, other_relations, prompt_features, train_key
 import memory as memory_py
 from memory import RANKS, SLACK, EditMemory, fitted_ranks, low_rank, read_file
 from model import edit_module_names
@@ -580,8 +580,26 @@ def test_hard_negatives_pass_the_gate_and_name_another_subject():
         ["Jill Ireland is native to", "Born in Dublin. Jill Ireland was born in"], []]
 
 
+def test_other_relations_ask_the_records_subject_another_relation():
+    """key.other_relations: per record, K of the pool's templates of another relation (data.relations: "{}
+    passed away at" asks "{} died in"'s) with the record's subject; none for a record without a template."""
+    from data import EditRequest
+    def record(prompt, subject, neighbour):
+        return EditRequest(prompt, "X", [], [(neighbour, "Y")], subject=subject)
+    pool = [record("Anna Berg died in", "Anna Berg", "Carl Dahl passed away at"),
+            record("Tom Lund is a citizen of", "Tom Lund", "Eva Moe holds a citizenship from"),
+            record("Eva Moe holds a citizenship from", "Eva Moe", "Ola Vik is a citizen of"),
+            record("Per Holm works in the field of", "Per Holm", "Ola Vik works in the field of")]
+    records = [record("Ola Vik passed away at", "Ola Vik", "Tom Lund died in"), record("the sky is", "", "a")]
+    texts, own = other_relations(records, pool + records, 6, seed=1)                # the records among the pool
+    assert len(own[0]) == 6 and own[1] == [] and (texts, own) == other_relations(records, pool + records, 6, seed=1)
+    assert {texts[i] for i in own[0]} == {"Ola Vik is a citizen of", "Ola Vik holds a citizenship from",
+                                           "Ola Vik works in the field of"}          # 6 draws of 3: all, here
+
+
 @pytest.mark.parametrize("argv,message", [
     (["learn", "--dim", "0"], "--dim 0: give at least 1"),
+    (["learn", "--other-relations", "-1"], "--other-relations -1: give 0 (none) or more"),
     (["learn", "--stored", "10"], "--stored 10: give at least --val-records"),
     (["routing", "--queries", "0"], "--queries 0: give at least 1"),
 ])
