@@ -11,6 +11,8 @@ the weights are never written; a fact with the prompt of a stored one replaces i
                                                                   # 10,000 edits: ~25 min to store, 18 to measure
     python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --subject "Eiffel Tower" --memory my.mem
     python memory.py show out/ibke/cf.mem                         # what a memory holds
+    python memory.py rekey out/ibke/cf.mem --ckpt out/ibke/best.pt --key K --out out/ibke/cf-K.mem
+                                                                  # the same edits routed by another key (1 min)
     python key.py routing --ckpt out/ibke/best.pt                 # the key among 1,000 and 10,000 edits (20 s)
 
 Routing (gate.py, key.py): an edit stored with its subject serves only a query that names the subject (the gate),
@@ -33,7 +35,7 @@ from checkpoint import atomic_save
 from editor import as_fact, sha256
 from hooks import Routing, grad_decomposition, routed, routed_edit
 from gate import Subjects, contains
-from key import Key, MemoryFileError, pooled, prompt_features
+from key import Key, MemoryFileError, load_key, pooled, prompt_features
 from metrics import Apart, per_row
 from model import blocks_path
 from runner import take
@@ -159,8 +161,8 @@ class EditMemory:
             groups.append((at, {m: (self.a[m][terms], self.b[m][terms]) for m in self.a}))
         return groups
 
-    def keys_of(self, prompts: list[str]) -> torch.Tensor:
-        f = prompt_features(self.editor.model, self.editor.tokenizer, prompts, self.key.layer)
+    def keys_of(self, prompts: list[str], progress: bool = False) -> torch.Tensor:
+        f = prompt_features(self.editor.model, self.editor.tokenizer, prompts, self.key.layer, progress=progress)
         with torch.no_grad():
             return self.key(f)                                                   # (N, k)
 
@@ -406,16 +408,41 @@ def show(args: argparse.Namespace) -> None:
               + ("" if stands else "  (replaced)"))
 
 
+def rekey(args: argparse.Namespace) -> None:
+    """The memory of args.file routed by another key: each fact's key computed anew from its prompt; the
+    updates, ranks and facts as they are (no fact is edited again)."""
+    from editor import Editor
+    if os.path.exists(args.out):
+        raise MemoryFileError(f"--out {args.out} exists; give a new file (the memory itself stays as it is)")
+    editor = Editor.load(args.ckpt, args.device, dtype=args.dtype)
+    memory = EditMemory.load(args.file, editor)
+    key = load_key(args.ckpt, args.key)
+    EditMemory(editor, key)                                              # the key fits this model, or one line
+    memory.key = key
+    memory.keys = memory.keys_of([f["prompt"] for f in memory.facts], progress=True)
+    memory.save(args.out)
+    print(f"wrote {args.out}: the {len(memory)} edits of {args.file}, routed by {args.key}")
+
+
 if __name__ == "__main__":
+    from model import add_device_args
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("show", help="what a memory file holds")
     v.add_argument("file", help="a memory file (evaluate.py --sequential memory --memory FILE, edit.py --memory FILE)")
+    k = sub.add_parser("rekey", help="the same memory routed by another key (python key.py learn … --out KEY)")
+    k.add_argument("file", help="the memory file (left as it is)")
+    k.add_argument("--ckpt", required=True, help="the editor the memory was built with (its model computes the keys)")
+    k.add_argument("--key", required=True, help="the new key file")
+    k.add_argument("--out", required=True, help="the new memory file (a new path)")
+    add_device_args(k, dtype_default=None)
     args = parser.parse_args()
+    from checkpoint import CheckpointError
+    from model import ModelError
     try:
-        show(args)
+        {"show": show, "rekey": rekey}[args.command](args)
         sys.stdout.flush()                                  # a closed pipe raises here, not at exit
-    except MemoryFileError as err:
+    except (MemoryFileError, CheckpointError, ModelError) as err:
         raise SystemExit(f"error: {err}")
     except BrokenPipeError:                                 # `| head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -526,6 +526,31 @@ def test_edit_py_keeps_what_it_added_on_ctrl_c_and_the_same_command_adds_the_res
     assert f"{kept} fact(s) not added: served already as given" in again
 
 
+def test_rekey_routes_the_same_edits_by_another_key(trained, tmp_path):
+    """memory.py rekey: each fact's key computed anew by the given key, the updates, ranks and facts as they
+    were; the memory file itself untouched; an --out that exists refused in one line."""
+    ckpt = str(trained[0] / "b" / "best.pt")
+    plain = Editor.load(ckpt, "cpu")                      # as the script loads it (the fixture changes rows)
+    memory = EditMemory(plain, untrained_key(plain, threshold=0.999))
+    memory.add([FACT, ("The Louvre is in", "Berlin")])
+    path, out = tmp_path / "m.mem", tmp_path / "k.mem"
+    memory.save(str(path))
+    before = path.read_bytes()
+    key = Key(plain.model.config.hidden_size, layer=1, dim=8)                 # a learned projection, at random
+    key.threshold, key.gated = 0.5, 0.3
+    torch.save(key.saved(), tmp_path / "key.pt")
+    run("memory.py", "rekey", path, "--ckpt", ckpt, "--key", tmp_path / "key.pt", "--out", out)
+    again = EditMemory.load(str(out), plain)
+    with torch.no_grad():
+        want = key(prompt_features(plain.model, plain.tokenizer, [FACT.prompt, "The Louvre is in"], 1))
+    assert torch.allclose(again.keys, want, atol=1e-6)        # one batch of the same rows both ways: rounding
+    assert (again.key.config(), again.key.threshold, again.key.gated) == (key.config(), 0.5, 0.3)
+    assert again.facts == memory.facts and torch.equal(again.ranks, memory.ranks[:2])
+    assert all(torch.equal(again.a[m], memory.a[m][:memory.used]) for m in memory.a) and path.read_bytes() == before
+    twice = run("memory.py", "rekey", path, "--ckpt", ckpt, "--key", tmp_path / "key.pt", "--out", out, check=False)
+    assert twice.returncode != 0 and twice.stderr.strip().splitlines()[-1].startswith(f"error: --out {out} exists")
+
+
 def test_a_key_file_that_is_not_one_or_for_another_model_is_refused_in_one_line(editor, trained, tmp_path):
     """--key is the user's input: a file cut short, of another kind or of another format was a traceback
     (UnpicklingError, KeyError); a key of another model's width or depth failed at the first query."""
