@@ -8,7 +8,8 @@ and the records a training step draws.
     python data.py --data uniedit     # UniEdit, from the Hugging Face hub
 
 Every record becomes one EditRequest: the edit prompt q_e and new answer o_e, generality prompts
-(q_g, o_g) and locality prompts (q_l, their answer), and the old answer where the data has one.
+(q_g, o_g) and locality prompts (q_l, their answer), and the old answer where the data has one;
+CounterFact's eval records also get other questions of their subject (RS: `other_questions`).
 A MQuAKE case becomes one request per requested rewrite, all sharing the case's id and its
 multi-hop questions, so that evaluation applies them as one batch.
 
@@ -202,7 +203,7 @@ def relations(records: list[EditRequest]) -> dict[str, int]:
 
 def other_questions(records: list[EditRequest | None], pool: list[EditRequest | None]) -> None:
     """Fills each record's `others` (RS, metrics.py): the prompts of `pool` about its subject (the same
-    words, case aside) that ask of it another relation than its own (`relations`), with their true
+    name, case aside) that ask of it another relation than its own (`relations`), with their true
     answers, less any prompt one of these records asks."""
     known = [r for r in records + pool if r]
     relation, asked, of = relations(known), {" ".join(r.prompt.split()) for r in records if r}, {}
