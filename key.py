@@ -11,13 +11,16 @@ A query goes to the candidate e of the largest k(q)·k_e when that cosine is ≥
 or ≥ τ (it has none), else to no edit. W is trained on the train split only, contrastively: a prompt and
 its rephrase together, apart from the other prompts of the batch and from the neighbours (same relation
 and answer, another subject) that must not be edited (--hard: and from train texts that name its
-subject but are about another, "Jill Ireland is native to" for Ireland). τ and τ_gated are chosen on
+subject but are about another, "Jill Ireland is native to" for Ireland; --other-relations: and from
+its subject's questions in other relations, "Ireland is a member of" for "The official language of
+Ireland is", other questions that concern no edit: RS). τ and τ_gated are chosen on
 validation records (the evaluation split's first --val-records) as those that maximise the balanced
 accuracy of routing (rephrases to their own edit, neighbours to none): τ among those records' edits,
 τ_gated among them and train-split prompts up to --stored edits, the size the memory is built for.
 
     python key.py learn --ckpt out/ibke/best.pt       # the key -> out/ibke/key.pt (~1 min on 2 cores)
     python key.py learn --ckpt out/ibke/best.pt --untrained --out out/ibke/key-u4.pt   # no projection
+    python key.py learn --ckpt out/ibke/best.pt --other-relations 4 --out out/ibke/key-or4.pt
     python key.py routing --ckpt out/ibke/best.pt     # records 0-999 among 1,000 and 10,000 edits (20 s)
 """
 import argparse
