@@ -53,6 +53,11 @@ class EditRequest:
         return self.prompt.replace(self.subject, "{}") if self.subject and self.subject in self.prompt else None
 
 
+def same_prompt(prompt: str) -> str:
+    """What makes two prompts one question: the same words, as written, whatever the spacing."""
+    return " ".join(prompt.split())
+
+
 # -----------------------------------------------------------------------------
 # one loader per benchmark: file -> list[EditRequest]
 
@@ -192,9 +197,12 @@ def relations(records: list[EditRequest]) -> dict[str, int]:
     def fills(t, q):                                     # q is template t with some subject
         head, tail = t.split("{}", 1)
         return q.startswith(head) and q.endswith(tail) and len(q) > len(head) + len(tail)
+    ends = {}                                            # a template's last 3 characters (or fewer, all after {})
+    for t in parent:
+        ends.setdefault(t.split("{}", 1)[1][-3:], []).append(t)
     for r in records:
         for q, _ in (r.locality if r.relation else []):
-            fits = [t for t in parent if fills(t, q)]
+            fits = [t for n in range(4) for t in ends.get(q[len(q) - n:], []) if fills(t, q)]
             if fits:                                     # the neighbour's template: the longest that fits
                 parent[root(max(fits, key=len))] = root(r.relation)
     roots = {}
@@ -206,12 +214,12 @@ def other_questions(records: list[EditRequest | None], pool: list[EditRequest | 
     name, case aside) that ask of it another relation than its own (`relations`), with their true
     answers, less any prompt one of these records asks."""
     known = [r for r in records + pool if r]
-    relation, asked, of = relations(known), {" ".join(r.prompt.split()) for r in records if r}, {}
+    relation, asked, of = relations(known), {same_prompt(r.prompt) for r in records if r}, {}
     for r in records:
         if r and r.relation:
             of.setdefault(r.subject.lower(), []).append(r)
     for q in pool:
-        if not (q and q.relation and q.old_target) or " ".join(q.prompt.split()) in asked:
+        if not (q and q.relation and q.old_target) or same_prompt(q.prompt) in asked:
             continue
         for r in of.get(q.subject.lower(), []):
             if relation[r.relation] != relation[q.relation]:

@@ -33,11 +33,12 @@ import time
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
+from data import same_prompt
 from rundir import RunLock
 from editor import Editor, Fact, as_fact
 from gate import Subjects, guess_subject, words
 from key import MemoryFileError, load_key
-from memory import CHUNK, EditMemory, rank_or_auto, same_prompt, standing
+from memory import CHUNK, EditMemory, rank_or_auto, standing
 from model import ModelError, add_device_args
 
 

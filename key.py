@@ -82,6 +82,15 @@ class Key(nn.Module):
         x = (f - self.mean) / self.std
         return F.normalize(self.proj(x) if self.proj is not None else x, dim=-1)
 
+    def passes(self, sims: torch.Tensor, subjects: Subjects, texts: list[str] | None) -> torch.Tensor:
+        """Queries' cosines to n stored edits with these subjects (B, n) -> which edits each query may take
+        (B, n) bool: one stored with a subject the query names at cosine ≥ τ_gated, one stored without at ≥
+        τ. Without texts (a model fed embeddings) or a gated τ (a key learned before the gate), the key
+        alone decides, at τ."""
+        if texts is None or self.gated is None:
+            return sims >= self.threshold
+        return subjects.mask(texts) & (sims >= torch.where(subjects.has_subject(), self.gated, self.threshold))
+
     def config(self) -> dict:
         return {"width": self.mean.shape[0], "layer": self.layer, "learned": self.proj is not None,
                 "dim": self.proj.out_features if self.proj is not None else self.mean.shape[0]}
@@ -236,16 +245,18 @@ def learn_key(args: argparse.Namespace) -> None:
                          f"validation edits; the train split has {len(train[0])}")
     t = [features(x[:args.train_records]) for x in train[:3]]
     v = [features(x) for x in val[:3]]
-    texts, own = [], [[] for _ in train[0][:args.train_records]]                 # per record, its negatives' rows
+    learned, sources = usable(splits["train"])[:args.train_records], []              # the records t holds
     if args.hard and not args.untrained:
-        found, theirs = hard_negatives(usable(splits["train"])[:args.train_records], splits["train"])
-        print(f"hard negatives: {len(found)} texts, {sum(map(len, theirs))} pairs with the "
-              f"{sum(map(bool, theirs))} records whose gate they pass")
-        texts, own = texts + found, [a + [len(texts) + j for j in b] for a, b in zip(own, theirs)]
+        found, theirs = hard_negatives(learned, splits["train"])
+        print(f"hard negatives: {len(found)} texts, {sum(map(len, theirs))} pairs with the {sum(map(bool, theirs))} "
+              f"records whose gate they pass")
+        sources.append((found, theirs))
     if args.other_relations and not args.untrained:
-        found, theirs = other_relations(usable(splits["train"])[:args.train_records], splits["train"],
-                                        args.other_relations, args.seed)
+        found, theirs = other_relations(learned, splits["train"], args.other_relations, args.seed)
         print(f"other relations: {len(found)} questions of another relation asked of a record's subject")
+        sources.append((found, theirs))
+    texts, own = [], [[] for _ in learned]                                       # per record, its negatives' rows
+    for found, theirs in sources:
         texts, own = texts + found, [a + [len(texts) + j for j in b] for a, b in zip(own, theirs)]
     hard = (features(texts), own) if texts else None
     key = Key(editor.model.config.hidden_size, args.layer, args.dim, learned=not args.untrained)
@@ -295,9 +306,7 @@ def routing(args: argparse.Namespace) -> None:
     others = [q for r in records[:args.stored] for q, _ in r.others]      # RS's questions: none concerns an edit
     if others and key.gated is not None:
         with torch.no_grad():
-            sims = key(features(others)) @ key(p).T                              # (Q, N)
-        gate = Subjects(subjects)
-        passed = gate.mask(others) & (sims >= torch.where(gate.has_subject(), key.gated, key.threshold))
+            passed = key.passes(key(features(others)) @ key(p).T, Subjects(subjects), others)   # (Q, N)
         print(f"the {len(others)} other questions of the {len(p)} edits' subjects (RS): "
               f"{passed.any(1).float().mean():.3f} routed to an edit")
 

@@ -32,6 +32,7 @@ from contextlib import contextmanager
 import torch
 
 from checkpoint import atomic_save
+from data import same_prompt
 from editor import as_fact, sha256
 from hooks import Routing, grad_decomposition, routed, routed_edit
 from gate import Subjects, contains
@@ -77,11 +78,6 @@ def bytes_per_edit(keys: torch.Tensor, a: dict, b: dict, mean_rank: float) -> fl
     """An edit's key and its update's terms, in bytes (a live memory's or a file's arrays)."""
     term = sum(x.shape[1] * x.element_size() for d in (a, b) for x in d.values())
     return keys.shape[1] * keys.element_size() + mean_rank * term
-
-
-def same_prompt(prompt: str) -> str:
-    """What makes two facts' prompts one question: the same words, as written, whatever the spacing."""
-    return " ".join(prompt.split())
 
 
 def standing(prompts: list[str]) -> list[bool]:
@@ -233,18 +229,12 @@ class EditMemory:
 
     @torch.no_grad()
     def routes_of(self, f: torch.Tensor, texts: list[str] | None) -> torch.Tensor:
-        """f(q) (B, C) and the queries' texts -> the candidate of the best key at cosine ≥ its τ, or −1
-        (B,) long. Without texts (a model fed embeddings) or a gated τ (a key learned before the gate),
-        the key alone decides, at τ."""
+        """f(q) (B, C) and the queries' texts -> the candidate of the best key at cosine ≥ its τ (Key.passes),
+        or −1 (B,) long."""
         if self.n == 0:
             return torch.full((len(f),), -1)
         sims = self.key(f) @ self.keys[:self.n].T                                 # (B, n)
-        has = self.subjects.has_subject()[:self.n]                                # (n,)
-        if texts is None or self.key.gated is None:
-            passed = sims >= self.key.threshold
-        else:
-            passed = self.subjects.mask(texts) & (sims >= torch.where(has, self.key.gated, self.key.threshold))
-        passed &= self.live[:self.n]                                              # a replaced fact is never served
+        passed = self.key.passes(sims, self.subjects, texts) & self.live[:self.n]  # a replaced fact: never served
         best = sims.masked_fill(~passed, -torch.inf).max(1)
         return torch.where(passed.any(1), best.indices, -1)
 
