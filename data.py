@@ -296,6 +296,13 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
+def chat_text(tokenizer, prompt: str) -> str:
+    """prompt as a user's message in the tokenizer's chat template (its default system prompt, if any,
+    before it), the assistant's reply to follow: how an instruct model is asked (evaluate.py --chat)."""
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def tokenize(tokenizer, prompts: list[str], targets: list[str], bos: bool | None = None,
              max_len: int = 128, joins: list[str] | None = None) -> list[tuple[list[int], int]]:
     """Per text, the token ids of prompt + " " + target and where the answer starts (host lists).

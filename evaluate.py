@@ -16,6 +16,8 @@ case's edits together, then its multi-hop questions.
     python evaluate.py --ckpt out/ibke/best.pt --sequential memory --limit 10000 --memory out/ibke/cf.mem
                                   # lifelong: 10,000 edits kept in an edit memory (memory.py), then all measured
     python evaluate.py --ckpt out/ibke/best.pt --sequential merge --limit 100   # each ΔW written into the weights
+    python evaluate.py --ckpt out/ibke/best.pt --sequential memory --limit 1000 --memory out/ibke/cf1000.mem \
+        --generate --chat             # free generation, each question asked in the model's chat template
     python evaluate.py --ckpt out/ibke/best.pt --method alphaedit --sequential merge --limit 1000 --edits-per-batch 100
 
 The metrics (ES, GS, LS, F1, EM, ES_p, PS_p, NS_p, MH) are defined in metrics.py. Results are
@@ -94,7 +96,7 @@ def sequential(args: argparse.Namespace, loaded: Editor, records: list[EditReque
         if args.generate:                                    # free generation, every edit kept and routed
             free = [g for i in tqdm(range(0, T, 16), desc="generation", leave=False)
                     for g in generation(runner, lambda _: memory.serving(not args.hold), records[i:i + 16],
-                                        unedited=unedited)]
+                                        unedited=unedited, chat=args.chat)]
             unedited.save()
             results = [r | g for r, g in zip(results, free)]
         if records[0].questions:                             # MQuAKE: each case's questions, every case's edits kept
@@ -163,6 +165,7 @@ def check_args(args: argparse.Namespace) -> None:
              (args.ft_steps >= 1, f"--ft-steps {args.ft_steps}: give at least 1"),
              (not args.hold or args.sequential == "memory", "--hold is for --sequential memory (its served edits)"),
              (args.subjects == "given" or args.sequential == "memory", "--subjects is for --sequential memory"),
+             (not args.chat or args.generate, "--chat is for --generate (free generation in the chat template)"),
              (not args.generate or args.sequential != "merge",
               "--generate with --sequential merge: the unedited model is gone from the weights; use memory"),
              (0 < args.ft_lr < FLOAT32_MAX, f"--ft-lr {args.ft_lr}: give a positive learning rate below 3.4e38 "
@@ -234,6 +237,9 @@ def main() -> None:
                         "updates are truncated for this run (a rank curve; README: Compact updates)")
     parser.add_argument("--generate", action="store_true",
                         help="also free generation: gen_ES, gen_GS, gen_LS, gen_F1, fluency, gen_old (metrics.py)")
+    parser.add_argument("--chat", action="store_true",
+                        help="--generate: ask every prompt as a user's message in the model's chat template (an "
+                             "instruct model's way; metrics.py)")
     parser.add_argument("--hold", action="store_true",
                         help="--sequential memory, generating: a row's edit stays on for the whole continuation "
                              "(default: it steps aside once the generated text names its answer; memory.serving)")
@@ -271,6 +277,9 @@ def evaluate(args: argparse.Namespace) -> None:
             records = splits[args.split]
     except (DataError, ModelError, CheckpointError) as err:
         raise SystemExit(f"error: {err}")
+    if args.chat and not getattr(tokenizer, "chat_template", None):
+        raise SystemExit(f"error: --chat: the tokenizer of {args.model or ckpt['model']} has no chat template; "
+                         f"leave --chat out")
     names = list(hypernet.shapes)
     if args.method in PEERS:
         try:
@@ -383,7 +392,8 @@ def run_batches(args, batches, runner, editor, data_name, partial, signature, un
                 results, seconds, deltas = measure(runner, editor, batch)
                 edited = lambda *_: functional_edit(runner.model, deltas)
             if args.generate:                                    # free generation, the same edit applied
-                free = generation(runner, lambda owners: edited(None, owners), batch, unedited=unedited)
+                free = generation(runner, lambda owners: edited(None, owners), batch, unedited=unedited,
+                                  chat=args.chat)
                 unedited.save()
                 results = [r | g for r, g in zip(results, free)]
             line = {"results": results, "seconds": seconds, "edits": len(batch)}

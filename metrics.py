@@ -24,6 +24,8 @@ Free generation (evaluate.py --generate), greedy, per record, then averaged:
        its words (`ngram_entropy`); fluency_drop: the unedited model's on the same prompts minus it
   gen_old  those 50 tokens name the old answer (records that have one), as gen_ES names the new: the
        text takes the edit back (the unedited model's rate: --method none)
+  --chat   every prompt above asked as a user's message in the model's chat template, the reply read
+       as far as the prompt's length in tokens more (it may say the question again before answering)
 
 Prompts keep their last 128 tokens, answers their first 32 (data.MAX_ANSWER). METHOD.md §4.
 
@@ -41,7 +43,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from data import EditRequest
+from data import EditRequest, chat_text
 from gate import contains
 from hooks import factors, functional_edit, routed
 from losses import answer_nll
@@ -359,24 +361,28 @@ class Continuations:
 
 
 def generation(runner: Runner, edited: Callable, records: list[EditRequest], extra: int = 3, fluent: int = 50,
-               unedited: Continuations | None = None) -> list[dict]:
+               unedited: Continuations | None = None, chat: bool = False) -> list[dict]:
     """Per record, the free-generation scores (the docstring's gen_ES, gen_GS, gen_LS, fluency): the
     unedited model's continuations first (from `unedited` where it has them), then the same prompts in
-    the same batches inside `edited(their records)` (a context)."""
+    the same batches inside `edited(their records)` (a context). chat: each prompt asked as a user's
+    message in the chat template (data.chat_text); the reply is read as far as the prompt's length in
+    tokens beyond the cap, room for it to say the question again before the answer."""
     model, tok, unedited = runner.model, runner.tokenizer, unedited or Continuations()
     asked = [(i, kind, q, r.target) for i, r in enumerate(records)
              for kind, q in [("gen_ES", r.prompt)] + [("gen_GS", g) for g, _ in r.generality]]
     kept = [(i, "gen_LS", q, a) for i, r in enumerate(records) for q, a in r.locality]
-    cap = [len(tok(" " + a, add_special_tokens=False)["input_ids"]) + extra for *_, a in asked + kept]
+    length = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
+    cap = [length(" " + a) + extra + (length(q) if chat else 0) for _, _, q, a in asked + kept]
     n_new = max(cap, default=1)
+    texts = lambda pairs: [chat_text(tok, q) if chat else q for _, _, q, _ in pairs]
 
     def run(pairs):
-        return greedy(model, tok, [q for _, _, q, _ in pairs], n_new) if pairs else []
-    pre_kept = unedited(model, tok, [q for _, _, q, _ in kept], n_new) if kept else []
-    pre_fluent = unedited(model, tok, [q for _, _, q, _ in asked], fluent)
+        return greedy(model, tok, texts(pairs), n_new) if pairs else []
+    pre_kept = unedited(model, tok, texts(kept), n_new) if kept else []
+    pre_fluent = unedited(model, tok, texts(asked), fluent)
     with edited([i for i, *_ in asked]):
         post_asked = run(asked)
-        post_fluent = greedy(model, tok, [q for _, _, q, _ in asked], fluent)
+        post_fluent = greedy(model, tok, texts(asked), fluent)
     with edited([i for i, *_ in kept]):
         post_kept = run(kept)
     results = [{"gen_ES": [], "gen_GS": [], "gen_LS": [], "fluency": [], "fluency_pre": [], "gen_old": []}
