@@ -7,10 +7,12 @@ word of a name that runs on ("Paris Hilton" does not name Paris, nor "iPhone 4s"
 query is in Title Case).
 A neighbour asks the edit's question of another subject, so the gate rejects it however alike the
 model's states are; edits stored without a subject pass the gate for every query. Among the candidates
-the key (key.py) decides.
+the key (key.py) decides. Both tests read a query's own words: in a chat (the tokenizer's chat
+template) the last user message, not the system prompt and turn markers around it (`Chat`).
 
     python key.py routing --ckpt out/ibke/best.pt     # rephrases and neighbours routed, with and without the gate
 """
+import functools
 import re
 
 import torch
@@ -152,3 +154,94 @@ def asks_another(records) -> list[bool]:
     gate = Subjects([r.subject for r in records])
     return [any(j != i and (records[j].prompt == q or records[j].old_target == a)
                 for q, a in r.locality for j in gate.named(q)) for i, r in enumerate(records)]
+
+
+# -----------------------------------------------------------------------------
+# a query's own words: the last user message of a chat
+
+def find(row: list[int], part: tuple[int, ...], start: int = 0, last: bool = False) -> int:
+    """Where `part` begins in row (its first occurrence from `start`, or its last), or -1."""
+    at = [i for i in range(start, len(row) - len(part) + 1) if tuple(row[i:i + len(part)]) == part]
+    return (at[-1] if last else at[0]) if at else -1
+
+
+class Chat:
+    """Which tokens of a query are its own words. A chat, in the tokenizer's template, wraps the question
+    in a system prompt and turn markers ("<|im_start|>system\nYou are a helpful AI assistant …<|im_end|>\n
+    <|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n"): averaged over all of it, the
+    states are the system prompt's as much as the question's (the key then finds an edit from a rephrase
+    two times in three), so routing reads the tokens of the last user message. A text without the
+    markers, or a tokenizer without a template, is read whole."""
+
+    def __init__(self, tokenizer):
+        self.opens = self.closes = None                                  # token ids, found in the template
+        one, two = "Where is Qx1?", "Qx2 is there."                      # placeholder messages
+        try:
+            first = tokenizer.apply_chat_template([{"role": "user", "content": one}], tokenize=False,
+                                                  add_generation_prompt=True)
+            turns = tokenizer.apply_chat_template([{"role": "user", "content": one}, {"role": "assistant", "content": two},
+                                                   {"role": "user", "content": one}], tokenize=False,
+                                                  add_generation_prompt=True)
+        except Exception:                                                # no template, or one that asks other turns
+            return
+        if first.count(one) != 1 or turns.count(one) != 2 or turns.count(two) != 1:
+            return
+        before, after = first.split(one)
+        between, replying = turns.split(two)[1].split(one)[0], turns.split(one)[1].split(two)[0]
+        opens = before[len(before) - common(before[::-1], between[::-1]):]    # what begins a user message
+        closes = after[:common(after, replying)]                              # what ends it
+        ids = lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
+        row, asked = ids(first), ids(one)
+        s = find(list(row), asked)
+        if s < 0 or not opens or not closes:
+            return
+        e = s + len(asked)                                    # the markers as tokenised in context: plain-text
+        self.opens = ids(opens)[len(ids(opens)) - common(row[:s][::-1], ids(opens)[::-1]):]   # ones may merge
+        self.closes = ids(closes)[:common(row[e:], ids(closes))]                              # with what is beside
+        if not (self.opens and self.closes and self.span(list(row)) == (s, e)):
+            self.opens = self.closes = None
+
+    def span(self, row: list[int]) -> tuple[int, int]:
+        """[start, end) of the row's own words: after the last opening of a user message, to its close."""
+        start = find(row, self.opens, last=True) if self.opens else -1
+        if start < 0:
+            return 0, len(row)
+        start += len(self.opens)
+        end = find(row, self.closes, start)
+        end = end if end >= 0 else len(row)
+        return (start, end) if start < end else (0, len(row))             # an empty message: the whole text
+
+    def mask(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask (B, T) of these ids (B, T) kept on each row's own words only (same device)."""
+        if self.opens is None:
+            return mask
+        kept = torch.zeros(mask.shape, dtype=torch.bool)
+        for i, row in enumerate(ids.tolist()):
+            kept[i, slice(*self.span(row))] = True
+        return mask * kept.to(mask.device)
+
+    def text(self, tokenizer, text: str) -> str:
+        """The text's own words (a text without the markers, whole)."""
+        if self.opens is None:
+            return text
+        row = tokenizer(text, add_special_tokens=False)["input_ids"]
+        start, end = self.span(row)
+        return text if (start, end) == (0, len(row)) else tokenizer.decode(row[start:end])
+
+
+def common(a, b) -> int:
+    """The length of the longest common prefix of a and b (strings or token tuples)."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def chat(tokenizer) -> Chat:
+    """The tokenizer's Chat, read off its template once (again if the template is changed)."""
+    return _chat(tokenizer, str(getattr(tokenizer, "chat_template", None)))
+
+
+@functools.cache
+def _chat(tokenizer, template: str) -> Chat:
+    return Chat(tokenizer)

@@ -6,6 +6,7 @@ on its words, the second on the model's states:
     subject among its words, as a name of its own; edits stored without a subject are candidates always.
   - the key, computed from the hidden states entering block `layer` over the prompt's tokens:
     f(q) = mean_t x_t                             (C,)   the prompt's states, averaged over its tokens
+                                                         (its own: a chat's last user message, gate.Chat)
     k(q) = normalise(W (f(q) − μ) / σ)            (k,)   μ, σ: the train prompts'; W learned (or identity)
 A query goes to the candidate e of the largest k(q)·k_e when that cosine is ≥ τ_gated (e has a subject)
 or ≥ τ (it has none), else to no edit. W is trained on the train split only, contrastively: a prompt and
@@ -33,8 +34,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from checkpoint import atomic_save
-from data import pad, relations, tokenize
-from gate import Subjects, asks_another, hard_negatives
+from data import chat_text, pad, relations, tokenize
+from gate import Subjects, asks_another, chat, hard_negatives
 from model import blocks_path
 from runner import hidden_before, to_device
 
@@ -55,7 +56,8 @@ def pooled(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def prompt_features(model: nn.Module, tokenizer, prompts: list[str], layer: int, batch_size: int = 64,
                     progress: bool = False) -> torch.Tensor:
-    """f(q) for each prompt: the mean of the states entering block `layer` over its tokens (N, C) float32, host."""
+    """f(q) for each prompt: the mean of the states entering block `layer` over its own words (gate.Chat: a
+    chat's last user message, else every token) (N, C) float32, host."""
     rows = tokenize(tokenizer, prompts, [""] * len(prompts))                 # the prompt alone, as a query
     out = torch.zeros(len(prompts), model.config.hidden_size)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
@@ -64,7 +66,7 @@ def prompt_features(model: nn.Module, tokenizer, prompts: list[str], layer: int,
         part = pad([rows[i] for i in idx], tokenizer.pad_token_id)
         mask = to_device(part["attention_mask"], model.device)
         x = hidden_before(model, layer, to_device(part["input_ids"], model.device), mask).float()   # (b, T, C)
-        out[idx] = pooled(x, mask).cpu()
+        out[idx] = pooled(x, chat(tokenizer).mask(part["input_ids"], mask)).cpu()
     return out
 
 
@@ -303,6 +305,12 @@ def routing(args: argparse.Namespace) -> None:
                   f"rephrase top-1 {s['top1']:.3f}, routed {s['routed']:.3f}, neighbours rejected {s['rejected']:.3f} "
                   f"({s['rejected_unasked']:.3f} of the {int(unasked.sum())} that ask no stored edit's question) "
                   f"at τ{'_gated' if gated else ''} = {s['threshold']:.3f}")
+    tok = editor.tokenizer
+    if getattr(tok, "chat_template", None) and key.gated is not None:     # as an instruct model is asked
+        asked = [features([chat_text(tok, q) for q in texts]) for texts in queries[2:]]
+        s = scores(key, (p, subjects), (*asked, *queries[2:]), key.gated, True, unasked)
+        print(f"the same asked in the chat template, among {len(p)}, gated: rephrase top-1 {s['top1']:.3f}, "
+              f"routed {s['routed']:.3f}, neighbours rejected {s['rejected']:.3f}")
     others = [q for r in records[:args.stored] for q, _ in r.others]      # RS's questions: none concerns an edit
     if others and key.gated is not None:
         with torch.no_grad():

@@ -35,7 +35,7 @@ from checkpoint import atomic_save
 from data import same_prompt
 from editor import as_fact, sha256
 from hooks import Routing, grad_decomposition, routed, routed_edit
-from gate import Subjects, contains
+from gate import Subjects, chat, contains
 from key import Key, MemoryFileError, load_key, pooled, prompt_features
 from metrics import Apart, per_row
 from model import blocks_path
@@ -224,8 +224,9 @@ class EditMemory:
     @torch.no_grad()
     def route(self, prompts: list[str]) -> torch.Tensor:
         """The stored edit each prompt concerns, or −1 (N,) long."""
-        f = prompt_features(self.editor.model, self.editor.tokenizer, prompts, self.key.layer)
-        return self.routes_of(f, prompts)
+        tok = self.editor.tokenizer
+        f = prompt_features(self.editor.model, tok, prompts, self.key.layer)
+        return self.routes_of(f, [chat(tok).text(tok, p) for p in prompts])
 
     @torch.no_grad()
     def routes_of(self, f: torch.Tensor, texts: list[str] | None) -> torch.Tensor:
@@ -292,9 +293,10 @@ class EditMemory:
                 return
             x = (args[0] if args else kwargs["hidden_states"]).float()            # (B, T, C)
             mask = seen["mask"][:, -x.shape[1]:].to(x.dtype)                      # (B, T)
-            ids = seen["ids"]                                                     # the gate reads the words
-            texts = None if ids is None else [tok.decode(i[m.bool()]) for i, m in
-                                              zip(ids.cpu(), seen["mask"][:, -ids.shape[1]:].cpu())]
+            ids = seen["ids"]                                                     # both tests read its own words
+            if ids is not None:
+                mask = chat(tok).mask(ids, mask)
+            texts = None if ids is None else [tok.decode(i[m.bool()]) for i, m in zip(ids.cpu(), mask.cpu())]
             seen["routing"].routes = self.routes_of(pooled(x, mask).cpu(), texts)  # f(q) (B, C) -> (B,)
             seen["routing"].select(None)
             seen["written"], seen["edit"] = [[] for _ in texts or x], seen["routing"].routes.clone()

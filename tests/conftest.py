@@ -45,6 +45,12 @@ def reorder_rtol(width: int, depth: int, dtype=torch.float32) -> float:
     return 4 * math.sqrt(width) * depth * torch.finfo(dtype).eps
 
 
+# a ChatML template with a default system prompt, its markers plain text to the GPT-2 tokenizer
+CHATML = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant who answers "
+          "every question.<|im_end|>\n{% endif %}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+          "{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
 def tiny(kind: str, dtype=torch.float32, init: float = 0.02):
     """init: weight std; 0.02 (HF's default) gives near-uniform logits that edits barely move."""
     torch.manual_seed(0)

@@ -13,17 +13,17 @@ import sys
 import pytest
 import torch
 
-from conftest import DATA_DIR, ROOT, reorder_rtol, run, start, tiny, wait_for
-from data import load
+from conftest import CHATML, DATA_DIR, ROOT, reorder_rtol, run, start, tiny, wait_for
+from data import chat_text, load
 from editor import Editor, Fact, no_editor
 from evaluate import sequential
 from hooks import functional_edit, grad_decomposition
-from gate import Subjects, asks_another, guess_subject, hard_negatives, words
-from key import Key, MemoryFileError, load_key, other_relations, prompt_features, train_key
+from gate import Subjects, asks_another, chat, guess_subject, hard_negatives, words
+from key import Key, MemoryFileError, load_key, other_relations, pooled, prompt_features, train_key
 import memory as memory_py
 from memory import RANKS, SLACK, EditMemory, fitted_ranks, low_rank, read_file
 from model import edit_module_names
-from runner import Runner
+from runner import Runner, hidden_before
 
 FACT = Fact("The Eiffel Tower is in", "Rome")
 OTHER = "The Colosseum is in the city of"
@@ -657,3 +657,68 @@ def test_a_guessed_subject_passes_its_own_prompts_gate():
     gate = Subjects(guesses)
     for texts in ([r.prompt for r in records], [r.generality[0][0] for r in records]):
         assert bool(gate.mask(texts).diagonal().all())
+
+
+def test_a_chat_is_read_by_its_last_user_message(gpt2_tokenizer, monkeypatch):
+    """gate.Chat finds a user message's opening and closing in the template (here plain BPE pieces, not
+    special tokens), and reads the last one; a text without them, or a tokenizer without a template, whole."""
+    monkeypatch.setattr(gpt2_tokenizer, "chat_template", CHATML)
+    one = chat_text(gpt2_tokenizer, "Where is the Eiffel Tower?")
+    turns = gpt2_tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell me of Paris."},
+         {"role": "assistant", "content": "It is in France."}, {"role": "user", "content": "And the Louvre?"}],
+        tokenize=False, add_generation_prompt=True)
+    reads = chat(gpt2_tokenizer)
+    assert [reads.text(gpt2_tokenizer, t) for t in [one, turns, "The Eiffel Tower is in"]] == [
+        "Where is the Eiffel Tower?", "And the Louvre?", "The Eiffel Tower is in"]
+    ids = gpt2_tokenizer([one, "The Eiffel Tower is in"], return_tensors="pt", padding=True)
+    kept = reads.mask(ids["input_ids"], ids["attention_mask"])
+    assert gpt2_tokenizer.decode(ids["input_ids"][0][kept[0].bool()]) == "Where is the Eiffel Tower?"
+    assert torch.equal(kept[1], ids["attention_mask"][1])                      # a plain text: every real token
+    monkeypatch.setattr(gpt2_tokenizer, "chat_template", None)                 # read again, not kept from above
+    assert chat(gpt2_tokenizer).text(gpt2_tokenizer, one) == one
+
+
+def test_a_question_asked_in_a_chat_is_keyed_by_its_own_tokens(editor, monkeypatch):
+    """The key of a chat is the mean of the states over the question's tokens alone (not the system prompt's
+    14 words and the markers), and serving routes a chat as route() does; the gate reads the question."""
+    monkeypatch.setattr(editor.tokenizer, "chat_template", CHATML)
+    tok, memory = editor.tokenizer, EditMemory(editor, untrained_key(editor, threshold=0.9))
+    memory.key.gated = -1.0                                                    # the subject alone decides
+    memory.add([Fact(FACT.prompt, FACT.target, "Eiffel Tower"), Fact("The Louvre is in", "Berlin", "Louvre")])
+    asked = [chat_text(tok, p) for p in [FACT.prompt, "The Louvre is in", OTHER]]
+    ids = tok(asked, return_tensors="pt", padding=True)
+    x = hidden_before(editor.model, 1, ids["input_ids"], ids["attention_mask"]).float()
+    own = torch.zeros(ids["input_ids"].shape)
+    for i, q in enumerate([FACT.prompt, "The Louvre is in", OTHER]):
+        n = len(tok(q)["input_ids"])
+        start = next(s for s in range(len(own[i])) if tok.decode(ids["input_ids"][i, s:s + n]) == q)
+        own[i, start:start + n] = 1
+    assert torch.equal(prompt_features(editor.model, tok, asked, 1), pooled(x, own))
+    assert memory.route(asked).tolist() == [0, 1, -1]                         # "You are a helpful assistant"
+    with memory.applied(memory.route(asked)):                                  # names no subject
+        routed = logits(editor, asked)
+    with memory.serving():
+        assert torch.equal(logits(editor, asked), routed)
+
+
+@pytest.mark.slow
+def test_smollm2_chats_find_their_edit_by_the_question(smollm, data_dir, monkeypatch):
+    """The real model and its own template (special tokens, a default system prompt of 14 words): CounterFact
+    rephrases asked in a chat find their prompt's key (untrained, layer 4, among 200) 0.71 of the time by the
+    question's tokens, 0.20 by the whole text (plainly: 0.90). Deterministic but for the order of sums; the
+    bounds sit between the two figures."""
+    model, tok = smollm
+    records = [r for r in load("counterfact", data_dir)["eval"] if r.generality][:200]
+    key = Key(model.config.hidden_size, layer=4, learned=False)
+    f = prompt_features(model, tok, [r.prompt for r in records], 4)
+    train_key(key, f, f, f)
+    asked = [chat_text(tok, r.generality[0][0]) for r in records]
+    assert chat(tok).text(tok, asked[0]) == records[0].generality[0][0]
+
+    def found():
+        q = key(prompt_features(model, tok, asked, 4))
+        return float(((q @ key(f).T).argmax(1) == torch.arange(len(records))).float().mean())
+    assert found() > 0.6
+    monkeypatch.setattr(type(chat(tok)), "mask", lambda self, ids, mask: mask)    # the whole text, as before
+    assert found() < 0.3

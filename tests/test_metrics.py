@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from conftest import tiny
-from data import EditRequest
+from conftest import CHATML, tiny
+from data import EditRequest, chat_text
 from data import load
 from editor import no_editor
 from gate import contains
@@ -219,6 +219,24 @@ def test_gen_old_counts_continuations_that_name_the_old_answer(gpt2_tokenizer, m
     monkeypatch.setattr("metrics.greedy", lambda model, tok, prompts, k: [tok(written)["input_ids"]] * len(prompts))
     scores = generation(runner, lambda _: contextlib.nullcontext(), records, fluent=12)
     assert scores[0]["gen_old"] == old and "gen_old" not in scores[1]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_chat_asks_each_prompt_in_the_template_and_reads_a_restated_answer(gpt2_tokenizer, monkeypatch, chat):
+    """--chat: every prompt goes to the model as a user's message in the chat template, and a reply that
+    says the question again before the answer still names it (the cap is the prompt's length longer)."""
+    monkeypatch.setattr(gpt2_tokenizer, "chat_template", CHATML)
+    runner, records = two_records(gpt2_tokenizer)
+    asked = []
+
+    def greedy(model, tok, prompts, k):
+        asked.extend(prompts)
+        return [tok(" The capital of France is Rome.")["input_ids"]] * len(prompts)
+    monkeypatch.setattr("metrics.greedy", greedy)
+    scores = generation(runner, lambda _: contextlib.nullcontext(), records[:1], fluent=12, chat=chat)
+    wanted = ["The capital of France is", "France's capital city is", "The Eiffel Tower is in", "Berlin is in"]
+    assert set(asked) == {chat_text(gpt2_tokenizer, q) if chat else q for q in wanted}
+    assert scores[0]["gen_ES"] == float(chat)                     # " Rome" + 3 tokens: " The capital of France"
 
 
 def test_unedited_continuations_are_kept_for_the_next_run(gpt2_tokenizer, tmp_path):

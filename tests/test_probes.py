@@ -128,6 +128,8 @@ EVALUATE_ARGS = [
     (["--skip", "20000"], "--skip 20000 leaves no records of counterfact eval (10000 in all)"),
     (["--data", "mquake", "--split", "train"], "mquake has no train split (it has: eval)"),
     (["--sequential", "merge", "--generate"], "--generate with --sequential merge"),
+    (["--chat"], "--chat is for --generate"),
+    (["--generate", "--chat"], "--chat: the tokenizer of"),
     (["--method", "ft", "--ft-lr", "1e300"], "--ft-lr 1e+300: give a positive learning rate below 3.4e38"),
 ]
 
