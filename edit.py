@@ -9,12 +9,15 @@ Edit your own facts with a trained editor: see what the model says before and af
     python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --subject "Eiffel Tower" --memory facts.mem
                                                                   # kept in an edit memory
     python edit.py --ckpt out/ibke/best.pt --facts facts.jsonl --memory facts.mem   # thousands: ~18 a second
+    python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --memory facts.mem --chat \
+        --ask "Where is the Eiffel Tower?"                        # the replies of an instruct model, asked in a chat
 
 A fact file is a JSON list or JSON lines of {"prompt", "target"}, each with optional "subject",
 "rephrase" and "locality" (a prompt or a list of them): rephrases should take the new answer,
 locality prompts should not change. For the first --show facts' prompts, rephrases and locality
 prompts, and each --ask prompt, the model's greedy continuation before and after the edit is printed
-side by side, with P(target) before and after on the facts' prompts and rephrases. All facts are written as one
+side by side (--chat: the replies to each asked in the model's chat template), with P(target) before and
+after on the facts' prompts and rephrases. All facts are written as one
 edit (the editor's own way of combining a batch). --save DIR writes the edited model, W + ΔW merged,
 as a Hugging Face folder that transformers loads with no code from here, and DIR/edits.json.
 A fact's subject (--subject, or "subject" in the file: whom the fact is about, as the prompt writes it)
@@ -33,7 +36,7 @@ import time
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
-from data import same_prompt
+from data import chat_text, same_prompt
 from rundir import RunLock
 from editor import Editor, Fact, as_fact
 from gate import Subjects, guess_subject, words
@@ -94,10 +97,11 @@ def check_fact(item) -> str | None:
 
 
 def show(editor: Editor, facts: list[Fact], asks: list[str], deltas: dict | None, max_new_tokens: int,
-         limit: int, memory=None) -> None:
+         limit: int, memory=None, chat: bool = False) -> None:
     """Before and after, side by side, for the first `limit` facts and the asks: continuations of every
-    prompt; P(target) where a target applies. After: with the edit applied (deltas), or through the memory
-    (each prompt routed by its own key)."""
+    prompt (chat: the replies to each asked as a user's message in the chat template); P(target) where a
+    target applies. After: with the edit applied (deltas), or through the memory (each prompt routed by its
+    own key)."""
     if len(facts) > limit:
         print(f"before and after for the first {limit} of the {len(facts)} facts (--show N for more)")
         facts = facts[:limit]
@@ -107,7 +111,7 @@ def show(editor: Editor, facts: list[Fact], asks: list[str], deltas: dict | None
     if not rows:
         return
     print()
-    prompts = [p for _, p, _ in rows]
+    prompts = [chat_text(editor.tokenizer, p) if chat else p for _, p, _ in rows]
     scored = [(p, t) for _, p, t in rows if t is not None]
     before = editor.generate(prompts, max_new_tokens)
     p_before = editor.probability(*zip(*scored)) if scored else []
@@ -140,7 +144,11 @@ def main() -> None:
     parser.add_argument("--save", default=None, metavar="DIR",
                         help="write the edited model (W + ΔW) and edits.json to DIR (new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="--save into a non-empty DIR, replacing it")
-    parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens of each greedy continuation")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens of each greedy continuation (default: 8; 32 with --chat)")
+    parser.add_argument("--chat", action="store_true",
+                        help="show the replies to each prompt asked as a user's message in the model's chat template "
+                             "(an instruct model's way; P(target) stays on the prompt itself)")
     parser.add_argument("--show", type=int, default=10, metavar="N",
                         help="show before and after for the first N facts (and every --ask)")
     parser.add_argument("--memory", default=None, metavar="FILE",
@@ -157,6 +165,7 @@ def main() -> None:
     add_device_args(parser, dtype_default=None)
     args = parser.parse_args()
     start = time.perf_counter()
+    args.max_new_tokens = args.max_new_tokens or (32 if args.chat else 8)
     if args.memory and args.save:
         raise SystemExit("error: --memory keeps the facts in FILE, unmerged; --save writes a merged model: give one of "
                          "them")
@@ -180,6 +189,9 @@ def main() -> None:
         editor = Editor.load(args.ckpt, args.device, args.model, args.dtype)
     except (CheckpointError, ModelError) as err:
         raise SystemExit(f"error: {err}")
+    if args.chat and not getattr(editor.tokenizer, "chat_template", None):
+        raise SystemExit(f"error: --chat: the tokenizer of {args.model or editor.ckpt['model']} has no chat template; "
+                         f"leave --chat out")
     guessed = [f for f in facts if f.subject is None and args.memory]
     for f in facts:
         if f.subject is None:                                          # a merged edit has no use for one
@@ -207,14 +219,14 @@ def main() -> None:
         if now:
             shown = ", ".join(f"{f['prompt']!r} -> {f['target']!r}" for f in now[:5]) + (", …" if len(now) > 5 else "")
             print(f"{len(now)} stored fact(s) replaced by a new one with the same prompt (no longer served): {shown}")
-        show(editor, facts, args.ask, None, args.max_new_tokens, args.show, memory)
+        show(editor, facts, args.ask, None, args.max_new_tokens, args.show, memory, args.chat)
         return
     if len(facts) > editor.trained_n:
         print(f"note: {len(facts)} facts in one edit; this editor was trained on up to {editor.trained_n} at once, "
               f"so expect weaker edits (for many facts, keep them in an edit memory: --memory FILE)")
     deltas = editor.edit(facts)
     print(f"{len(facts)} fact(s) edited in {time.perf_counter() - start:.1f}s (from the command's start)")
-    show(editor, facts, args.ask, deltas, args.max_new_tokens, args.show)
+    show(editor, facts, args.ask, deltas, args.max_new_tokens, args.show, chat=args.chat)
     if args.save:
         try:
             editor.save(args.save, deltas, facts, overwrite=args.overwrite)

@@ -7,7 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import DATA_DIR, TINY_EDITOR, reorder_rtol, run
+from conftest import CHATML, DATA_DIR, TINY_EDITOR, reorder_rtol, run
+from data import chat_text
+from edit import show
 from editor import Editor, Fact
 
 FACT = Fact("The Eiffel Tower is in", "Rome", rephrase=["The Eiffel Tower is located in the city of"],
@@ -90,6 +92,21 @@ def test_edit_py_shows_before_and_after_and_saves(trained, tmp_path):
     assert "[rephrase] A lies in" in out.stdout and "[locality] C is in" in out.stdout
 
 
+def test_chat_shows_the_replies_to_each_prompt_asked_in_the_template(trained, monkeypatch, capsys):
+    """--chat: before and after are the replies to each prompt asked as a user's message; P(target) is read
+    on the prompt itself."""
+    editor = Editor.load(str(trained[0] / "b" / "best.pt"))
+    monkeypatch.setattr(editor.tokenizer, "chat_template", CHATML)
+    asked, scored = [], []
+    monkeypatch.setattr(editor, "generate", lambda prompts, n: asked.extend(prompts) or ["x"] * len(prompts))
+    monkeypatch.setattr(editor, "probability", lambda prompts, targets, edited=None: scored.extend(prompts)
+                        or [0.5] * len(prompts))
+    fact = Fact("The Eiffel Tower is in", "Rome")
+    show(editor, [fact], ["Where is the Eiffel Tower?"], editor.edit([fact]), 4, 10, chat=True)
+    assert asked == [chat_text(editor.tokenizer, q) for q in [fact.prompt, "Where is the Eiffel Tower?"]] * 2
+    assert scored == [fact.prompt] * 2 and "[ask] Where is the Eiffel Tower?" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args,content,message", [
     (["", "Rome"], None, '"prompt" must be a non-empty string'),
     (["The Eiffel Tower is in", " "], None, '"target" must be a non-empty string'),
@@ -107,6 +124,7 @@ def test_edit_py_shows_before_and_after_and_saves(trained, tmp_path):
     (["--memory", "m.mem", "a", "b"], None, "no key at"),
     (["--memory", "m.mem", "--save", "d", "a", "b"], None, "give one of them"),
     (["--memory", "m.mem", "--rank", "0", "a", "b"], None, "--rank 0: give at least 1"),
+    (["a", "b", "--chat"], None, "--chat: the tokenizer of"),                # GPT-2's has no chat template
 ])
 def test_edit_py_bad_input_gets_one_line(trained, tmp_path, args, content, message):
     if content is not None:
