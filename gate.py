@@ -176,12 +176,10 @@ class Chat:
     def __init__(self, tokenizer):
         self.opens = self.closes = None                                  # token ids, found in the template
         one, two = "Where is Qx1?", "Qx2 is there."                      # placeholder messages
+        user, assistant = {"role": "user", "content": one}, {"role": "assistant", "content": two}
         try:
-            first = tokenizer.apply_chat_template([{"role": "user", "content": one}], tokenize=False,
-                                                  add_generation_prompt=True)
-            turns = tokenizer.apply_chat_template([{"role": "user", "content": one}, {"role": "assistant", "content": two},
-                                                   {"role": "user", "content": one}], tokenize=False,
-                                                  add_generation_prompt=True)
+            first, turns = (tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+                            for c in ([user], [user, assistant, user]))
         except Exception:                                                # no template, or one that asks other turns
             return
         if first.count(one) != 1 or turns.count(one) != 2 or turns.count(two) != 1:
@@ -191,13 +189,13 @@ class Chat:
         opens = before[len(before) - common(before[::-1], between[::-1]):]    # what begins a user message
         closes = after[:common(after, replying)]                              # what ends it
         ids = lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
-        row, asked = ids(first), ids(one)
+        row, asked, opens, closes = ids(first), ids(one), ids(opens), ids(closes)
         s = find(list(row), asked)
-        if s < 0 or not opens or not closes:
+        if s < 0:
             return
-        e = s + len(asked)                                    # the markers as tokenised in context: plain-text
-        self.opens = ids(opens)[len(ids(opens)) - common(row[:s][::-1], ids(opens)[::-1]):]   # ones may merge
-        self.closes = ids(closes)[:common(row[e:], ids(closes))]                              # with what is beside
+        e = s + len(asked)                                     # the markers as tokenised in context (plain-text
+        self.opens = opens[len(opens) - common(row[:s][::-1], opens[::-1]):]  # ones may merge with a character
+        self.closes = closes[:common(row[e:], closes)]                        # beside them: ".<" in GPT-2's BPE)
         if not (self.opens and self.closes and self.span(list(row)) == (s, e)):
             self.opens = self.closes = None
 
