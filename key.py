@@ -310,7 +310,8 @@ def routing(args: argparse.Namespace) -> None:
         asked = [features([chat_text(tok, q) for q in texts]) for texts in queries[2:]]
         s = scores(key, (p, subjects), (*asked, *queries[2:]), key.gated, True, unasked)
         print(f"the same asked in the chat template, among {len(p)}, gated: rephrase top-1 {s['top1']:.3f}, "
-              f"routed {s['routed']:.3f}, neighbours rejected {s['rejected']:.3f}")
+              f"routed {s['routed']:.3f}, neighbours rejected {s['rejected']:.3f} ({s['rejected_unasked']:.3f} of "
+              f"the {int(unasked.sum())})")
     others = [q for r in records[:args.stored] for q, _ in r.others]      # RS's questions: none concerns an edit
     if others and key.gated is not None:
         with torch.no_grad():
