@@ -165,7 +165,8 @@ def main() -> None:
     add_device_args(parser, dtype_default=None)
     args = parser.parse_args()
     start = time.perf_counter()
-    args.max_new_tokens = args.max_new_tokens or (32 if args.chat else 8)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 32 if args.chat else 8
     if args.memory and args.save:
         raise SystemExit("error: --memory keeps the facts in FILE, unmerged; --save writes a merged model: give one of "
                          "them")

@@ -125,6 +125,7 @@ def test_chat_shows_the_replies_to_each_prompt_asked_in_the_template(trained, mo
     (["--memory", "m.mem", "--save", "d", "a", "b"], None, "give one of them"),
     (["--memory", "m.mem", "--rank", "0", "a", "b"], None, "--rank 0: give at least 1"),
     (["a", "b", "--chat"], None, "--chat: the tokenizer of"),                # GPT-2's has no chat template
+    (["a", "b", "--max-new-tokens", "0"], None, "--max-new-tokens 0: give at least 1"),
 ])
 def test_edit_py_bad_input_gets_one_line(trained, tmp_path, args, content, message):
     if content is not None:
