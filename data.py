@@ -296,6 +296,13 @@ def adds_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
 
 
+def no_chat(tokenizer, model: str) -> str | None:
+    """Why --chat cannot ask this model, or None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return f"--chat: the tokenizer of {model} has no chat template; leave --chat out"
+    return None
+
+
 def chat_text(tokenizer, prompt: str) -> str:
     """prompt as a user's message in the tokenizer's chat template (its default system prompt, if any,
     before it), the assistant's reply to follow: how an instruct model is asked (evaluate.py --chat)."""

@@ -36,7 +36,7 @@ import time
 from tqdm import tqdm
 
 from checkpoint import CheckpointError
-from data import chat_text, same_prompt
+from data import chat_text, no_chat, same_prompt
 from rundir import RunLock
 from editor import Editor, Fact, as_fact
 from gate import Subjects, guess_subject, words
@@ -190,9 +190,9 @@ def main() -> None:
         editor = Editor.load(args.ckpt, args.device, args.model, args.dtype)
     except (CheckpointError, ModelError) as err:
         raise SystemExit(f"error: {err}")
-    if args.chat and not getattr(editor.tokenizer, "chat_template", None):
-        raise SystemExit(f"error: --chat: the tokenizer of {args.model or editor.ckpt['model']} has no chat template; "
-                         f"leave --chat out")
+    problem = args.chat and no_chat(editor.tokenizer, args.model or editor.ckpt["model"])
+    if problem:
+        raise SystemExit(f"error: {problem}")
     guessed = [f for f in facts if f.subject is None and args.memory]
     for f in facts:
         if f.subject is None:                                          # a merged edit has no use for one

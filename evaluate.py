@@ -40,7 +40,7 @@ from tqdm import tqdm
 from baselines import PEERS, add_peer_args, peer_covariances, peer_editor, peer_problems
 from checkpoint import FLOAT32_MAX, CheckpointError
 from rundir import RunLock, check_folder, is_results, resumable, write_json
-from data import DataError, EditRequest, load, split_val
+from data import DataError, EditRequest, load, no_chat, split_val
 from editor import Editor, as_fact, ft_editor, ibke_editor, no_editor, sha256
 from hooks import functional_edit, merge, restore
 from gate import asks_another, guess_subject
@@ -277,9 +277,9 @@ def evaluate(args: argparse.Namespace) -> None:
             records = splits[args.split]
     except (DataError, ModelError, CheckpointError) as err:
         raise SystemExit(f"error: {err}")
-    if args.chat and not getattr(tokenizer, "chat_template", None):
-        raise SystemExit(f"error: --chat: the tokenizer of {args.model or ckpt['model']} has no chat template; "
-                         f"leave --chat out")
+    problem = args.chat and no_chat(tokenizer, args.model or ckpt["model"])
+    if problem:
+        raise SystemExit(f"error: {problem}")
     names = list(hypernet.shapes)
     if args.method in PEERS:
         try:

@@ -13,6 +13,7 @@ template) the last user message, not the system prompt and turn markers around i
     python key.py routing --ckpt out/ibke/best.pt     # rephrases and neighbours routed, with and without the gate
 """
 import functools
+import os
 import re
 
 import torch
@@ -186,6 +187,7 @@ class Chat:
             return
         before, after = first.split(one)
         between, replying = turns.split(two)[1].split(one)[0], turns.split(one)[1].split(two)[0]
+        common = lambda a, b: len(os.path.commonprefix([a, b]))          # strings or token tuples
         opens = before[len(before) - common(before[::-1], between[::-1]):]    # what begins a user message
         closes = after[:common(after, replying)]                              # what ends it
         ids = lambda text: tuple(tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -225,14 +227,6 @@ class Chat:
         row = tokenizer(text, add_special_tokens=False)["input_ids"]
         start, end = self.span(row)
         return text if (start, end) == (0, len(row)) else tokenizer.decode(row[start:end])
-
-
-def common(a, b) -> int:
-    """The length of the longest common prefix of a and b (strings or token tuples)."""
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
 
 
 def chat(tokenizer) -> Chat:

@@ -293,10 +293,10 @@ class EditMemory:
                 return
             x = (args[0] if args else kwargs["hidden_states"]).float()            # (B, T, C)
             mask = seen["mask"][:, -x.shape[1]:].to(x.dtype)                      # (B, T)
-            ids = seen["ids"]                                                     # both tests read its own words
+            ids = None if seen["ids"] is None else seen["ids"].cpu()             # both tests read its own words
             if ids is not None:
                 mask = chat(tok).mask(ids, mask)
-            texts = None if ids is None else [tok.decode(i[m.bool()]) for i, m in zip(ids.cpu(), mask.cpu())]
+            texts = None if ids is None else [tok.decode(i[m.bool()]) for i, m in zip(ids, mask.cpu())]
             seen["routing"].routes = self.routes_of(pooled(x, mask).cpu(), texts)  # f(q) (B, C) -> (B,)
             seen["routing"].select(None)
             seen["written"], seen["edit"] = [[] for _ in texts or x], seen["routing"].routes.clone()

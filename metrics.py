@@ -374,17 +374,14 @@ def generation(runner: Runner, edited: Callable, records: list[EditRequest], ext
     length = lambda text: len(tok(text, add_special_tokens=False)["input_ids"])
     cap = [length(" " + a) + extra + (length(q) if chat else 0) for _, _, q, a in asked + kept]
     n_new = max(cap, default=1)
-    texts = lambda pairs: [chat_text(tok, q) if chat else q for _, _, q, _ in pairs]
-
-    def run(pairs):
-        return greedy(model, tok, texts(pairs), n_new) if pairs else []
-    pre_kept = unedited(model, tok, texts(kept), n_new) if kept else []
-    pre_fluent = unedited(model, tok, texts(asked), fluent)
+    asked_texts, kept_texts = ([chat_text(tok, q) if chat else q for _, _, q, _ in pairs] for pairs in (asked, kept))
+    pre_kept = unedited(model, tok, kept_texts, n_new) if kept else []
+    pre_fluent = unedited(model, tok, asked_texts, fluent)
     with edited([i for i, *_ in asked]):
-        post_asked = run(asked)
-        post_fluent = greedy(model, tok, texts(asked), fluent)
+        post_asked = greedy(model, tok, asked_texts, n_new) if asked else []
+        post_fluent = greedy(model, tok, asked_texts, fluent)
     with edited([i for i, *_ in kept]):
-        post_kept = run(kept)
+        post_kept = greedy(model, tok, kept_texts, n_new) if kept else []
     results = [{"gen_ES": [], "gen_GS": [], "gen_LS": [], "fluency": [], "fluency_pre": [], "gen_old": []}
                for _ in records]
     for j, ((i, kind, _, a), ids) in enumerate(zip(asked, post_asked)):
