@@ -9,6 +9,7 @@ Train the IBKE hypernetwork (METHOD.md §3): a plain PyTorch loop.
     python train.py --resume out/ibke/best.pt --aggregate cancel --batch-size 64 --sample-n log --val-n 64 \
         --eta-scale 0.5 --edit-layers 6 --steps 4000 --out out/many   # many edits: 6 blocks, each η halved
     python train.py --c-after 1 --out out/after/ca1     # also IL after the answer: fewer repeats (METHOD.md §8)
+    python train.py --chat 0.5 --out out/chat-train/c05  # half the loss prompts asked in the chat template (§9)
     python train.py --model gpt2-xl --data zsre --device cuda --dtype bfloat16   # the paper's setting
     python train.py --steps 20 --val-every 10 --val-size 8 --d-m 64 --latent-dim 64 --out out/smoke  # tiny
 
@@ -32,7 +33,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import atomic_save, check_flags, finite, restore, resume_args, state
-from data import DataError, EditRequest, draw, draw_n, load, loc_groups, split_val
+from data import DataError, EditRequest, asked_in_chat, draw, draw_n, load, loc_groups, no_chat, split_val
 from editor import ibke_editor
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
@@ -83,6 +84,10 @@ parser.add_argument("--c-after", type=float, default=0.0,
                     help="weight of KL(pre || post) on the unedited model's continuation of each edit prompt and its "
                          "new answer: having answered, go on as before (ours, METHOD.md §8; 0: the paper's loss)")
 parser.add_argument("--after-len", type=int, default=8, help="--c-after: tokens of that continuation")
+parser.add_argument("--chat", type=float, default=0.0, metavar="SHARE",
+                    help="this share of the generality and locality prompts asked in the model's chat template, "
+                         "the reply saying the question again before the answer: an editor that also edits chats "
+                         "(ours, METHOD.md §9; 0: the paper's plain prompts)")
 parser.add_argument("--loc-from", default="relation", choices=["relation", "answer", "any"],
                     help="those records: the same prompt with another subject; another subject with the edit's old "
                          "answer (CounterFact's neighbours); any record")
@@ -289,6 +294,8 @@ def train(args: argparse.Namespace, ckpt: dict | None, new_phase: bool) -> None:
         records = load(args.data, args.data_dir, split="train")
     except (DataError, ModelError) as err:
         raise SystemExit(f"error: {err}")
+    if args.chat and no_chat(tokenizer, args.model):
+        raise SystemExit(f"error: {no_chat(tokenizer, args.model)}")
     if "train" not in records:
         raise SystemExit(f"error: {args.data} has no train split; train on counterfact or zsre and evaluate on it")
     train_records, val_records = split_val(records["train"], args.val_size, args.seed)
@@ -324,6 +331,8 @@ def train(args: argparse.Namespace, ckpt: dict | None, new_phase: bool) -> None:
     while c["step"] < args.steps:
         n = draw_n(sampler, args.batch_size, args.sample_n, args.p_single)
         batch, others = draw(sampler, train_records, n, args.extra_loc, args.loc_from, groups)
+        if args.chat:
+            batch, others = asked_in_chat(sampler, tokenizer, args.chat, batch, others)
         lr, weights = schedule(args, c["step"])
         for group, scale in zip(optimizer.param_groups, scales):
             group["lr"] = lr * scale                        # × 1.0: the hypernetwork's lr exactly as scheduled

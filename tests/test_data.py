@@ -2,12 +2,14 @@
 import hashlib
 import json
 import os
+import random
 import shutil
 
 import pytest
 
 import datafiles
-from data import DataError, EditRequest, encode, load, other_questions, relations
+from conftest import CHATML
+from data import DataError, EditRequest, asked_in_chat, chat_text, encode, load, other_questions, relations
 
 
 def test_counterfact_real_files(data_dir):
@@ -205,3 +207,26 @@ def test_prompt_only_row_for_generation(gpt2_tokenizer):
     batch = encode(gpt2_tokenizer, ["Who performed Hey Jude?"], [""])
     prompt_ids = gpt2_tokenizer("Who performed Hey Jude?").input_ids
     assert (batch["labels"] == -100).all() and batch["attention_mask"].sum() == len(prompt_ids)
+
+
+def test_asked_in_chat_puts_that_share_of_the_loss_prompts_in_the_template(gpt2_tokenizer, monkeypatch):
+    """train.py --chat: each generality and locality prompt (the others' too) is, with probability `share`,
+    the chat template's text with the prompt said again after it; the edit prompt and every answer stay
+    as they were, and the records drawn are not changed in place."""
+    monkeypatch.setattr(gpt2_tokenizer, "chat_template", CHATML)
+    r = EditRequest("The Eiffel Tower is in", "Rome", [(f"Where is the Eiffel Tower{i}?", "Rome") for i in range(20)],
+                    [(f"The Louvre{i} is in", "Paris") for i in range(20)], old_target="Paris")
+    o = EditRequest("The Colosseum is in", "Oslo", old_target="Rome")
+    asked = lambda q: chat_text(gpt2_tokenizer, q) + q
+    (all_r,), (all_o,) = asked_in_chat(random.Random(0), gpt2_tokenizer, 1.0, [r], [o])
+    assert all_r.generality == [(asked(q), a) for q, a in r.generality] and all_o.prompt == asked(o.prompt)
+    assert all_r.locality == [(asked(q), a) for q, a in r.locality]
+    assert (all_r.prompt, all_r.target, all_r.old_target) == (r.prompt, r.target, r.old_target)
+    assert r.generality[0][0] == "Where is the Eiffel Tower0?" and o.prompt == "The Colosseum is in"   # not in place
+    (none,), _ = asked_in_chat(random.Random(0), gpt2_tokenizer, 0.0, [r], [o])
+    assert none == r
+    (half,), _ = asked_in_chat(random.Random(0), gpt2_tokenizer, 0.5, [r], [o])
+    wrapped = [p != q for (p, _), (q, _) in zip(half.generality + half.locality, r.generality + r.locality)]
+    assert 10 <= sum(wrapped) <= 30, wrapped          # Binomial(40, 0.5): outside 10..30 with probability 7e-4
+    assert all(p in (q, asked(q)) for (p, _), (q, _) in zip(half.generality + half.locality,
+                                                            r.generality + r.locality))

@@ -4,12 +4,13 @@ import glob
 import json
 import math
 import re
+import sys
 
 import pytest
 import torch
 
-from conftest import DATA_DIR, TINY_EDITOR, random_batch, run, tiny
-from data import load
+from conftest import CHATML, DATA_DIR, TINY_EDITOR, random_batch, run, tiny
+from data import chat_text, load
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig
 from losses import LossWeights, answer_nll, ibke_loss, locality_kl, scored
@@ -140,6 +141,39 @@ def test_c_after_trains_on_the_unedited_models_continuations(data_dir, tmp_path)
     steps = [json.loads(line) for line in open(tmp_path / "after" / "log.jsonl") if '"val"' not in line]
     assert len(steps) == 2 and all("after" in s for s in steps) and max(s["after"] for s in steps) > 0, steps
     assert " after " in log.stdout                                     # in the printed step line too
+
+
+def test_chat_asks_a_steps_loss_prompts_in_the_template(tiny_folders, tmp_path, monkeypatch):
+    """train.py --chat 1: every generality and locality prompt of a step (the --extra-loc records' too) is
+    the template's text with the prompt said again after it; the edit prompts stay plain (how the share
+    is drawn: test_data)."""
+    import train
+    from model import load_model
+    loaded, seen = [], []
+
+    class Drawn(Exception):
+        pass
+
+    def with_template(*args, **kwargs):
+        model, tok = load_model(*args, **kwargs)
+        tok.chat_template = CHATML
+        loaded.append(tok)
+        return model, tok
+
+    def first_step(runner, hypernet, batch, others, *rest):
+        seen.append((batch, others))
+        raise Drawn
+    monkeypatch.setattr(train, "load_model", with_template)
+    monkeypatch.setattr(train, "train_step", first_step)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--model", tiny_folders["gpt2"], "--data-dir", DATA_DIR, *TINY_EDITOR,
+                                      "--val-size", "6", "--batch-size", "3", "--chat", "1", "--out", str(tmp_path)])
+    with pytest.raises(Drawn):
+        train.main()
+    (batch, others), tok = seen[0], loaded[0]
+    asked = [q for r in batch for q, _ in r.generality + r.locality] + [o.prompt for o in others]
+    said = [q.rsplit("<|im_start|>assistant\n", 1)[-1] for q in asked]
+    assert len(asked) > len(batch) and asked == [chat_text(tok, q) + q for q in said]
+    assert not any("<|im_start|>" in r.prompt for r in batch)
 
 
 def test_second_phase_from_another_runs_checkpoint(trained):

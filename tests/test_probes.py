@@ -76,6 +76,8 @@ TRAIN_ARGS = [  # (flags, message)
     (["--c-after", "-1"], "--c-after -1.0: give 0 or a positive weight below 3.4e38"),
     (["--c-after", "1", "--after-len", "0"], "--after-len 0: give at least 1"),
     (["--c-after", "1", "--after-len", "33"], "--after-len 33: give at most 32"),
+    (["--chat", "1.5"], "--chat 1.5: give a share of the prompts from 0 to 1"),
+    (["--chat", "0.5"], "--chat: the tokenizer of"),                           # GPT-2's has no chat template
 ]
 
 
