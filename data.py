@@ -269,16 +269,17 @@ def draw(sampler: random.Random, records: list[EditRequest], n: int, extra: int,
 
 
 def asked_in_chat(sampler: random.Random, tokenizer, share: float, batch: list[EditRequest],
-                  others: list[EditRequest]) -> tuple[list[EditRequest], list[EditRequest]]:
-    """draw's records with each generality and locality prompt, with probability `share`, asked as a
-    user's message in the chat template, the reply begun by saying the question again and the answer
-    to follow: the shape an instruct model's replies take ("The mother tongue of Danielle Darrieux is"
-    -> "The mother tongue of Danielle Darrieux is French."; train.py --chat). The edit prompt, which
-    the hypernetwork reads, stays plain; so do the answers."""
+                  others: list[EditRequest], locality: bool = True) -> tuple[list[EditRequest], list[EditRequest]]:
+    """draw's records with each generality and (locality: also) locality prompt, with probability
+    `share`, asked as a user's message in the chat template, the reply begun by saying the question
+    again and the answer to follow: the shape an instruct model's replies take ("The mother tongue of
+    Danielle Darrieux is" -> "The mother tongue of Danielle Darrieux is French."; train.py --chat).
+    The edit prompt, which the hypernetwork reads, stays plain; so do the answers."""
     ask = lambda q: chat_text(tokenizer, q) + q if sampler.random() < share else q
+    loc = ask if locality else lambda q: q
     return ([replace(r, generality=[(ask(q), a) for q, a in r.generality],
-                     locality=[(ask(q), a) for q, a in r.locality]) for r in batch],
-            [replace(o, prompt=ask(o.prompt)) for o in others])     # their prompts join the IL term
+                     locality=[(loc(q), a) for q, a in r.locality]) for r in batch],
+            [replace(o, prompt=loc(o.prompt)) for o in others])     # their prompts join the IL term
 
 
 def draw_n(sampler: random.Random, most: int, how: str, p_single: float = 0.0) -> int:

@@ -88,6 +88,9 @@ parser.add_argument("--chat", type=float, default=0.0, metavar="SHARE",
                     help="this share of the generality and locality prompts asked in the model's chat template, "
                          "the reply saying the question again before the answer: an editor that also edits chats "
                          "(ours, METHOD.md §9; 0: the paper's plain prompts)")
+parser.add_argument("--chat-rows", default="all", choices=["all", "generality"],
+                    help="--chat: the prompts it may ask in the template: all, or the generality prompts alone "
+                         "(the locality prompts stay plain)")
 parser.add_argument("--loc-from", default="relation", choices=["relation", "answer", "any"],
                     help="those records: the same prompt with another subject; another subject with the edit's old "
                          "answer (CounterFact's neighbours); any record")
@@ -332,7 +335,7 @@ def train(args: argparse.Namespace, ckpt: dict | None, new_phase: bool) -> None:
         n = draw_n(sampler, args.batch_size, args.sample_n, args.p_single)
         batch, others = draw(sampler, train_records, n, args.extra_loc, args.loc_from, groups)
         if args.chat:
-            batch, others = asked_in_chat(sampler, tokenizer, args.chat, batch, others)
+            batch, others = asked_in_chat(sampler, tokenizer, args.chat, batch, others, args.chat_rows == "all")
         lr, weights = schedule(args, c["step"])
         for group, scale in zip(optimizer.param_groups, scales):
             group["lr"] = lr * scale                        # × 1.0: the hypernetwork's lr exactly as scheduled

@@ -211,8 +211,9 @@ def test_prompt_only_row_for_generation(gpt2_tokenizer):
 
 def test_asked_in_chat_puts_that_share_of_the_loss_prompts_in_the_template(gpt2_tokenizer, monkeypatch):
     """train.py --chat: each generality and locality prompt (the others' too) is, with probability `share`,
-    the chat template's text with the prompt said again after it; the edit prompt and every answer stay
-    as they were, and the records drawn are not changed in place."""
+    the chat template's text with the prompt said again after it (--chat-rows generality: the generality
+    prompts alone); the edit prompt and every answer stay as they were, and the records drawn are not
+    changed in place."""
     monkeypatch.setattr(gpt2_tokenizer, "chat_template", CHATML)
     r = EditRequest("The Eiffel Tower is in", "Rome", [(f"Where is the Eiffel Tower{i}?", "Rome") for i in range(20)],
                     [(f"The Louvre{i} is in", "Paris") for i in range(20)], old_target="Paris")
@@ -223,6 +224,8 @@ def test_asked_in_chat_puts_that_share_of_the_loss_prompts_in_the_template(gpt2_
     assert all_r.locality == [(asked(q), a) for q, a in r.locality]
     assert (all_r.prompt, all_r.target, all_r.old_target) == (r.prompt, r.target, r.old_target)
     assert r.generality[0][0] == "Where is the Eiffel Tower0?" and o.prompt == "The Colosseum is in"   # not in place
+    (gen,), (gen_o,) = asked_in_chat(random.Random(0), gpt2_tokenizer, 1.0, [r], [o], locality=False)
+    assert gen.generality == all_r.generality and (gen.locality, gen_o.prompt) == (r.locality, o.prompt)
     (none,), _ = asked_in_chat(random.Random(0), gpt2_tokenizer, 0.0, [r], [o])
     assert none == r
     (half,), _ = asked_in_chat(random.Random(0), gpt2_tokenizer, 0.5, [r], [o])
