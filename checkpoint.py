@@ -161,6 +161,8 @@ def check_flags(args: argparse.Namespace) -> None:
               (args.extra_loc >= 0, f"--extra-loc {args.extra_loc}: give 0 or more"),
               (0 <= args.p_single <= 1, f"--p-single {args.p_single}: give a probability from 0 to 1"),
               (0 <= args.chat <= 1, f"--chat {args.chat}: give a share of the prompts from 0 to 1"),
+              (args.chat or args.chat_rows == "all", "--chat-rows says which prompts --chat asks in the template; "
+                                                     "give --chat SHARE too"),
               (args.train_size >= 0, f"--train-size {args.train_size}: give 0 (all records) or more"),
               (args.dtype != "float16",
                "--dtype float16: training here has no loss scaling, so the gradients u and ΔW's "

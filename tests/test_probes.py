@@ -78,6 +78,7 @@ TRAIN_ARGS = [  # (flags, message)
     (["--c-after", "1", "--after-len", "33"], "--after-len 33: give at most 32"),
     (["--chat", "1.5"], "--chat 1.5: give a share of the prompts from 0 to 1"),
     (["--chat", "0.5"], "--chat: the tokenizer of"),                           # GPT-2's has no chat template
+    (["--chat-rows", "generality"], "give --chat SHARE too"),
 ]
 
 
