@@ -9,7 +9,7 @@ Train the IBKE hypernetwork (METHOD.md §3): a plain PyTorch loop.
     python train.py --resume out/ibke/best.pt --aggregate cancel --batch-size 64 --sample-n log --val-n 64 \
         --eta-scale 0.5 --edit-layers 6 --steps 4000 --out out/many   # many edits: 6 blocks, each η halved
     python train.py --c-after 1 --out out/after/ca1     # also IL after the answer: fewer repeats (METHOD.md §8)
-    python train.py --chat 0.5 --out out/chat-train/c05  # half the loss prompts asked in the chat template (§9)
+    python train.py --chat 0.5 --chat-rows generality --out out/chat-train/c05g   # rephrases asked in chats too (§9)
     python train.py --model gpt2-xl --data zsre --device cuda --dtype bfloat16   # the paper's setting
     python train.py --steps 20 --val-every 10 --val-size 8 --d-m 64 --latent-dim 64 --out out/smoke  # tiny
 
