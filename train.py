@@ -297,8 +297,9 @@ def train(args: argparse.Namespace, ckpt: dict | None, new_phase: bool) -> None:
         records = load(args.data, args.data_dir, split="train")
     except (DataError, ModelError) as err:
         raise SystemExit(f"error: {err}")
-    if args.chat and no_chat(tokenizer, args.model):
-        raise SystemExit(f"error: {no_chat(tokenizer, args.model)}")
+    problem = args.chat and no_chat(tokenizer, args.model)
+    if problem:
+        raise SystemExit(f"error: {problem}")
     if "train" not in records:
         raise SystemExit(f"error: {args.data} has no train split; train on counterfact or zsre and evaluate on it")
     train_records, val_records = split_val(records["train"], args.val_size, args.seed)
