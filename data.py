@@ -1,6 +1,6 @@
 """
-Data: benchmark files -> edit requests -> token ids with teacher-forcing labels (METHOD.md §1, §4);
-and the records a training step draws.
+Data: benchmark files -> edit requests -> token ids with teacher-forcing labels (METHOD.md §1, §4).
+The records a training step draws from them: draws.py.
 
     python data.py --data counterfact --data-dir ../shared/data   # counts per split + one example
     python data.py --data zsre        # MEND's zsRE; downloads into data/ if missing
@@ -21,10 +21,9 @@ zsRE file is there; else a 1,000-record subset of the train file, 20% of it held
 seeded shuffle (random.Random(0), the first len // 5). Files, downloads, field checks: datafiles.py.
 """
 import argparse
-import math
 import os
 import random
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import torch
 
@@ -239,66 +238,6 @@ def split_val(records: list[EditRequest], val_size: int, seed: int = 0) -> tuple
         print(f"note: {len(copies)} of the {len(val)} validation records are left out: the train split holds the "
               f"same edit (e.g. {copies[0].prompt!r} -> {copies[0].target!r})")
     return train, [r for r in val if (r.prompt, r.target) not in trained]
-
-
-# -----------------------------------------------------------------------------
-# a training step's records
-
-LOC_KEYS = {"relation": lambda r: r.relation,      # the edit's prompt with another subject
-            "answer": lambda r: r.old_target,    # another subject whose true answer is the edit's old one
-            "any": lambda r: None}
-
-
-def draw(sampler: random.Random, records: list[EditRequest], n: int, extra: int, loc_from: str = "any",
-         groups: dict | None = None) -> tuple[list[EditRequest], list[EditRequest]]:
-    """n edits and, per edit, `extra` other records for the IL term: of the edit's group under
-    LOC_KEYS[loc_from] (groups: key -> record indices) when it has enough, else any."""
-    key = LOC_KEYS[loc_from]
-    chosen = sampler.sample(range(len(records)), n)
-    others = []
-    for i in chosen:
-        pool = [j for j in (groups or {}).get(key(records[i]), [])
-                if j not in chosen and records[j].subject != records[i].subject]
-        picks = sampler.sample(pool, min(extra, len(pool)))
-        while len(picks) < extra:
-            j = sampler.randrange(len(records))
-            if j not in chosen and j not in picks:
-                picks.append(j)
-        others += picks
-    return [records[i] for i in chosen], [records[j] for j in others]
-
-
-def asked_in_chat(sampler: random.Random, tokenizer, share: float, batch: list[EditRequest],
-                  others: list[EditRequest], locality: bool = True) -> tuple[list[EditRequest], list[EditRequest]]:
-    """draw's records with each generality and (locality: also) locality prompt, with probability
-    `share`, asked as a user's message in the chat template, the reply begun by saying the question
-    again and the answer to follow: the shape an instruct model's replies take ("The mother tongue of
-    Danielle Darrieux is" -> "The mother tongue of Danielle Darrieux is French."; train.py --chat).
-    The edit prompt, which the hypernetwork reads, stays plain; so do the answers."""
-    ask = lambda q: chat_text(tokenizer, q) + q if sampler.random() < share else q
-    loc = ask if locality else lambda q: q
-    return ([replace(r, generality=[(ask(q), a) for q, a in r.generality],
-                     locality=[(loc(q), a) for q, a in r.locality]) for r in batch],
-            [replace(o, prompt=loc(o.prompt)) for o in others])     # their prompts join the IL term
-
-
-def draw_n(sampler: random.Random, most: int, how: str, p_single: float = 0.0) -> int:
-    """A step's number of edits: 1 with probability p_single, else uniform on 1..most or log-uniform
-    (P(n) ∝ log((n+1)/n)). p_single 0 draws nothing for it: a run's stream of draws is as before."""
-    if p_single and sampler.random() < p_single:
-        return 1
-    if how == "uniform":
-        return sampler.randint(1, most)
-    return min(most, int(math.exp(sampler.uniform(0, math.log(most + 1)))))
-
-
-def loc_groups(records: list[EditRequest], loc_from: str) -> dict:
-    """key -> indices of the records sharing it, for draw (records without a key are in none)."""
-    groups = {}
-    for i, r in enumerate(records):
-        groups.setdefault(LOC_KEYS[loc_from](r), []).append(i)
-    groups.pop(None, None)
-    return groups
 
 
 # -----------------------------------------------------------------------------

@@ -33,7 +33,8 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import atomic_save, check_flags, finite, restore, resume_args, state
-from data import DataError, EditRequest, asked_in_chat, draw, draw_n, load, loc_groups, no_chat, split_val
+from data import DataError, EditRequest, load, no_chat, split_val
+from draws import asked_in_chat, draw, draw_n, loc_groups
 from editor import ibke_editor
 from hooks import functional_edit, grad_decomposition
 from hypernet import IBKE, EditorConfig

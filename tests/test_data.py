@@ -9,7 +9,8 @@ import pytest
 
 import datafiles
 from conftest import CHATML
-from data import DataError, EditRequest, asked_in_chat, chat_text, encode, load, other_questions, relations
+from data import DataError, EditRequest, chat_text, encode, load, other_questions, relations
+from draws import asked_in_chat
 
 
 def test_counterfact_real_files(data_dir):

@@ -14,7 +14,7 @@ from hooks import dense, functional_edit
 from hypernet import IBKE, EditorConfig, ridge
 from model import edit_module_names, weight_shape
 from runner import Runner
-from data import draw_n
+from draws import draw_n
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -174,7 +174,7 @@ def test_single_edits_apart_give_the_numbers_of_one_at_a_time(gpt2_tokenizer, da
 
 
 def test_draw_n_shares_and_stream():
-    """data.draw_n: log-uniform n has P(n) = log((n+1)/n) / log(most+1); --p-single adds lone edits;
+    """draws.draw_n: log-uniform n has P(n) = log((n+1)/n) / log(most+1); --p-single adds lone edits;
     p_single 0 draws exactly the stream of before (no extra draw). Counts over 20,000 draws: a share's
     standard error is at most sqrt(0.25 / 20000) = 0.0035, so 0.02 is over 5 of them."""
     for p_single, most in [(0.0, 256), (0.5, 256), (0.0, 8)]:

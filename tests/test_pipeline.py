@@ -346,7 +346,7 @@ def test_ft_l_edits_the_real_model(smollm):
 def test_draw_takes_locality_records_of_the_edits_relation_or_answer():
     import random
     from data import EditRequest
-    from data import draw, loc_groups
+    from draws import draw, loc_groups
     records = [EditRequest(f"{s} is located in", "Rome", old_target=o, subject=s)
                for s, o in (("Paris", "France"), ("Lyon", "France"), ("Nice", "France"), ("Metz", "Germany"))]
     records += [EditRequest(f"The mother tongue of {s} is", "English", old_target=o, subject=s)
