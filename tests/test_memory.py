@@ -16,7 +16,7 @@ import torch
 from conftest import CHATML, DATA_DIR, ROOT, reorder_rtol, run, start, tiny, wait_for
 from data import chat_text, load
 from editor import Editor, Fact, no_editor
-from evaluate import sequential
+from sequential import sequential
 from hooks import functional_edit, grad_decomposition
 from gate import Subjects, asks_another, chat, guess_subject, hard_negatives, words
 from key import Key, MemoryFileError, load_key, other_relations, pooled, prompt_features, train_key
