@@ -139,7 +139,7 @@ def main() -> None:
                         "per fact, the smallest that still writes it, memory.RANKS), or to which a complete memory's "
                         "updates are truncated for this run (a rank curve; README: Compact updates)")
     parser.add_argument("--generate", action="store_true",
-                        help="also free generation: gen_ES, gen_GS, gen_LS, gen_F1, fluency, gen_old (metrics.py)")
+                        help="also free generation: gen_ES, gen_GS, gen_LS, gen_F1, fluency, gen_new, gen_old (metrics.py)")
     parser.add_argument("--chat", action="store_true",
                         help="--generate: ask every prompt as a user's message in the model's chat template (an "
                              "instruct model's way; metrics.py)")

@@ -22,6 +22,8 @@ Free generation (evaluate.py --generate), greedy, per record, then averaged:
   fluency  ROME's generation entropy of 50 greedy tokens from q_e and each q_g after the edit: the
        mean of (2/3)·H_2 and (4/3)·H_3, H_n the entropy (bits) of the text's n-gram frequencies over
        its words (`ngram_entropy`); fluency_drop: the unedited model's on the same prompts minus it
+  gen_new  those 50 tokens name the new answer, as gen_ES does, wherever they do: a reply that answers
+       late (in a chat, after a sentence of its own) counts here and not in gen_ES
   gen_old  those 50 tokens name the old answer (records that have one), as gen_ES names the new: the
        text takes the edit back (the unedited model's rate: --method none)
   --chat   every prompt above asked as a user's message in the model's chat template, the reply read
@@ -51,7 +53,7 @@ from rundir import write_json
 from runner import Runner, index, take, to_device
 
 METRICS = ["ES", "GS", "LS", "F1", "RS", "EM", "GEM", "ES_p", "PS_p", "NS_p", "S_p",
-           "gen_ES", "gen_GS", "gen_LS", "gen_F1", "fluency", "fluency_drop", "gen_old"]
+           "gen_ES", "gen_GS", "gen_LS", "gen_F1", "fluency", "fluency_drop", "gen_new", "gen_old"]
 LOCAL = ("loc", "rs")      # rows scored against the unedited model's argmax, in passes of their own
 AVERAGED = [m for m in METRICS if m not in ("F1", "S_p", "gen_F1")]      # per record; the rest: harmonic means
 
@@ -382,12 +384,13 @@ def generation(runner: Runner, edited: Callable, records: list[EditRequest], ext
         post_fluent = greedy(model, tok, asked_texts, fluent)
     with edited([i for i, *_ in kept]):
         post_kept = greedy(model, tok, kept_texts, n_new) if kept else []
-    results = [{"gen_ES": [], "gen_GS": [], "gen_LS": [], "fluency": [], "fluency_pre": [], "gen_old": []}
-               for _ in records]
+    results = [{"gen_ES": [], "gen_GS": [], "gen_LS": [], "fluency": [], "fluency_pre": [], "gen_new": [],
+                "gen_old": []} for _ in records]
     for j, ((i, kind, _, a), ids) in enumerate(zip(asked, post_asked)):
         fluent_text = tok.decode(post_fluent[j])
         results[i][kind].append(float(contains(tok.decode(ids[:cap[j]]), a)))
         results[i]["fluency"].append(ngram_entropy(fluent_text))
+        results[i]["gen_new"].append(float(contains(fluent_text, a)))
         if records[i].old_target:
             results[i]["gen_old"].append(float(contains(fluent_text, records[i].old_target)))
         results[i]["fluency_pre"].append(ngram_entropy(tok.decode(pre_fluent[j])))

@@ -221,6 +221,17 @@ def test_gen_old_counts_continuations_that_name_the_old_answer(gpt2_tokenizer, m
     assert scores[0]["gen_old"] == old and "gen_old" not in scores[1]
 
 
+@pytest.mark.parametrize("written, named", [(" Paris, they said; today it is Rome", 1.0), (" Paris, the capital", 0.0)])
+def test_gen_new_counts_a_late_answer_that_gen_es_does_not(gpt2_tokenizer, monkeypatch, written, named):
+    """gen_new: the 50-token continuation names the new answer anywhere; gen_ES reads only the answer's
+    length plus 3 tokens (" Rome" is 1 token: 4), so a reply that names it at its 9th token counts in
+    gen_new alone."""
+    runner, records = two_records(gpt2_tokenizer)
+    monkeypatch.setattr("metrics.greedy", lambda model, tok, prompts, k: [tok(written)["input_ids"][:k]] * len(prompts))
+    scores = generation(runner, lambda _: contextlib.nullcontext(), records, fluent=12)
+    assert scores[0]["gen_new"] == named and scores[0]["gen_ES"] == 0.0
+
+
 @pytest.mark.parametrize("chat", [False, True])
 def test_chat_asks_each_prompt_in_the_template_and_reads_a_restated_answer(gpt2_tokenizer, monkeypatch, chat):
     """--chat: every prompt goes to the model as a user's message in the chat template, and a reply that
