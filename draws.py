@@ -2,8 +2,9 @@
 The records one training step draws (train.py; METHOD.md §3): how many edits (draw_n), which edits
 and, per edit, which other records join its locality term (draw: of the same relation, or with the
 edit's old answer as their true one: --loc-from), and which of their prompts are asked in the chat
-template (asked_in_chat: --chat, --chat-rows). All from one seeded random.Random, in that order; train.py saves its
-state with each checkpoint, so a resumed run draws what the uninterrupted one would.
+template (asked_in_chat: --chat, --chat-rows). All from one seeded random.Random, in that order;
+train.py saves its state with each checkpoint, so a resumed run draws what the uninterrupted one
+would.
 
     python -m pytest -q tests/test_many.py tests/test_data.py tests/test_pipeline.py -k "draw or chat"
 """
