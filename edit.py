@@ -9,7 +9,7 @@ Edit your own facts with a trained editor: see what the model says before and af
     python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --subject "Eiffel Tower" --memory facts.mem
                                                                   # kept in an edit memory
     python edit.py --ckpt out/ibke/best.pt --facts facts.jsonl --memory facts.mem   # thousands: ~18 a second
-    python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --memory facts.mem --chat \
+    python edit.py --ckpt out/ibke/best.pt "The Eiffel Tower is in" "Rome" --memory facts.mem --chat \\
         --ask "Where is the Eiffel Tower?"                        # the replies of an instruct model, asked in a chat
 
 A fact file is a JSON list or JSON lines of {"prompt", "target"}, each with optional "subject",

@@ -16,7 +16,7 @@ case's edits together, then its multi-hop questions.
     python evaluate.py --ckpt out/ibke/best.pt --sequential memory --limit 10000 --memory out/ibke/cf.mem
                                   # lifelong: 10,000 edits kept in an edit memory (memory.py), then all measured
     python evaluate.py --ckpt out/ibke/best.pt --sequential merge --limit 100   # each ΔW written into the weights
-    python evaluate.py --ckpt out/ibke/best.pt --sequential memory --limit 1000 --memory out/ibke/cf1000.mem \
+    python evaluate.py --ckpt out/ibke/best.pt --sequential memory --limit 1000 --memory out/ibke/cf1000.mem \\
         --generate --chat             # free generation, each question asked in the model's chat template
     python evaluate.py --ckpt out/ibke/best.pt --method alphaedit --sequential merge --limit 1000 --edits-per-batch 100
 

@@ -6,7 +6,7 @@ Train the IBKE hypernetwork (METHOD.md §3): a plain PyTorch loop.
     python train.py --out out/ibke --resume            # continue exactly where it stopped
     python train.py --resume out/ibke/best.pt --c-loc 10 --c-loc-end 10 --steps 3600 --out out/p2
                                     # a second phase from another run (its step 2600 on), other loss weights
-    python train.py --resume out/ibke/best.pt --aggregate cancel --batch-size 64 --sample-n log --val-n 64 \
+    python train.py --resume out/ibke/best.pt --aggregate cancel --batch-size 64 --sample-n log --val-n 64 \\
         --eta-scale 0.5 --edit-layers 6 --steps 4000 --out out/many   # many edits: 6 blocks, each η halved
     python train.py --c-after 1 --out out/after/ca1     # also IL after the answer: fewer repeats (METHOD.md §8)
     python train.py --chat 0.5 --chat-rows generality --out out/chat-train/c05g   # rephrases asked in chats too (§9)

@@ -1,6 +1,7 @@
 """Bad input and bad luck: each probe ends in one line naming the problem (no traceback), or in what
 the user meant, and nothing already written changes. Argument probes run the scripts' main() in
 this process; a signal needs a real process."""
+import ast
 import hashlib
 import json
 import os
@@ -411,3 +412,14 @@ def test_analysis_and_bench_flags(script, argv, message, tmp_path, monkeypatch):
     main = importlib.import_module(script).main
     fails(main, [a.replace("{tmp}", str(tmp_path)) for a in argv], message, monkeypatch)
     assert not os.listdir(tmp_path)
+
+
+def test_every_docstring_prints_its_commands_as_written():
+    """A module docstring's ready commands reach --help line for line: a line ending in one backslash
+    would join the next in the string Python reads (its shell continuation lost), so each is doubled."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in sorted(f for f in os.listdir(root) if f.endswith(".py")):
+        node = ast.parse(open(os.path.join(root, name)).read()).body[0]
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            lines = node.value.value.count("\n") + 1                     # as Python reads it
+            assert lines == node.end_lineno - node.lineno + 1, f"{name}: a docstring line ends in one backslash"
