@@ -123,7 +123,9 @@ def main() -> None:
                         help="keep the frozen lower blocks' states of the texts evaluated in this folder (as "
                              "train.py's): evaluating the same records again (another checkpoint, another n) skips "
                              "that work; peak memory then includes them; with --generate, also the unedited "
-                             "model's continuations, the same for every editor")
+                             "model's continuations, the same for every editor. A state is computed in the batch of "
+                             "the run that first saw its text: in bfloat16 another batch shape rounds it "
+                             "differently, so a cache moves figures by rounding near ties (README, Results)")
     parser.add_argument("--sequential", default=None, choices=["merge", "memory"],
                         help="lifelong protocol: the records' edits in order, --edits-per-batch at a time, "
                         "all kept (merge: written into the weights one batch after another; memory: memory.py), then "
