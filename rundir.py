@@ -4,6 +4,8 @@ its output (train.py: its --out folder; evaluate.py: its results file; a --memor
 log.jsonl (one line a step, read off the device in one wait every --log-every steps) and what stops it
 (Ctrl-C, SIGTERM); a resumed run's log trimmed to its checkpoint; evaluate.py's resumable results.
 checkpoint.py holds the checkpoint itself.
+
+    python -m pytest -q tests/test_probes.py -k "lock or resume or sigint or torn or second_run"
 """
 import json
 import math
